@@ -1,0 +1,5 @@
+import sys
+
+from lmmlab.cli import main
+
+sys.exit(main())

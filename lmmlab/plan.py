@@ -1,0 +1,114 @@
+"""CompressionPlan: the one currency between allocation, pruning, the KV cache, search, the CLI and notebooks.
+
+A plan says, for every decoder layer of the language model, which fraction of each prunable linear's weights to
+remove and how many bits each stored key/value gets, plus the pruning method and pattern shared by all layers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmmlab.files import write_text_atomic
+
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+KV_BITS = (2, 3, 4, 6, 8, 16)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"bad pattern {pattern!r}; allowed: 'unstructured' or 'N:M' such as '2:4' or '4:8'") from None
+    if not 0 < n < m:
+        raise ValueError(f"bad pattern {pattern!r}: N:M needs 0 < N < M (N weights kept in every M)")
+    return n, m
+
+
+@dataclass
+class CompressionPlan:
+    """Per-layer sparsity and KV bit-width; validated on construction; JSON round-trip."""
+
+    sparsity: list[float]  # fraction of weights removed, per decoder layer, in [0, 1)
+    kv_bits: list[int] = field(default_factory=list)  # bits per stored K/V element, per layer; empty = all 16
+    method: str = "wanda"
+    pattern: str = "unstructured"  # or "N:M"
+
+    def __post_init__(self) -> None:
+        self.sparsity = [float(s) for s in self.sparsity]
+        if not self.sparsity:
+            raise ValueError("a plan needs a sparsity for at least one layer")
+        bad = [(i, s) for i, s in enumerate(self.sparsity) if not 0.0 <= s < 1.0]
+        if bad:
+            raise ValueError(f"sparsity must be in [0, 1) for every layer; got {bad[0][1]} at layer {bad[0][0]}")
+        self.kv_bits = [int(b) for b in self.kv_bits] or [16] * len(self.sparsity)
+        if len(self.kv_bits) != len(self.sparsity):
+            raise ValueError(f"kv_bits has {len(self.kv_bits)} entries but sparsity has {len(self.sparsity)}; "
+                             "give one per decoder layer")
+        bad_bits = [b for b in self.kv_bits if b not in KV_BITS]
+        if bad_bits:
+            raise ValueError(f"kv bit-width {bad_bits[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            n, m = nm
+            fixed = 1 - n / m
+            off = [(i, s) for i, s in enumerate(self.sparsity) if s not in (0.0, fixed)]
+            if off:
+                raise ValueError(f"pattern {self.pattern} fixes each layer's sparsity at {fixed:g} (or 0 to skip a "
+                                 f"layer); got {off[0][1]} at layer {off[0][0]}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sparsity)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def mean_sparsity(self) -> float:
+        return sum(self.sparsity) / self.num_layers
+
+    @property
+    def mean_kv_bits(self) -> float:
+        return sum(self.kv_bits) / self.num_layers
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.num_layers != num_layers:
+            raise ValueError(f"plan has {self.num_layers} layers but the model has {num_layers} decoder layers")
+
+    @classmethod
+    def uniform(cls, num_layers: int, sparsity: float = 0.0, kv_bits: int = 16, method: str = "wanda",
+                pattern: str = "unstructured") -> "CompressionPlan":
+        return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionPlan":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"plan is not valid JSON: {err}") from None
+        if not isinstance(raw, dict) or "sparsity" not in raw:
+            raise ValueError("plan JSON must be an object with at least a 'sparsity' list")
+        unknown = set(raw) - {"sparsity", "kv_bits", "method", "pattern"}
+        if unknown:
+            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; allowed: sparsity, kv_bits, method, pattern")
+        return cls(**raw)
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no plan file at {path}")
+        return cls.from_json(path.read_text())

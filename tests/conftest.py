@@ -1,0 +1,46 @@
+"""Shared fixtures: the real default model (trained once per machine, cached) and tiny models of the same classes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmmlab import models
+
+torch.set_num_threads(2)
+
+TINY = dataclasses.replace(models.DefaultRecipe(), vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
+                           text_layers=2, text_heads=4, text_intermediate=64, steps=3, batch_size=4,
+                           vision_steps=3, align_steps=3, vision_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def default():
+    """The embedded default model, as `make demo` uses it (trained on first use, then loaded from the cache)."""
+    return models.load_model(models.DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny randomly initialised LlavaForConditionalGeneration + processor saved with save_pretrained."""
+    model, processor = models.build_default(TINY)
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny randomly initialised LlamaForCausalLM (text only, grouped-query attention) + tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = models.build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
