@@ -118,8 +118,8 @@ def random_scene(rng: random.Random) -> tuple[Shape, ...]:
     )
 
 
-def ask(scene: Sequence[Shape], kind: str, rng: random.Random) -> tuple[str, str]:
-    """A (question, answer) of the given kind about the scene."""
+def ask(scene: Sequence[Shape], kind: str, rng: random.Random) -> tuple[str, str] | None:
+    """A (question, answer) of the given kind about the scene; None when the scene allows no such question."""
     if kind == "colour":
         s = rng.choice(scene)
         return f"what colour is the {s.shape} ?", s.colour
@@ -135,7 +135,7 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random) -> tuple[str, str
         # Only ask what is unambiguous: a shape in the middle column has no left/right answer.
         options = [(s, "col") for s in scene if s.col != 1] + [(s, "row") for s in scene if s.row != 1]
         if not options:  # one shape, in the centre cell: no unambiguous position
-            return None  # type: ignore[return-value]
+            return None
         s, axis = rng.choice(options)
         if axis == "col":
             return f"is the {s.shape} on the left or the right ?", "left" if s.col == 0 else "right"

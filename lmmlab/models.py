@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -60,7 +59,6 @@ class DefaultRecipe:
     init_std: float = 0.06  # ~1/sqrt(hidden): GPT's 0.02 is for wide models and slows a 192-wide one down
     steps: int = 2000  # stage 2: projector + language model on question answering, vision tower frozen
     batch_size: int = 64
-    questions_per_image: int = 1
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -126,30 +124,29 @@ def build_default(recipe: DefaultRecipe = DefaultRecipe(), processor=None):
     return model, processor
 
 
-def training_batch(processor, rng: random.Random, stream, recipe: DefaultRecipe):
-    """Inputs and labels for one step: each image followed by several question/answer turns, loss on the answers."""
+def training_batch(processor, stream, batch_size: int):
+    """Inputs and labels for one step of question answering: loss on the answer word and its end token only."""
     tok = processor.tokenizer
-    texts, images = [], []
-    for _ in range(recipe.batch_size):
-        first = next(stream)
-        kinds = rng.sample(data.KINDS, len(data.KINDS))[: recipe.questions_per_image - 1]
-        turns = [(first.question, first.answer)]
-        for kind in kinds:
-            qa = data.ask(first.scene, kind, rng)
-            if qa is not None:
-                turns.append(qa)
-        text = first.prompt + f" {first.answer}{tok.eos_token}"
-        text += "".join(f" USER: {q} ASSISTANT: {a}{tok.eos_token}" for q, a in turns[1:])
-        texts.append(text)
-        images.append(first.image())
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    batch = [next(stream) for _ in range(batch_size)]
+    inputs = data.collate(processor, batch, with_answers=True)
     ids = inputs["input_ids"]
     assistant = tok.convert_tokens_to_ids("ASSISTANT:")
-    after = torch.zeros_like(ids, dtype=torch.bool)
-    after[:, 1:] = ids[:, :-1] == assistant  # the answer word
-    after[:, 2:] |= ids[:, :-2] == assistant  # its end-of-answer token
-    labels = torch.where(after, ids, torch.full_like(ids, -100))
-    return inputs, labels
+    is_answer = torch.zeros_like(ids, dtype=torch.bool)
+    is_answer[:, 1:] = ids[:, :-1] == assistant  # the answer word
+    is_answer[:, 2:] |= ids[:, :-2] == assistant  # its end-of-answer token
+    return inputs, torch.where(is_answer, ids, torch.full_like(ids, -100))
+
+
+def scene_batch(processor, stream, batch_size: int) -> tuple[list[tuple[data.Shape, ...]], torch.Tensor]:
+    """Scenes for the vision stages and their pixel values, through the processor's image half."""
+    scenes = [next(stream).scene for _ in range(batch_size)]
+    return scenes, processor.image_processor([data.render(sc) for sc in scenes], return_tensors="pt")["pixel_values"]
+
+
+def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 9, D] the tower features LLaVA feeds its projector ("default" strategy: CLS dropped)."""
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]
 
 
 def patch_labels(scene: tuple[data.Shape, ...]) -> torch.Tensor:
@@ -163,7 +160,7 @@ def patch_labels(scene: tuple[data.Shape, ...]) -> torch.Tensor:
 
 
 def pretrain_vision(model, processor, recipe: DefaultRecipe, progress: bool = True) -> float:
-    """Stage 1: teach the CLIP tower what is in each patch, with linear heads on the features LLaVA reads.
+    """Stage 1a: teach the CLIP tower what is in each patch, with linear heads on the features LLaVA reads.
 
     Through the language model alone the tower learns colour at once but shape identity only after a long plateau
     (a word must first be bound to an image token before the tower gets a useful gradient). A few hundred steps of
@@ -177,11 +174,9 @@ def pretrain_vision(model, processor, recipe: DefaultRecipe, progress: bool = Tr
     stream = data.samples("train", seed=recipe.seed + 1)
     accuracy = 0.0
     for step in tqdm(range(recipe.vision_steps), desc="pretrain vision", disable=not progress):
-        scenes = [next(stream).scene for _ in range(recipe.vision_batch_size)]
-        pixels = processor.image_processor([data.render(sc) for sc in scenes], return_tensors="pt")["pixel_values"]
+        scenes, pixels = scene_batch(processor, stream, recipe.vision_batch_size)
         labels = torch.stack([patch_labels(sc) for sc in scenes])  # [B, 9, 3]
-        # [B, 1 + 9, D] -> drop CLS as LLaVA's "default" strategy does
-        features = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        features = patch_features(model, pixels)
         logits = [head(features) for head in heads]
         loss = sum(nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
@@ -213,8 +208,7 @@ def align_projector(model, processor, recipe: DefaultRecipe, progress: bool = Tr
     stream = data.samples("train", seed=recipe.seed + 2)
     relative_error = 1.0
     for step in tqdm(range(recipe.align_steps), desc="align projector", disable=not progress):
-        scenes = [next(stream).scene for _ in range(recipe.vision_batch_size)]
-        pixels = processor.image_processor([data.render(sc) for sc in scenes], return_tensors="pt")["pixel_values"]
+        scenes, pixels = scene_batch(processor, stream, recipe.vision_batch_size)
         targets = torch.zeros(len(scenes), data.GRID * data.GRID, embed.shape[1])
         for b, scene in enumerate(scenes):
             by_cell = {s.row * data.GRID + s.col: s for s in scene}
@@ -222,8 +216,7 @@ def align_projector(model, processor, recipe: DefaultRecipe, progress: bool = Tr
                 ids = tok.convert_tokens_to_ids(attribute_words(by_cell.get(cell)))
                 targets[b, cell] = embed[ids].sum(0)
         with torch.no_grad():
-            features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[
-                model.config.vision_feature_layer][:, 1:]
+            features = patch_features(model, pixels)
         loss = nn.functional.mse_loss(projector(features), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,7 +229,6 @@ def train_default(recipe: DefaultRecipe = DefaultRecipe(), out: Path | None = No
     """Train the default model from scratch and save it (model + processor) with `save_pretrained`; returns the path."""
     out = Path(out) if out else default_model_path()
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
     model, processor = build_default(recipe)
     model.train()
     if recipe.vision_steps:
@@ -264,7 +256,7 @@ def train_default(recipe: DefaultRecipe = DefaultRecipe(), out: Path | None = No
     start = time.perf_counter()
     bar = tqdm(range(recipe.steps), desc="train default", disable=not progress)
     for step in bar:
-        inputs, labels = training_batch(processor, rng, stream, recipe)
+        inputs, labels = training_batch(processor, stream, recipe.batch_size)
         logits = model(**inputs).logits
         loss = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100

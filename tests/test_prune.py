@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from lmmlab import data
+from lmmlab.calibrate import calibrate, sample_batches
+from lmmlab.plan import CompressionPlan
+from lmmlab.prune import DenseWeights, apply_plan, make_mask, mask_nm, score, scores, sparsity_of
+
+
+def brute_score(method, W, x_norm):
+    d_out, d_in = W.shape
+    S = torch.empty(d_out, d_in)
+    for i in range(d_out):
+        for j in range(d_in):
+            w = abs(W[i, j].item())
+            if method == "magnitude":
+                S[i, j] = w
+            elif method == "wanda":
+                S[i, j] = w * x_norm[j].item()
+            else:
+                col = sum(abs(W[k, j].item()) for k in range(d_out))
+                row = sum(abs(W[i, k].item()) for k in range(d_in))
+                S[i, j] = (w / col + w / row) * x_norm[j].item() ** 0.5
+    return S
+
+
+def brute_keep(S, sparsity, per_row):
+    keep = torch.ones_like(S, dtype=torch.bool)
+    if per_row:
+        k = int(S.shape[1] * sparsity)
+        for i in range(S.shape[0]):
+            for j in sorted(range(S.shape[1]), key=lambda j: S[i, j].item())[:k]:
+                keep[i, j] = False
+    else:
+        k = int(S.numel() * sparsity)
+        flat = sorted(range(S.numel()), key=lambda t: S.view(-1)[t].item())[:k]
+        for t in flat:
+            keep.view(-1)[t] = False
+    return keep
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_masks_equal_their_definition_on_random_weights(method, sparsity):
+    g = torch.Generator().manual_seed(0)
+    W, x_norm = torch.randn(12, 16, generator=g), torch.rand(16, generator=g) * 5
+    S = score(method, W, x_norm)
+    torch.testing.assert_close(S, brute_score(method, W, x_norm))
+    assert torch.equal(make_mask(S, sparsity, method, None), brute_keep(S, sparsity, per_row=method != "magnitude"))
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_nm_keeps_the_n_best_of_every_m(n, m):
+    S = torch.rand(8, 32, generator=torch.Generator().manual_seed(1))
+    keep = mask_nm(S, n, m)
+    for i in range(8):
+        for g in range(0, 32, m):
+            group = S[i, g:g + m]
+            assert keep[i, g:g + m].sum() == n
+            best = set(torch.topk(group, n).indices.tolist())
+            assert {j for j in range(m) if keep[i, g + j]} == best
+
+
+def test_wanda_and_ria_differ_from_magnitude_where_activations_are_skewed():
+    W = torch.ones(2, 4)
+    x_norm = torch.tensor([10.0, 1.0, 1.0, 0.1])
+    keep = make_mask(score("wanda", W, x_norm), 0.5, "wanda", None)
+    assert keep[:, 0].all() and not keep[:, 3].any()
+
+
+@pytest.fixture(scope="module")
+def calibrated(default):
+    return calibrate(default, sample_batches(default, data.split("calibration", 64)))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])
+def test_achieved_sparsity_per_layer_equals_the_plan(default, calibrated, method):
+    dense = DenseWeights(default)
+    plan = CompressionPlan([0.0, 0.2, 0.4, 0.5, 0.7, 0.8][: default.num_layers], method=method)
+    try:
+        achieved = apply_plan(default, plan, scores(method, default, calibrated), dense)
+        for (i, name), s in achieved.items():
+            W = default.linears(i)[name].weight
+            assert abs(s - plan.sparsity[i]) <= 1 / W.shape[1]
+            assert abs((W == 0).float().mean().item() - plan.sparsity[i]) <= 1 / W.shape[1]
+            if method != "magnitude":  # every row pruned to the same ratio
+                per_row = (W == 0).sum(1)
+                assert per_row.min() == per_row.max() == int(W.shape[1] * plan.sparsity[i])
+    finally:
+        dense.restore(default)
+
+
+@pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8)])
+def test_nm_plans_leave_exactly_n_of_every_m(default, calibrated, pattern, n, m):
+    dense = DenseWeights(default)
+    try:
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, pattern=pattern),
+                   scores("wanda", default, calibrated), dense)
+        for i in range(default.num_layers):
+            for W in (lin.weight for lin in default.linears(i).values()):
+                assert ((W.reshape(W.shape[0], -1, m) != 0).sum(-1) == n).all()
+        assert sparsity_of(default) == pytest.approx(0.5)
+    finally:
+        dense.restore(default)
+
+
+def test_zero_sparsity_changes_nothing_and_plans_do_not_accumulate(default, calibrated):
+    dense = DenseWeights(default)
+    cached = scores("wanda", default, calibrated)
+    inputs = data.collate(default.processor, data.split("validation", 8))
+    reference = default.model(**inputs).logits
+    try:
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.7), cached, dense)
+        assert not torch.equal(default.model(**inputs).logits, reference)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.0), cached, dense)
+        assert torch.equal(default.model(**inputs).logits, reference)
+        assert sparsity_of(default) < 0.01
+    finally:
+        dense.restore(default)
+
+
+def test_plan_and_scores_must_agree(default, calibrated):
+    with pytest.raises(ValueError, match="scores were computed for 'wanda'"):
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, method="ria"),
+                   scores("wanda", default, calibrated), DenseWeights(default))
+    with pytest.raises(ValueError, match="plan has 3 layers but the model has"):
+        apply_plan(default, CompressionPlan.uniform(3, 0.5), scores("wanda", default, calibrated), DenseWeights(default))
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        scores("wanda", default, None)
+    with pytest.raises(ValueError, match="score-based methods: magnitude, wanda, ria"):
+        scores("sparsegpt", default, calibrated)
