@@ -141,3 +141,132 @@ def sparsity_of(loaded: Loaded) -> float:
             zeros += int((linear.weight == 0).sum())
             total += linear.weight.numel()
     return zeros / total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SparseGPT (Frantar & Alistarh 2023): prune with the optimal-brain-surgeon weight update, column by column.
+
+
+class SparseGPT:
+    """One linear's SparseGPT solver: `add_batch` (accumulate H) -> `prune` (mask + update W in place) -> `free`."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        self.linear = linear
+        self.columns = linear.weight.shape[1]
+        self.H = torch.zeros(self.columns, self.columns, device=linear.weight.device)  # [d_in, d_in]
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x: [tokens, d_in] inputs of the linear. Keeps H = (2 / n) Σ_t x_t x_tᵀ as a running mean."""
+        x = x.float()
+        n = x.shape[0]
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = (2 / self.nsamples) ** 0.5 * x
+        self.H += x.T @ x
+
+    @torch.no_grad()
+    def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128,
+              percdamp: float = 0.01) -> None:
+        """Remove `sparsity` of the weights (or keep n of every m), compensating each removal on later columns."""
+        W = self.linear.weight.data.clone().float()  # [d_out, d_in]
+        H = self.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        damp = percdamp * torch.mean(torch.diag(H))
+        H += damp * torch.eye(self.columns, device=H.device)
+        # Upper Cholesky factor of H⁻¹: row i holds the OBS update of columns ≥ i after removing column i.
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+        for i1 in range(0, self.columns, blocksize):
+            i2 = min(i1 + blocksize, self.columns)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            prune_mask = torch.zeros_like(W1, dtype=torch.bool)
+            if nm is None:
+                # OBS saliency w² / [H⁻¹]_jj², thresholded over the whole block (adaptive mask selection)
+                saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2
+                k = int(saliency.numel() * sparsity)
+                if k:
+                    prune_mask.view(-1)[torch.sort(saliency.flatten(), stable=True).indices[:k]] = True
+            else:
+                n, m = nm
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if nm is not None and i % m == 0:
+                    saliency = W1[:, i : i + m] ** 2 / torch.diag(Hinv1)[i : i + m][None, :] ** 2
+                    prune_mask.scatter_(1, i + torch.topk(saliency, m - n, dim=1, largest=False).indices, True)
+                q = w.clone()
+                q[prune_mask[:, i]] = 0
+                Q1[:, i] = q
+                err = (w - q) / d
+                W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+                Err1[:, i] = err
+            W[:, i1:i2] = Q1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        self.linear.weight.data.copy_(W.to(self.linear.weight.dtype))
+
+    def free(self) -> None:
+        self.H = None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_inputs(loaded: Loaded, batches: list[dict]) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """(args, kwargs, token mask) that each batch brings to the first decoder layer (vision tower and merge done)."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = loaded.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                loaded.model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return [(args, kwargs, batch["attention_mask"].bool()) for (args, kwargs), batch in zip(captured, batches)]
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def apply_sparsegpt(loaded: Loaded, plan: CompressionPlan, batches: list[dict], blocksize: int = 128,
+                    percdamp: float = 0.01) -> None:
+    """Prune the model in place with SparseGPT, layer by layer: each layer is calibrated on the outputs of the
+    already-pruned layers before it, so only one layer's Hessians are ever in memory."""
+    plan.check_layers(loaded.num_layers)
+    inputs = decoder_inputs(loaded, batches)
+    for i, layer in enumerate(loaded.layers):
+        solvers = {name: SparseGPT(linear) for name, linear in loaded.linears(i).items()}
+
+        def hook_for(solver: SparseGPT, mask: list[torch.Tensor]):
+            return lambda module, args: solver.add_batch(args[0][mask[0]])
+
+        mask: list[torch.Tensor] = []
+        handles = [s.linear.register_forward_pre_hook(hook_for(s, mask)) for s in solvers.values()]
+        for args, kwargs, token_mask in inputs:
+            mask[:] = [token_mask]
+            layer(*args, **kwargs)
+        for h in handles:
+            h.remove()
+        if plan.sparsity[i] > 0:
+            for solver in solvers.values():
+                solver.prune(plan.sparsity[i], plan.nm, blocksize, percdamp)
+        for solver in solvers.values():
+            solver.free()
+        # the next layer sees what this pruned layer produces
+        inputs = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs, token_mask)
+                  for args, kwargs, token_mask in inputs]

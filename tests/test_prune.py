@@ -129,3 +129,56 @@ def test_plan_and_scores_must_agree(default, calibrated):
         scores("wanda", default, None)
     with pytest.raises(ValueError, match="score-based methods: magnitude, wanda, ria"):
         scores("sparsegpt", default, calibrated)
+
+
+def reconstruction_error(W, W_hat, gram):
+    """‖WX − ŴX‖² = tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ) for inputs X with Gram matrix XᵀX."""
+    D = (W - W_hat).double()
+    return torch.trace(D @ gram.double() @ D.T).item()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_layer_reconstruction_error_is_ordered_sparsegpt_wanda_magnitude(default, pattern):
+    from lmmlab.prune import SparseGPT
+
+    stats = calibrate(default, sample_batches(default, data.split("calibration", 64)), gram=True)
+    nm = None if pattern == "unstructured" else (2, 4)
+    for i in (1, 4):
+        for name, linear in default.linears(i).items():
+            W = linear.weight.detach().clone()
+            gram = stats.gram[(i, name)]
+            errors = {}
+            for method in ("magnitude", "wanda"):
+                keep = make_mask(score(method, W, stats.norm((i, name))), 0.5, method, nm)
+                errors[method] = reconstruction_error(W, W * keep, gram)
+            copy = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            copy.weight.data.copy_(W)
+            solver = SparseGPT(copy)
+            solver.H = 2 * gram / stats.tokens
+            solver.nsamples = stats.tokens
+            solver.prune(0.5, nm)
+            errors["sparsegpt"] = reconstruction_error(W, copy.weight.detach(), gram)
+            assert (copy.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1 / W.shape[1])
+            assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], (i, name, errors)
+
+
+def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
+    from lmmlab.prune import apply_sparsegpt
+
+    dense = DenseWeights(default)
+    batches = sample_batches(default, data.split("calibration", 32))
+    plan = CompressionPlan([0.5] * default.num_layers, method="sparsegpt")
+    samples = data.split("validation", 128)
+    from lmmlab.evaluate import evaluate
+    try:
+        apply_sparsegpt(default, plan, batches)
+        for i in range(default.num_layers):
+            for W in (lin.weight for lin in default.linears(i).values()):
+                assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+        sparse_acc = evaluate(default, samples, with_loss=False).accuracy
+        dense.restore(default)
+        apply_plan(default, CompressionPlan([0.5] * default.num_layers, method="magnitude"),
+                   scores("magnitude", default), dense)
+        assert sparse_acc >= evaluate(default, samples, with_loss=False).accuracy
+    finally:
+        dense.restore(default)
