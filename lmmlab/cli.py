@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from lmmlab import data
-from lmmlab.files import write_json
+from lmmlab.files import write_json, write_text_atomic
 
 RESULTS = Path("results")
 
@@ -63,7 +64,82 @@ def cmd_demo(args) -> None:
     metrics = evaluate(loaded, data.split("test"), progress=True)
     print(format_metrics("dense default model on the test split", metrics))
     write_json(RESULTS / "tables" / "demo_dense.json", metrics.to_dict())
+
+    from lmmlab.ablate import Pruner
+    from lmmlab.plan import CompressionPlan
+
+    print("\npruning the decoder's linears to 70 % (one calibration pass, scores cached):")
+    pruner = Pruner.calibrated(loaded, data.split("calibration"))
+    validation = data.split("validation")
+    for method in ("magnitude", "wanda", "ria", "sparsegpt"):
+        for allocation in ("uniform", "owl"):
+            plan = CompressionPlan(pruner.allocation(allocation, 0.7), method=method)
+            pruner.apply(plan)
+            accuracy = evaluate(loaded, validation, with_loss=False).accuracy
+            print(f"  {method:<10} {allocation:<8} validation accuracy {accuracy:.3f}")
+    pruner.restore()
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+def cmd_prune(args) -> None:
+    from lmmlab import models
+    from lmmlab.ablate import Pruner
+    from lmmlab.plan import CompressionPlan, parse_pattern
+    from lmmlab.prune import sparsity_of
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
+    nm = parse_pattern(args.pattern)
+    sparsity = 1 - nm[0] / nm[1] if nm else args.sparsity  # N:M fixes the ratio
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1); got {sparsity}")
+    if nm and args.allocation != "uniform" and not args.plan:
+        raise ValueError(f"--allocation {args.allocation} needs an unstructured pattern: N:M fixes every layer's ratio")
+    plan = CompressionPlan.load(args.plan) if args.plan else None
+    loaded = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    if plan is None:
+        plan = CompressionPlan.uniform(loaded.num_layers, sparsity, method=args.method, pattern=args.pattern)
+    plan.check_layers(loaded.num_layers)
+    pruner = Pruner.calibrated(loaded, data.split("calibration"))
+    if args.allocation != "uniform" and not args.plan:
+        plan = CompressionPlan(pruner.allocation(args.allocation, sparsity), plan.kv_bits, plan.method, plan.pattern)
+    pruner.apply(plan)
+    models.save_atomic(loaded.model, loaded.processor, out, extra={"compression_plan.json": json.loads(plan.to_json())})
+    print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); "
+          f"achieved {sparsity_of(loaded):.3f}; saved to {out}")
+
+
+def cmd_ablate_prune(args) -> None:
+    import pandas as pd
+
+    from lmmlab import ablate
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    rows = ablate.ablate_prune(loaded, methods=args.methods, sparsities=args.sparsities, split=args.split, n=args.n)
+    table = pd.DataFrame(rows)
+    write_text_atomic(args.out, table.to_csv(index=False))
+    print(table[["method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "accuracy"]]
+          .to_string(index=False))
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args) -> None:
+    from lmmlab.bench import bench_prune
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = bench_prune(loaded)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(args.json, result)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lmmlab-default", help="lmmlab-default, a saved folder or a hub id")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on GPU, else float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,19 +155,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_default)
 
     p = sub.add_parser("eval", help="accuracy, loss, latency and memory of a model on a split")
-    p.add_argument("--model", default="lmmlab-default", help="lmmlab-default, a saved folder or a hub id")
+    add_model_args(p)
     p.add_argument("--split", default="test", choices=list(data.SPLITS))
     p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on GPU, else float32)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    from lmmlab.ablate import METHODS, SPARSITIES
+    from lmmlab.plan import METHODS as PLAN_METHODS
+
+    p = sub.add_parser("prune", help="prune a model (calibrating on the calibration split) and save it with its plan")
+    add_model_args(p)
+    p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
+    p.add_argument("--sparsity", type=float, default=0.5, help="mean fraction of weights removed, in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer ratios")
+    p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the four above)")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the pruned model (save_pretrained)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("ablate-prune", help="accuracy of every method x sparsity x allocation (and 2:4, 4:8) as CSV")
+    add_model_args(p)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--split", default="test", choices=list(data.SPLITS))
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_prune.csv")
+    p.set_defaults(func=cmd_ablate_prune)
+
+    p = sub.add_parser("bench", help="benchmarks printed as JSON")
+    p.add_argument("what", choices=["prune"], help="what to measure")
+    add_model_args(p)
+    p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

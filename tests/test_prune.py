@@ -182,3 +182,19 @@ def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
         assert sparse_acc >= evaluate(default, samples, with_loss=False).accuracy
     finally:
         dense.restore(default)
+
+
+def test_pruner_results_do_not_depend_on_what_ran_before(default):
+    from lmmlab.ablate import Pruner
+
+    pruner = Pruner.calibrated(default, data.split("calibration", 32))
+    plan = CompressionPlan.uniform(default.num_layers, 0.5, method="wanda")
+    try:
+        pruner.apply(CompressionPlan.uniform(default.num_layers, 0.8, method="magnitude"))
+        pruner.apply(plan)
+        after_other = {k: lin.weight.clone() for k, lin in default.linears(3).items()}
+        pruner.restore()
+        apply_plan(default, plan, scores("wanda", default, pruner.stats), pruner.dense)  # scores of the dense model
+        assert all(torch.equal(after_other[k], lin.weight) for k, lin in default.linears(3).items())
+    finally:
+        pruner.restore()
