@@ -46,11 +46,15 @@ def sample_batches(loaded: Loaded, samples: Sequence[data.Sample], batch_size: i
 
 
 @torch.no_grad()
-def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool = False, progress: bool = False) -> Stats:
+def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool | Sequence[int] = False,
+              progress: bool = False) -> Stats:
     """Run `batches` (model inputs with an attention_mask) through the model once and collect Stats.
 
     Any inputs the model accepts work: image + question batches from `sample_batches`, or plain text batches.
+    `gram`: True for XᵀX of every linear, or a list of layer indices (on a 7B model all of them take ~20 GB;
+    SparseGPT does not need them: it builds its Hessians one layer at a time).
     """
+    gram_layers = set(range(loaded.num_layers)) if gram is True else set(gram or ())
     stats = Stats()
     current_mask: list[torch.Tensor] = []  # the running batch's attention mask, read by the hooks
 
@@ -63,7 +67,7 @@ def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool = False, progr
                 stats.sq_norm[key] += x.pow(2).sum(0).cpu()
             else:
                 stats.sq_norm[key] = x.pow(2).sum(0).cpu()
-            if gram:
+            if key[0] in gram_layers:
                 xtx = (x.T @ x).cpu()
                 stats.gram[key] = stats.gram[key] + xtx if key in stats.gram else xtx
         return hook

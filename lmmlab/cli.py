@@ -106,8 +106,11 @@ def cmd_prune(args) -> None:
         plan = CompressionPlan(pruner.allocation(args.allocation, sparsity), plan.kv_bits, plan.method, plan.pattern)
     pruner.apply(plan)
     models.save_atomic(loaded.model, loaded.processor, out, extra={"compression_plan.json": json.loads(plan.to_json())})
+    per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
+    summary = plan.weight_summary(per_layer, loaded.model.dtype.itemsize)
     print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); "
-          f"achieved {sparsity_of(loaded):.3f}; saved to {out}")
+          f"achieved {sparsity_of(loaded):.3f}; decoder linears keep {summary['kept_bytes'] / 2**20:.2f} of "
+          f"{summary['dense_bytes'] / 2**20:.2f} MiB as non-zeros; saved to {out}")
 
 
 def cmd_ablate_prune(args) -> None:

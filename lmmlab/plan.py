@@ -78,6 +78,14 @@ class CompressionPlan:
     def mean_kv_bits(self) -> float:
         return sum(self.kv_bits) / self.num_layers
 
+    def weight_summary(self, weights_per_layer: list[int], bytes_per_weight: int) -> dict:
+        """What the plan means for the prunable weights: kept (non-zero) weights and their bytes, dense vs pruned."""
+        self.check_layers(len(weights_per_layer))
+        kept = sum(round(n * (1 - s)) for n, s in zip(weights_per_layer, self.sparsity))
+        dense = sum(weights_per_layer)
+        return {"dense_weights": dense, "kept_weights": kept, "dense_bytes": dense * bytes_per_weight,
+                "kept_bytes": kept * bytes_per_weight, "achieved_sparsity": 1 - kept / dense}
+
     def check_layers(self, num_layers: int) -> None:
         if self.num_layers != num_layers:
             raise ValueError(f"plan has {self.num_layers} layers but the model has {num_layers} decoder layers")

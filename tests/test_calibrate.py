@@ -19,6 +19,8 @@ def test_input_norms_match_a_direct_computation_on_a_text_model(tiny_llama_dir):
         torch.testing.assert_close(stats.gram[(i, "k_proj")], x.T @ x, rtol=1e-4, atol=1e-4)
     assert stats.tokens == int(mask.sum())
     assert len(stats.sq_norm) == loaded.num_layers * len(models.PRUNABLE)
+    only_layer_1 = calibrate(loaded, [batch], gram=[1])
+    assert {k[0] for k in only_layer_1.gram} == {1} and len(only_layer_1.sq_norm) == len(stats.sq_norm)
 
 
 def test_padding_does_not_change_the_statistics(default):

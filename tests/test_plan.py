@@ -43,3 +43,10 @@ def test_bad_files_fail_clearly(tmp_path):
     plan = CompressionPlan([0.5, 0.5])
     with pytest.raises(ValueError, match="plan has 2 layers but the model has 6"):
         plan.check_layers(6)
+
+
+def test_weight_summary_counts_non_zero_weights_and_bytes():
+    summary = CompressionPlan([0.0, 0.5, 0.75]).weight_summary([100, 200, 400], bytes_per_weight=2)
+    assert summary["dense_weights"] == 700 and summary["kept_weights"] == 100 + 100 + 100
+    assert summary["kept_bytes"] == 600 and summary["dense_bytes"] == 1400
+    assert summary["achieved_sparsity"] == pytest.approx(4 / 7)

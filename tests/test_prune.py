@@ -49,6 +49,16 @@ def test_masks_equal_their_definition_on_random_weights(method, sparsity):
     assert torch.equal(make_mask(S, sparsity, method, None), brute_keep(S, sparsity, per_row=method != "magnitude"))
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])
+def test_masks_equal_their_definition_on_real_weights(default, calibrated, method):
+    for key in [(0, "q_proj"), (5, "down_proj")]:
+        W = default.linears(key[0])[key[1]].weight.detach()[:12, :24]  # a corner, small enough for loops
+        x_norm = calibrated.norm(key)[:24]
+        S = score(method, W, x_norm)
+        torch.testing.assert_close(S, brute_score(method, W, x_norm))
+        assert torch.equal(make_mask(S, 0.5, method, None), brute_keep(S, 0.5, per_row=method != "magnitude"))
+
+
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_nm_keeps_the_n_best_of_every_m(n, m):
     S = torch.rand(8, 32, generator=torch.Generator().manual_seed(1))
