@@ -299,12 +299,16 @@ def cached_recipe(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() and (Path(path) / "config.json").is_file() else None
 
 
+def recipe_is_current(recipe: dict | None) -> bool:
+    """Whether a cached model's recipe is today's DefaultRecipe on today's task version."""
+    current = {**asdict(DefaultRecipe()), "task_version": data.TASK_VERSION}
+    return recipe is not None and all(recipe.get(k) == v for k, v in current.items())
+
+
 def ensure_default(progress: bool = True) -> Path:
     """Path of the cached default model, training it first if the cache is empty or holds an older recipe."""
     path = default_model_path()
-    recipe = cached_recipe(path)
-    current = {**asdict(DefaultRecipe()), "task_version": data.TASK_VERSION}
-    if recipe is None or any(recipe.get(k) != v for k, v in current.items()):
+    if not recipe_is_current(cached_recipe(path)):
         log.info("no up-to-date default model at %s: training it (a few minutes, once)", path)
         train_default(out=path, progress=progress)
     return path

@@ -82,3 +82,23 @@ def test_bad_model_names_fail_clearly(tmp_path):
         models.load_model(tmp_path)
     with pytest.raises(ValueError, match="unknown dtype 'float13'"):
         models.load_model(models.DEFAULT_MODEL, dtype="float13")
+
+
+def test_the_cached_default_is_reused_and_a_stale_recipe_is_detected(default, tmp_path):
+    import json
+    import shutil
+
+    path = models.default_model_path()
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    assert models.ensure_default(progress=False) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == before
+    assert models.cached_recipe(path)["steps"] == models.DefaultRecipe().steps
+    # a copy whose recipe differs from the current one would be retrained; check the comparison, not the training
+    stale = tmp_path / models.DEFAULT_MODEL
+    shutil.copytree(path, stale)
+    recipe = json.loads((stale / models.RECIPE_FILE).read_text())
+    recipe["task_version"] = -1
+    (stale / models.RECIPE_FILE).write_text(json.dumps(recipe))
+    assert models.cached_recipe(stale)["task_version"] == -1
+    assert not models.recipe_is_current(models.cached_recipe(stale))
+    assert models.recipe_is_current(models.cached_recipe(path))
