@@ -238,9 +238,9 @@ def train_default(recipe: DefaultRecipe = DefaultRecipe(), out: Path | None = No
     # As in LLaVA, the vision tower stays frozen while the language side learns; fine-tuning it from here with a
     # fresh optimizer state scrambled the pretrained patch features and stalled training.
     model.model.vision_tower.requires_grad_(False)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.98),
