@@ -37,7 +37,7 @@ class Pruner:
     @classmethod
     def calibrated(cls, loaded: Loaded, samples: Sequence[data.Sample], batch_size: int = 32) -> "Pruner":
         batches = sample_batches(loaded, samples, batch_size)
-        return cls(loaded, batches, calibrate(loaded, batches), DenseWeights(loaded))
+        return cls(loaded, batches, calibrate(loaded, batches, vision=loaded.is_multimodal), DenseWeights(loaded))
 
     def apply(self, plan: CompressionPlan) -> None:
         """Prune the model to `plan` (from the dense weights; SparseGPT re-solves, the others re-mask)."""
@@ -47,7 +47,7 @@ class Pruner:
             return
         if plan.method not in self.cache:
             self.dense.restore(self.loaded)  # scores are always of the dense weights, whatever ran before
-            self.cache[plan.method] = scores(plan.method, self.loaded, self.stats)
+            self.cache[plan.method] = scores(plan.method, self.loaded, self.stats, vision=self.loaded.is_multimodal)
         apply_plan(self.loaded, plan, self.cache[plan.method], self.dense)
 
     def allocation(self, name: str, target: float) -> list[float]:
@@ -63,7 +63,7 @@ class Pruner:
 
 def weight_bytes(loaded: Loaded) -> int:
     """Bytes of the model's weights if pruned linears stored only their non-zeros (values; indices not counted)."""
-    prunable = {id(lin.weight) for i in range(loaded.num_layers) for lin in loaded.linears(i).values()}
+    prunable = {id(lin.weight) for lin in loaded.prunable(vision=True).values()}
     total = 0
     for p in loaded.model.parameters():
         count = int((p != 0).sum()) if id(p) in prunable else p.numel()

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmmlab import data
-from lmmlab.models import Loaded
+from lmmlab.models import VISION, Loaded
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,13 @@ def sample_batches(loaded: Loaded, samples: Sequence[data.Sample], batch_size: i
 
 @torch.no_grad()
 def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool | Sequence[int] = False,
-              progress: bool = False) -> Stats:
+              vision: bool = False, progress: bool = False) -> Stats:
     """Run `batches` (model inputs with an attention_mask) through the model once and collect Stats.
 
     Any inputs the model accepts work: image + question batches from `sample_batches`, or plain text batches.
     `gram`: True for XᵀX of every linear, or a list of layer indices (on a 7B model all of them take ~20 GB;
     SparseGPT does not need them: it builds its Hessians one layer at a time).
+    `vision`: also the vision tower's and projector's linears (keys (VISION, module path); every image token counts).
     """
     gram_layers = set(range(loaded.num_layers)) if gram is True else set(gram or ())
     stats = Stats()
@@ -61,7 +62,8 @@ def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool | Sequence[int
     def hook_for(key: Key):
         def hook(module, args):
             x = args[0].detach()
-            x = x[current_mask[0].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])  # [tokens, d_in]
+            text_tokens = key[0] != VISION and x.dim() == 3
+            x = x[current_mask[0].bool()] if text_tokens else x.reshape(-1, x.shape[-1])  # [tokens, d_in]
             x = x.float()
             if key in stats.sq_norm:
                 stats.sq_norm[key] += x.pow(2).sum(0).cpu()
@@ -72,11 +74,7 @@ def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool | Sequence[int
                 stats.gram[key] = stats.gram[key] + xtx if key in stats.gram else xtx
         return hook
 
-    handles = [
-        linear.register_forward_pre_hook(hook_for((i, name)))
-        for i in range(loaded.num_layers)
-        for name, linear in loaded.linears(i).items()
-    ]
+    handles = [linear.register_forward_pre_hook(hook_for(key)) for key, linear in loaded.prunable(vision).items()]
     try:
         for batch in tqdm(list(batches), desc="calibrate", disable=not progress):
             if "attention_mask" not in batch:

@@ -94,16 +94,20 @@ def cmd_prune(args) -> None:
     sparsity = 1 - nm[0] / nm[1] if nm else args.sparsity  # N:M fixes the ratio
     if not 0 <= sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1); got {sparsity}")
+    if not 0 <= args.vision_sparsity < 1:
+        raise ValueError(f"--vision-sparsity must be in [0, 1); got {args.vision_sparsity}")
     if nm and args.allocation != "uniform" and not args.plan:
         raise ValueError(f"--allocation {args.allocation} needs an unstructured pattern: N:M fixes every layer's ratio")
     plan = CompressionPlan.load(args.plan) if args.plan else None
     loaded = models.load_model(args.model, dtype=args.dtype, device=args.device)
     if plan is None:
-        plan = CompressionPlan.uniform(loaded.num_layers, sparsity, method=args.method, pattern=args.pattern)
+        plan = CompressionPlan([sparsity] * loaded.num_layers, method=args.method, pattern=args.pattern,
+                               vision_sparsity=args.vision_sparsity)
     plan.check_layers(loaded.num_layers)
     pruner = Pruner.calibrated(loaded, data.split("calibration"))
     if args.allocation != "uniform" and not args.plan:
-        plan = CompressionPlan(pruner.allocation(args.allocation, sparsity), plan.kv_bits, plan.method, plan.pattern)
+        plan = CompressionPlan(pruner.allocation(args.allocation, sparsity), plan.kv_bits, plan.method, plan.pattern,
+                               plan.vision_sparsity)
     pruner.apply(plan)
     models.save_atomic(loaded.model, loaded.processor, out, extra={"compression_plan.json": json.loads(plan.to_json())})
     per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
@@ -174,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.5, help="mean fraction of weights removed, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer ratios")
-    p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the four above)")
+    p.add_argument("--vision-sparsity", type=float, default=0.0,
+                   help="also prune the vision tower's and projector's linears at this ratio (default: leave dense)")
+    p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the five above)")
     p.add_argument("--out", type=Path, required=True, help="new folder for the pruned model (save_pretrained)")
     p.set_defaults(func=cmd_prune)
 

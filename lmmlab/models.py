@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "lmmlab-default"
 RECIPE_FILE = "lmmlab_recipe.json"
 CACHE_ENV = "LMMLAB_CACHE"
+VISION = -1  # the "layer" index in (layer, name) keys for linears of the vision tower and the projector
 PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -365,6 +366,24 @@ class Loaded:
             short = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and short in PRUNABLE:
                 found[short] = module
+        return found
+
+    def vision_linears(self) -> dict[str, nn.Linear]:
+        """Linears of the vision tower and the multimodal projector, by module path (none for text-only models)."""
+        inner = getattr(self.model, "model", self.model)
+        found = {}
+        for part in ("vision_tower", "multi_modal_projector"):
+            module = getattr(inner, part, None)
+            for name, sub in module.named_modules() if module is not None else ():
+                if isinstance(sub, nn.Linear):
+                    found[f"{part}.{name}"] = sub
+        return found
+
+    def prunable(self, vision: bool = False) -> dict[tuple[int, str], nn.Linear]:
+        """Every prunable linear by (decoder layer, name); with vision=True also (VISION, path) for the vision side."""
+        found = {(i, name): lin for i in range(self.num_layers) for name, lin in self.linears(i).items()}
+        if vision:
+            found.update({(VISION, name): lin for name, lin in self.vision_linears().items()})
         return found
 
 

@@ -36,6 +36,7 @@ class CompressionPlan:
     kv_bits: list[int] = field(default_factory=list)  # bits per stored K/V element, per layer; empty = all 16
     method: str = "wanda"
     pattern: str = "unstructured"  # or "N:M"
+    vision_sparsity: float = 0.0  # the vision tower's and projector's linears; 0 leaves them dense
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -53,11 +54,16 @@ class CompressionPlan:
             raise ValueError(f"kv bit-width {bad_bits[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
+        self.vision_sparsity = float(self.vision_sparsity)
+        if not 0.0 <= self.vision_sparsity < 1.0:
+            raise ValueError(f"vision_sparsity must be in [0, 1); got {self.vision_sparsity}")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             n, m = nm
             fixed = 1 - n / m
             off = [(i, s) for i, s in enumerate(self.sparsity) if s not in (0.0, fixed)]
+            if self.vision_sparsity not in (0.0, fixed):
+                off.append(("vision", self.vision_sparsity))
             if off:
                 raise ValueError(f"pattern {self.pattern} fixes each layer's sparsity at {fixed:g} (or 0 to skip a "
                                  f"layer); got {off[0][1]} at layer {off[0][0]}")
@@ -106,9 +112,10 @@ class CompressionPlan:
             raise ValueError(f"plan is not valid JSON: {err}") from None
         if not isinstance(raw, dict) or "sparsity" not in raw:
             raise ValueError("plan JSON must be an object with at least a 'sparsity' list")
-        unknown = set(raw) - {"sparsity", "kv_bits", "method", "pattern"}
+        unknown = set(raw) - {"sparsity", "kv_bits", "method", "pattern", "vision_sparsity"}
         if unknown:
-            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; allowed: sparsity, kv_bits, method, pattern")
+            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; "
+                             "allowed: sparsity, kv_bits, method, pattern, vision_sparsity")
         return cls(**raw)
 
     def save(self, path: str | Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmmlab.calibrate import Key, Stats
-from lmmlab.models import Loaded
+from lmmlab.models import VISION, Loaded
 from lmmlab.plan import CompressionPlan
 
 SCORE_METHODS = ("magnitude", "wanda", "ria")
@@ -86,15 +86,14 @@ class Scores:
     by_linear: dict[Key, torch.Tensor]  # [d_out, d_in] float32
 
 
-def scores(method: str, loaded: Loaded, stats: Stats | None = None) -> Scores:
-    """Scores of every prunable linear of the decoder layers for a score-based method."""
+def scores(method: str, loaded: Loaded, stats: Stats | None = None, vision: bool = False) -> Scores:
+    """Scores of every prunable linear of the decoder layers (and of the vision side, when asked)."""
     if method not in SCORE_METHODS:
         raise ValueError(f"{method!r} has no cached scores; score-based methods: {', '.join(SCORE_METHODS)}")
     by_linear = {}
-    for i in range(loaded.num_layers):
-        for name, linear in loaded.linears(i).items():
-            x_norm = stats.norm((i, name)) if stats is not None and (i, name) in stats.sq_norm else None
-            by_linear[(i, name)] = score(method, linear.weight.detach(), x_norm)
+    for key, linear in loaded.prunable(vision).items():
+        x_norm = stats.norm(key) if stats is not None and key in stats.sq_norm else None
+        by_linear[key] = score(method, linear.weight.detach(), x_norm)
     return Scores(method, by_linear)
 
 
@@ -102,16 +101,12 @@ class DenseWeights:
     """A copy of the prunable weights taken once, so any number of plans can be applied to the same model."""
 
     def __init__(self, loaded: Loaded):
-        self.weights = {
-            (i, name): linear.weight.detach().clone()
-            for i in range(loaded.num_layers)
-            for name, linear in loaded.linears(i).items()
-        }
+        self.weights = {key: linear.weight.detach().clone() for key, linear in loaded.prunable(vision=True).items()}
 
     @torch.no_grad()
     def restore(self, loaded: Loaded) -> None:
-        for (i, name), W in self.weights.items():
-            loaded.linears(i)[name].weight.copy_(W)
+        for key, linear in loaded.prunable(vision=True).items():
+            linear.weight.copy_(self.weights[key])
 
 
 @torch.no_grad()
@@ -123,13 +118,18 @@ def apply_plan(loaded: Loaded, plan: CompressionPlan, scores: Scores, dense: Den
     plan.check_layers(loaded.num_layers)
     if plan.method != scores.method:
         raise ValueError(f"plan asks for {plan.method!r} but the scores were computed for {scores.method!r}")
+    ratios = {key: plan.sparsity[key[0]] for key in loaded.prunable()}
+    if plan.vision_sparsity:
+        ratios.update({key: plan.vision_sparsity for key in loaded.prunable(vision=True) if key[0] == VISION})
+        if not all(key in scores.by_linear for key in ratios):
+            raise ValueError("the plan prunes the vision side but the scores lack it: use scores(..., vision=True)")
     dense.restore(loaded)
     achieved = {}
-    for i, sparsity in enumerate(plan.sparsity):
-        for name, linear in loaded.linears(i).items():
-            mask = make_mask(scores.by_linear[(i, name)], sparsity, plan.method, plan.nm)
-            linear.weight.mul_(mask.to(linear.weight.device))
-            achieved[(i, name)] = 1 - mask.float().mean().item()
+    linears = loaded.prunable(vision=True)
+    for key, sparsity in ratios.items():
+        mask = make_mask(scores.by_linear[key], sparsity, plan.method, plan.nm)
+        linears[key].weight.mul_(mask.to(linears[key].weight.device))
+        achieved[key] = 1 - mask.float().mean().item()
     return achieved
 
 
@@ -248,6 +248,8 @@ def apply_sparsegpt(loaded: Loaded, plan: CompressionPlan, batches: list[dict], 
     """Prune the model in place with SparseGPT, layer by layer: each layer is calibrated on the outputs of the
     already-pruned layers before it, so only one layer's Hessians are ever in memory."""
     plan.check_layers(loaded.num_layers)
+    if plan.vision_sparsity:
+        raise ValueError("sparsegpt prunes the decoder layers only; use vision_sparsity with magnitude, wanda or ria")
     inputs = decoder_inputs(loaded, batches)
     for i, layer in enumerate(loaded.layers):
         solvers = {name: SparseGPT(linear) for name, linear in loaded.linears(i).items()}

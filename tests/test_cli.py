@@ -74,6 +74,7 @@ def test_prune_with_owl_and_a_plan_file(default, tmp_path):
     (["--sparsity", "1.5"], "--sparsity must be in [0, 1); got 1.5"),
     (["--pattern", "4:2"], "0 < N < M"),
     (["--pattern", "2:4", "--allocation", "owl"], "needs an unstructured pattern"),
+    (["--vision-sparsity", "-0.1"], "--vision-sparsity must be in [0, 1)"),
 ])
 def test_prune_rejects_bad_input_and_writes_nothing(args, message, tmp_path, default):
     out = tmp_path / "x"

@@ -4,7 +4,7 @@ from lmmlab.plan import CompressionPlan
 
 
 def test_json_round_trip(tmp_path):
-    plan = CompressionPlan([0.1, 0.5, 0.7], [4, 8, 16], method="sparsegpt")
+    plan = CompressionPlan([0.1, 0.5, 0.7], [4, 8, 16], method="wanda", vision_sparsity=0.4)
     assert CompressionPlan.from_json(plan.to_json()) == plan
     plan.save(tmp_path / "p.json")
     assert CompressionPlan.load(tmp_path / "p.json") == plan
@@ -27,6 +27,8 @@ def test_defaults_and_uniform():
     (dict(sparsity=[0.5], pattern="4:2"), "0 < N < M"),
     (dict(sparsity=[0.5], pattern="two:four"), "allowed: 'unstructured' or 'N:M'"),
     (dict(sparsity=[0.3], pattern="2:4"), "fixes each layer's sparsity at 0.5"),
+    (dict(sparsity=[0.5], pattern="2:4", vision_sparsity=0.3), "got 0.3 at layer vision"),
+    (dict(sparsity=[0.5], vision_sparsity=1.0), "vision_sparsity must be in \\[0, 1\\)"),
 ])
 def test_bad_plans_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -208,3 +208,38 @@ def test_pruner_results_do_not_depend_on_what_ran_before(default):
         assert all(torch.equal(after_other[k], lin.weight) for k, lin in default.linears(3).items())
     finally:
         pruner.restore()
+
+
+def test_vision_side_is_dense_unless_asked_and_pruned_to_its_ratio_when_asked(default):
+    from lmmlab.ablate import Pruner
+    from lmmlab.models import VISION
+
+    pruner = Pruner.calibrated(default, data.split("calibration", 32))
+    vision = {k: lin for k, lin in default.prunable(vision=True).items() if k[0] == VISION}
+    assert {name.split(".")[0] for _, name in vision} == {"vision_tower", "multi_modal_projector"}
+    dense = {k: lin.weight.clone() for k, lin in vision.items()}
+    try:
+        pruner.apply(CompressionPlan.uniform(default.num_layers, 0.5))
+        assert all(torch.equal(dense[k], lin.weight) for k, lin in vision.items())
+        pruner.apply(CompressionPlan([0.5] * default.num_layers, vision_sparsity=0.6))
+        for k, lin in vision.items():
+            per_row = (lin.weight == 0).sum(1)
+            assert (per_row == int(lin.weight.shape[1] * 0.6)).all(), k
+        with pytest.raises(ValueError, match="decoder layers only"):
+            pruner.apply(CompressionPlan([0.5] * default.num_layers, method="sparsegpt", vision_sparsity=0.5))
+        with pytest.raises(ValueError, match="scores lack it"):
+            plan = CompressionPlan([0.5] * default.num_layers, method="magnitude", vision_sparsity=0.5)
+            apply_plan(default, plan, scores("magnitude", default), pruner.dense)
+    finally:
+        pruner.restore()
+
+
+def test_projector_input_norms_are_the_image_features(default):
+    from lmmlab.models import VISION, patch_features
+
+    samples = data.split("calibration", 8)
+    batches = sample_batches(default, samples)
+    stats = calibrate(default, batches, vision=True)
+    features = patch_features(default.model, batches[0]["pixel_values"]).flatten(0, 1)
+    torch.testing.assert_close(stats.sq_norm[(VISION, "multi_modal_projector.linear_1")], features.pow(2).sum(0),
+                               rtol=1e-4, atol=1e-4)
