@@ -95,11 +95,7 @@ def ablate_prune(loaded: Loaded, methods: Sequence[str] = METHODS, sparsities: S
     runs += [(m, "uniform", 0.5, p) for m in methods for p in patterns]
     try:
         for method, alloc, target, pattern in runs:
-            sparsity = pruner.allocation(alloc, target) if pattern == "unstructured" else None
-            if sparsity is None:
-                plan = CompressionPlan.uniform(loaded.num_layers, target, method=method, pattern=pattern)
-            else:
-                plan = CompressionPlan(sparsity, method=method, pattern=pattern)
+            plan = CompressionPlan(pruner.allocation(alloc, target), method=method, pattern=pattern)
             pruner.apply(plan)
             rows.append(row(plan, alloc, target, loaded, evaluate(loaded, samples), split, seed))
             log.info("%s %s %s %.2f: accuracy %.3f", method, alloc, pattern, target, rows[-1]["accuracy"])

@@ -134,13 +134,9 @@ def apply_plan(loaded: Loaded, plan: CompressionPlan, scores: Scores, dense: Den
 
 
 def sparsity_of(loaded: Loaded) -> float:
-    """Fraction of exactly-zero weights over all prunable linears."""
-    zeros = total = 0
-    for i in range(loaded.num_layers):
-        for linear in loaded.linears(i).values():
-            zeros += int((linear.weight == 0).sum())
-            total += linear.weight.numel()
-    return zeros / total
+    """Fraction of exactly-zero weights over the decoder layers' prunable linears."""
+    weights = [linear.weight for linear in loaded.prunable().values()]
+    return sum(int((W == 0).sum()) for W in weights) / sum(W.numel() for W in weights)
 
 
 # --------------------------------------------------------------------------------------------------------------------
