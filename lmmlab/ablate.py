@@ -1,7 +1,8 @@
-"""Pruning ablations: every method × sparsity × allocation (and N:M patterns) evaluated on one split, as a tidy table.
+"""Ablations evaluated on one split, as tidy tables: pruning (every method × sparsity × allocation, and N:M patterns)
+and KV-cache widths (uniform and mixed per-layer bits).
 
 One row per run with the columns every lmmlab results table shares (method, allocation, pattern, target and achieved
-sparsity, mean KV bits, weight bytes, KV bytes, accuracy, accuracy per kind, loss, split, seed).
+sparsity, KV bits per layer and their mean, weight bytes, KV bytes, accuracy, accuracy per kind, loss, split, seed).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 from lmmlab import allocate, data
 from lmmlab.calibrate import Stats, calibrate, sample_batches
 from lmmlab.evaluate import Metrics, evaluate
+from lmmlab.kvcache import KVCache, kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import CompressionPlan
 from lmmlab.prune import DenseWeights, Scores, apply_plan, apply_sparsegpt, scores, sparsity_of
@@ -77,7 +79,8 @@ def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, m
     return {
         "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
         "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 4),
-        "mean_kv_bits": plan.mean_kv_bits, "weight_bytes": weight_bytes(loaded), "kv_bytes": metrics.kv_bytes,
+        "kv_bits": "-".join(map(str, plan.kv_bits)), "mean_kv_bits": plan.mean_kv_bits,
+        "weight_bytes": weight_bytes(loaded), "kv_bytes": metrics.kv_bytes,
         "accuracy": metrics.accuracy, **{f"accuracy_{k}": v for k, v in metrics.accuracy_by_kind.items()},
         "loss": metrics.loss, "split": split, "seed": seed,
     }
@@ -101,4 +104,50 @@ def ablate_prune(loaded: Loaded, methods: Sequence[str] = METHODS, sparsities: S
             log.info("%s %s %s %.2f: accuracy %.3f", method, alloc, pattern, target, rows[-1]["accuracy"])
     finally:
         pruner.restore()
+    return rows
+
+
+KV_WIDTHS = (16, 8, 6, 4, 3, 2)
+
+
+def mixed_kv_plans(num_layers: int) -> dict[str, list[int]]:
+    """Per-layer widths that spend bits unevenly: the first half of the layers high and the second low, and back."""
+    half = (num_layers + 1) // 2
+
+    def halves(first: int, second: int) -> list[int]:
+        return [first] * half + [second] * (num_layers - half)
+    return {"early-8-late-2": halves(8, 2), "early-2-late-8": halves(2, 8),
+            "early-6-late-3": halves(6, 3), "early-3-late-6": halves(3, 6)}
+
+
+def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = True, group_size: int = 32,
+              residual_length: int = 128, split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
+    """Evaluate the dense model with a KV cache at every uniform width (and the mixed plans): accuracy vs KV bytes.
+
+    `kv_ratio` is the cache's bytes over those of an fp16 `DynamicCache` holding the same tokens."""
+    named = {f"uniform-{b}": [b] * loaded.num_layers for b in widths}
+    if mixed:
+        named.update(mixed_kv_plans(loaded.num_layers))
+    plans = {name: CompressionPlan([0.0] * loaded.num_layers, bits, kv_group_size=group_size,
+                                   kv_residual=residual_length) for name, bits in named.items()}
+    for plan in plans.values():
+        kv_cache_for(plan, loaded)  # every plan's layout is checked before the first evaluation
+    samples = data.split(split, n)
+    rows, warned = [], False
+    for name, plan in plans.items():
+        last: list[KVCache] = []
+
+        def make_cache() -> KVCache:
+            last.append(kv_cache_for(plan, loaded))
+            return last[-1]
+        metrics = evaluate(loaded, samples, make_cache=make_cache)
+        cache = last[-1]
+        if not warned and any(b < 16 and q == 0 for b, q in zip(plan.kv_bits, cache.quantized_tokens())):
+            warned = True
+            log.warning("nothing was quantized: the prompts (%d tokens) never fill the %d-token residual window; "
+                        "pass a smaller kv residual and group size", cache.get_seq_length(), residual_length)
+        rows.append({**row(plan, "dense", 0.0, loaded, metrics, split, seed), "method": "dense", "kv_plan": name,
+                     "kv_group_size": group_size, "kv_residual": residual_length,
+                     "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})
+        log.info("kv %s: accuracy %.3f, %.0f bytes/sample", name, metrics.accuracy, metrics.kv_bytes)
     return rows

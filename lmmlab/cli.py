@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -40,10 +41,22 @@ def cmd_eval(args) -> None:
     from lmmlab.evaluate import evaluate
     from lmmlab.models import load_model
 
+    from lmmlab.kvcache import kv_cache_for
+    from lmmlab.plan import CompressionPlan
+
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    bits = args.kv_bits * loaded.num_layers if len(args.kv_bits) == 1 else args.kv_bits
+    if len(bits) != loaded.num_layers:
+        raise ValueError(f"--kv-bits has {len(bits)} widths; give one for every layer or one per decoder layer "
+                         f"({loaded.num_layers})")
+    plan = CompressionPlan([0.0] * loaded.num_layers, bits, kv_group_size=args.kv_group_size,
+                           kv_residual=args.kv_residual)
+    make_cache = (lambda: kv_cache_for(plan, loaded)) if set(bits) != {16} else None
+    kv_cache_for(plan, loaded)  # reject a bad layout before evaluating
     samples = data.split(args.split, args.n)
-    metrics = evaluate(loaded, samples, batch_size=args.batch_size, progress=True)
-    print(format_metrics(f"{args.model} on {args.split} ({metrics.n} samples)", metrics))
+    metrics = evaluate(loaded, samples, make_cache=make_cache, batch_size=args.batch_size, progress=True)
+    kv = "" if make_cache is None else f", KV bits {'-'.join(map(str, bits))}"
+    print(format_metrics(f"{args.model} on {args.split} ({metrics.n} samples{kv})", metrics))
     if args.json:
         write_json(args.json, metrics.to_dict())
         print(f"wrote {args.json}")
@@ -78,6 +91,15 @@ def cmd_demo(args) -> None:
             accuracy = evaluate(loaded, validation, with_loss=False).accuracy
             print(f"  {method:<10} {allocation:<8} validation accuracy {accuracy:.3f}")
     pruner.restore()
+
+    from lmmlab.kvcache import kv_cache_for
+
+    print("\nquantizing the KV cache (KIVI layout; groups of 8 and an 8-token window suit these ~20-token prompts):")
+    for bits in (16, 8, 4, 2):
+        plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits, kv_group_size=8, kv_residual=8)
+        m = evaluate(loaded, validation, make_cache=lambda: kv_cache_for(plan, loaded))
+        print(f"  {bits:>2}-bit  validation accuracy {m.accuracy:.3f}  loss {m.loss:.4f}  "
+              f"KV cache {m.kv_bytes / 1024:6.1f} KiB / sample")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
@@ -106,8 +128,7 @@ def cmd_prune(args) -> None:
     plan.check_layers(loaded.num_layers)
     pruner = Pruner.calibrated(loaded, data.split("calibration"))
     if args.allocation != "uniform" and not args.plan:
-        plan = CompressionPlan(pruner.allocation(args.allocation, sparsity), plan.kv_bits, plan.method, plan.pattern,
-                               plan.vision_sparsity)
+        plan = dataclasses.replace(plan, sparsity=pruner.allocation(args.allocation, sparsity))
     pruner.apply(plan)
     models.save_atomic(loaded.model, loaded.processor, out, extra={"compression_plan.json": json.loads(plan.to_json())})
     per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
@@ -132,12 +153,28 @@ def cmd_ablate_prune(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_bench(args) -> None:
-    from lmmlab.bench import bench_prune
+def cmd_ablate_kv(args) -> None:
+    import pandas as pd
+
+    from lmmlab import ablate
     from lmmlab.models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = bench_prune(loaded)
+    rows = ablate.ablate_kv(loaded, widths=args.widths, mixed=not args.no_mixed, group_size=args.kv_group_size,
+                            residual_length=args.kv_residual, split=args.split, n=args.n)
+    table = pd.DataFrame(rows)
+    write_text_atomic(args.out, table.to_csv(index=False))
+    print(table[["kv_plan", "kv_bits", "mean_kv_bits", "kv_bytes", "kv_ratio", "accuracy", "loss"]]
+          .to_string(index=False))
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args) -> None:
+    from lmmlab.bench import bench_kv, bench_prune
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = {"prune": bench_prune, "kv": bench_kv}[args.what](loaded)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)
@@ -147,6 +184,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lmmlab-default", help="lmmlab-default, a saved folder or a hub id")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on GPU, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_kv_layout_args(p: argparse.ArgumentParser, group_size: int = 32, residual: int = 128) -> None:
+    p.add_argument("--kv-group-size", type=int, default=group_size,
+                   help=f"tokens per key group, channels per value group (default {group_size}, KIVI's)")
+    p.add_argument("--kv-residual", type=int, default=residual,
+                   help=f"newest tokens kept in full precision, a multiple of the group size (default {residual})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=list(data.SPLITS))
     p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--kv-bits", type=int, nargs="+", default=[16],
+                   help="KV cache bits: one width for every layer or one per layer, from 2 3 4 6 8 16 (default 16)")
+    add_kv_layout_args(p)
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -193,8 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_prune.csv")
     p.set_defaults(func=cmd_ablate_prune)
 
+    from lmmlab.ablate import KV_WIDTHS
+
+    p = sub.add_parser("ablate-kv", help="accuracy and KV bytes of uniform and mixed per-layer KV widths as CSV")
+    add_model_args(p)
+    p.add_argument("--widths", nargs="+", type=int, default=list(KV_WIDTHS), help="uniform widths to run")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed (early/late) per-layer plans")
+    add_kv_layout_args(p)
+    p.add_argument("--split", default="test", choices=list(data.SPLITS))
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_kv.csv")
+    p.set_defaults(func=cmd_ablate_kv)
+
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
-    p.add_argument("what", choices=["prune"], help="what to measure")
+    p.add_argument("what", choices=["prune", "kv"], help="what to measure")
     add_model_args(p)
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)

@@ -1,8 +1,10 @@
 """Metrics on a split of the visual-QA task, with any KV cache.
 
-Protocol: the image and the question are prefilled into the cache; each answer token is then produced by a greedy
-decode step that reads the cache. So whatever the cache does to the keys and values it stores (quantization, say)
-shows in the answers. Evaluation does not know about bits: it is handed a function that makes a fresh cache.
+Protocol: the image and the question, all but the prompt's last token, are prefilled into the cache; every answer
+token, the first included, is then produced by a decode step whose query reads the cache. So whatever the cache does to
+the keys and values it stores (quantization, say) shows in the answers; a single prefill would instead predict the
+first answer token from the full-precision states of its own forward pass. Evaluation does not know about bits: it is
+handed a function that makes a fresh cache.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ class Metrics:
 
 def cache_bytes(cache) -> int:
     """Bytes a cache really stores: its own count when it keeps one (quantized caches), else its tensors' sizes."""
-    if hasattr(cache, "stored_bytes"):
-        return int(cache.stored_bytes())
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -67,6 +69,18 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def _prefill_then_read(model, inputs: dict, mask: torch.Tensor, position_ids: torch.Tensor, cache,
+                       tail: int) -> torch.Tensor:
+    """Prefill all but the last `tail` tokens (the image among them) into `cache`, then run those `tail` tokens
+    against it. Returns the logits of the tail, [B, tail, vocab]."""
+    ids = inputs["input_ids"]
+    head = ids.shape[1] - tail
+    model(input_ids=ids[:, :head], pixel_values=inputs["pixel_values"], attention_mask=mask[:, :head],
+          position_ids=position_ids[:, :head], cache=cache, use_cache=True)
+    return model(input_ids=ids[:, head:], attention_mask=mask, position_ids=position_ids[:, head:], cache=cache,
+                 use_cache=True).logits
+
+
 @torch.no_grad()
 def generate_answers(loaded: Loaded, batch: Sequence[data.Sample], make_cache: CacheFactory | None = None,
                      max_new_tokens: int = 3) -> tuple[list[str], int]:
@@ -80,8 +94,7 @@ def generate_answers(loaded: Loaded, batch: Sequence[data.Sample], make_cache: C
     mask = inputs.pop("attention_mask")
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _new_cache(loaded, make_cache)
-    logits = model(**inputs, attention_mask=mask, position_ids=position_ids, cache=cache,
-                   use_cache=True).logits[:, -1]
+    logits = _prefill_then_read(model, inputs, mask, position_ids, cache, tail=1)[:, -1]
     generated, done = [], torch.zeros(len(batch), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)
@@ -109,12 +122,12 @@ def answer_loss(loaded: Loaded, batch: Sequence[data.Sample], make_cache: CacheF
     inputs = data.collate(loaded.processor, batch, with_answers=True).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     answer_lengths = [len(tok(f" {s.answer}{tok.eos_token}", add_special_tokens=False)["input_ids"]) for s in batch]
-    mask = inputs["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(**inputs, position_ids=position_ids, cache=_new_cache(loaded, make_cache),
-                   use_cache=True).logits.float()
-    losses = []
     ids = inputs["input_ids"]
+    mask = inputs.pop("attention_mask")
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    tail = max(answer_lengths) + 1  # the answers and the prompt's last token read the cache, as in generation
+    logits = _prefill_then_read(model, inputs, mask, position_ids, _new_cache(loaded, make_cache), tail).float()
+    losses = []
     for i, n_answer in enumerate(answer_lengths):
         # Left padding: the answer's tokens are the last n_answer of the row, predicted by the positions before them.
         target = ids[i, -n_answer:]

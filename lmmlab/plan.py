@@ -6,7 +6,7 @@ remove and how many bits each stored key/value gets, plus the pruning method and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lmmlab.files import write_text_atomic
@@ -28,6 +28,16 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def check_kv_layout(group_size: int, residual_length: int) -> None:
+    """KIVI's grouping: keys are quantized in whole groups of `group_size` tokens, flushed `residual_length` at a time."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"kv group size must be a positive integer; got {group_size!r}")
+    if (isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < group_size
+            or residual_length % group_size):
+        raise ValueError(f"kv residual length must be a positive multiple of the kv group size {group_size} "
+                         f"(keys are quantized in whole groups of tokens); got {residual_length!r}")
+
+
 @dataclass
 class CompressionPlan:
     """Per-layer sparsity and KV bit-width; validated on construction; JSON round-trip."""
@@ -37,6 +47,9 @@ class CompressionPlan:
     method: str = "wanda"
     pattern: str = "unstructured"  # or "N:M"
     vision_sparsity: float = 0.0  # the vision tower's and projector's linears; 0 leaves them dense
+    # KIVI's defaults, sized for LLaVA's ~600-token prompts; the default model's ~20-token prompts need 8 / 8.
+    kv_group_size: int = 32  # tokens per key group (per channel), channels per value group (per token)
+    kv_residual: int = 128  # newest tokens kept in full precision, quantized together when the window fills
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -57,6 +70,7 @@ class CompressionPlan:
         self.vision_sparsity = float(self.vision_sparsity)
         if not 0.0 <= self.vision_sparsity < 1.0:
             raise ValueError(f"vision_sparsity must be in [0, 1); got {self.vision_sparsity}")
+        check_kv_layout(self.kv_group_size, self.kv_residual)
         nm = parse_pattern(self.pattern)
         if nm is not None:
             n, m = nm
@@ -98,8 +112,9 @@ class CompressionPlan:
 
     @classmethod
     def uniform(cls, num_layers: int, sparsity: float = 0.0, kv_bits: int = 16, method: str = "wanda",
-                pattern: str = "unstructured") -> "CompressionPlan":
-        return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern)
+                pattern: str = "unstructured", **options) -> "CompressionPlan":
+        """The same sparsity and KV width in every layer; `options` are the remaining fields."""
+        return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern, **options)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -112,10 +127,10 @@ class CompressionPlan:
             raise ValueError(f"plan is not valid JSON: {err}") from None
         if not isinstance(raw, dict) or "sparsity" not in raw:
             raise ValueError("plan JSON must be an object with at least a 'sparsity' list")
-        unknown = set(raw) - {"sparsity", "kv_bits", "method", "pattern", "vision_sparsity"}
+        allowed = [f.name for f in fields(cls)]
+        unknown = set(raw) - set(allowed)
         if unknown:
-            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; "
-                             "allowed: sparsity, kv_bits, method, pattern, vision_sparsity")
+            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
         return cls(**raw)
 
     def save(self, path: str | Path) -> None:

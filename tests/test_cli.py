@@ -11,7 +11,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "lmmlab", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("command", ["demo", "train-default", "eval"])
+@pytest.mark.parametrize("command", ["demo", "train-default", "eval", "prune", "ablate-prune", "ablate-kv", "bench"])
 def test_every_command_has_help(command):
     out = run(command, "--help")
     assert out.returncode == 0 and "usage: lmmlab" in out.stdout
@@ -116,4 +116,61 @@ def test_bench_prune_prints_json(default, tmp_path, capsys):
     for key in ("calib_forward_s", "wanda_s", "sparsegpt_s", "remask_s", "eval_s", "achieved_sparsity"):
         assert result[key] > 0
     assert result["achieved_sparsity"] == pytest.approx(0.5)
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_ablate_kv_writes_accuracy_and_true_bytes_per_plan(default, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "kv.csv"
+    assert main(["ablate-kv", "--widths", "16", "4", "2", "--kv-group-size", "8", "--kv-residual", "8", "--n", "64",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out).set_index("kv_plan")
+    assert list(table.index) == ["uniform-16", "uniform-4", "uniform-2", "early-8-late-2", "early-2-late-8",
+                                 "early-6-late-3", "early-3-late-6"]
+    assert {"kv_bits", "mean_kv_bits", "kv_bytes", "kv_ratio", "accuracy", "loss", "kv_group_size"} <= set(table.columns)
+    assert table.loc["early-8-late-2", "kv_bits"] == "8-8-8-2-2-2"
+    kv = table.kv_bytes
+    assert kv["uniform-2"] < kv["uniform-4"] < kv["early-8-late-2"] == kv["early-2-late-8"] < kv["uniform-16"]
+    assert table.loc["uniform-16", "kv_ratio"] == 2.0  # fp32 states against the fp16 reference
+    assert abs(table.loc["uniform-4", "accuracy"] - table.loc["uniform-16", "accuracy"]) < 0.05
+
+
+def test_ablate_kv_warns_when_the_window_swallows_the_prompt(default, tmp_path, caplog):
+    assert main(["ablate-kv", "--widths", "4", "--no-mixed", "--n", "16", "--out", str(tmp_path / "kv.csv")]) == 0
+    assert "nothing was quantized" in caplog.text and "128-token residual window" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ablate-kv", "--widths", "16", "5"], "kv bit-width 5 not supported; allowed: 2, 3, 4, 6, 8, 16"),
+    (["ablate-kv", "--kv-group-size", "8", "--kv-residual", "12"], "positive multiple of the kv group size 8"),
+    (["ablate-kv", "--kv-group-size", "64", "--kv-residual", "128"], "must divide the head dimension 32"),
+])
+def test_ablate_kv_rejects_bad_layouts_and_writes_nothing(args, message, tmp_path, default):
+    path = tmp_path / "kv.csv"
+    out = run(*args, "--out", str(path))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and message in out.stderr
+    assert not path.exists()
+
+
+def test_eval_with_a_quantized_kv_cache(default, capsys):
+    assert main(["eval", "--split", "validation", "--n", "32", "--kv-bits", "2", "--kv-group-size", "8",
+                 "--kv-residual", "8"]) == 0
+    assert "KV bits 2-2-2-2-2-2" in capsys.readouterr().out
+    assert main(["eval", "--n", "8", "--kv-bits", "4", "8"]) == 2
+    assert "--kv-bits has 2 widths" in capsys.readouterr().err
+
+
+def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "kv", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["context"] == 1024 and result["group_size"] == 32 and result["residual_length"] == 128
+    # 1024 tokens fill the 128-token window exactly 8 times: all quantized; b-bit codes + two fp16 per 32 elements
+    for bits in (2, 4, 8):
+        assert result[f"ratio_{bits}bit"] == pytest.approx((bits + 32 / 32) / 16)
+    for key in ("decode_tokens_per_s_16bit", "decode_tokens_per_s_4bit", "decode_tokens_per_s_2bit"):
+        assert result["lmmlab-default"][key] > 0
+    assert result["llava-1.5-7b"]["shape"] == [32, 32, 128]
+    assert result["llava-1.5-7b"]["fp16_bytes"] == 32 * 2 * 32 * 1024 * 128 * 2
     assert json.loads(capsys.readouterr().out) == result

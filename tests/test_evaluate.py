@@ -69,3 +69,22 @@ def test_answer_loss_is_low_for_right_answers_and_high_for_wrong_ones(default):
     wrong_samples = [data.Sample(s.scene, s.kind, s.question, "purple" if s.answer != "purple" else "red") for s in samples]
     wrong = answer_loss(default, wrong_samples)
     assert sum(wrong) / len(wrong) > sum(right) / len(right) + 3
+
+
+def test_every_answer_token_is_read_from_the_cache(default):
+    """A cache that corrupts only what it *stored* earlier must change the answers: no answer token may be predicted
+    from the full-precision states of its own forward pass alone."""
+    class PastNoiseCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            past = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            g = torch.Generator().manual_seed(layer_idx)
+            noise = lambda t: torch.cat([t[..., :past, :] + 3 * torch.randn(t[..., :past, :].shape, generator=g),  # noqa: E731
+                                         t[..., past:, :]], dim=-2)
+            return noise(keys), noise(values)
+
+    samples = data.split("validation", 64)
+    clean = evaluate(default, samples)
+    noisy = evaluate(default, samples, make_cache=lambda: PastNoiseCache(config=default.model.config))
+    assert noisy.accuracy < clean.accuracy - 0.2
+    assert noisy.loss > clean.loss + 1

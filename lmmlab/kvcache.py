@@ -1,0 +1,300 @@
+"""A transformers KV cache with a quantization bit-width per decoder layer, in KIVI's layout.
+
+KIVI (Liu et al., 2024) observes that keys have outlier *channels* and values do not, so it quantizes
+  keys   per channel: each group is one channel over `group_size` consecutive tokens,
+  values per token:   each group is `group_size` consecutive channels of one token,
+asymmetrically (x ≈ zero + code · scale, code in [0, 2^b − 1]). The newest tokens wait in full precision in a residual
+window; when `residual_length` of them have gathered they are quantized together (`residual_length / group_size`
+whole key groups) and the window empties. Keys and values share the window, so both cover the same tokens. A prefill
+of T tokens quantizes its first T − T mod residual_length tokens at once.
+
+Storage is real: codes are bit-packed along the channel axis (four 2-bit codes per byte, eight 3-bit codes per three
+bytes, ...), scales and zero points are fp16, and `nbytes()` counts exactly the tensors held. A layer at 16 bits is
+transformers' own `DynamicLayer`, storing the states as they come.
+
+Attention always sees the tokens of the current forward pass in full precision, as in KIVI; earlier tokens are read
+back from the quantized store.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer
+
+from lmmlab.plan import KV_BITS, CompressionPlan, check_kv_layout
+
+KEY_AXIS, VALUE_AXIS = -2, -1  # the axis a group runs along: tokens for keys (per channel), channels for values
+
+
+# --- bit packing along the last axis ---------------------------------------------------------------------------
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole-byte chunk: 2-bit 4→1, 3-bit 8→3, 4-bit 2→1, 6-bit 4→3, 8-bit 1→1."""
+    lcm = bits * 8 // math.gcd(bits, 8)
+    return lcm // bits, lcm // 8
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes < 2^bits, shape [..., n] -> uint8 [..., ceil(n·bits/8)] (the last chunk is zero-padded)."""
+    per_chunk, chunk_bytes = _chunk(bits)
+    n = codes.shape[-1]
+    padded = -n % per_chunk
+    if padded:
+        codes = torch.nn.functional.pad(codes, (0, padded))
+    c = codes.reshape(*codes.shape[:-1], -1, per_chunk).to(torch.int32)  # [..., chunks, per_chunk]
+    shifts = torch.arange(per_chunk, device=codes.device, dtype=torch.int32) * bits
+    word = (c << shifts).sum(-1, dtype=torch.int32)  # [..., chunks]; at most 24 bits used
+    byte_shifts = torch.arange(chunk_bytes, device=codes.device, dtype=torch.int32) * 8
+    packed = (word[..., None] >> byte_shifts) & 0xFF  # [..., chunks, chunk_bytes]
+    return packed.reshape(*codes.shape[:-1], -1).to(torch.uint8)[..., : math.ceil(n * bits / 8)]
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 [..., ceil(n·bits/8)] -> uint8 codes [..., n]."""
+    per_chunk, chunk_bytes = _chunk(bits)
+    if chunk_bytes == 1:  # 2, 4, 8 bits: each byte holds whole codes, shift the bytes directly
+        shifts = torch.arange(per_chunk, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # [..., bytes, per_chunk]
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    padded = -packed.shape[-1] % chunk_bytes
+    if padded:
+        packed = torch.nn.functional.pad(packed, (0, padded))
+    b = packed.reshape(*packed.shape[:-1], -1, chunk_bytes).to(torch.int32)  # [..., chunks, chunk_bytes]
+    byte_shifts = torch.arange(chunk_bytes, device=packed.device, dtype=torch.int32) * 8
+    word = (b << byte_shifts).sum(-1, dtype=torch.int32)  # [..., chunks]
+    shifts = torch.arange(per_chunk, device=packed.device, dtype=torch.int32) * bits
+    codes = (word[..., None] >> shifts) & ((1 << bits) - 1)  # [..., chunks, per_chunk]
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+# --- group-wise asymmetric quantization ------------------------------------------------------------------------
+
+@dataclass
+class Quantized:
+    """States [B, H, T, D] stored as packed codes plus an fp16 scale and zero point per group."""
+
+    codes: torch.Tensor  # uint8 [B, H, T, ceil(D·bits/8)]
+    scale: torch.Tensor  # fp16, keys [B, H, T/G, 1, D], values [B, H, T, D/G, 1]
+    zero: torch.Tensor  # fp16, same shape as scale
+    bits: int
+    axis: int  # KEY_AXIS or VALUE_AXIS
+    head_dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def map(self, fn) -> "Quantized":
+        """Apply `fn` to every stored tensor (they all lead with the batch axis); exact, no re-quantization."""
+        return Quantized(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.axis, self.head_dim)
+
+    def append(self, other: "Quantized") -> "Quantized":
+        """Concatenate along tokens: both the codes and the scales have whole groups, so this is lossless."""
+        token_dim = 2
+        return Quantized(torch.cat([self.codes, other.codes], token_dim), torch.cat([self.scale, other.scale], token_dim),
+                         torch.cat([self.zero, other.zero], token_dim), self.bits, self.axis, self.head_dim)
+
+
+def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """[B, H, T, D] -> keys [B, H, T/G, G, D] (reduce dim -2), values [B, H, T, D/G, G] (reduce dim -1)."""
+    B, H, T, D = x.shape
+    if axis == KEY_AXIS:
+        return x.reshape(B, H, T // group_size, group_size, D)
+    return x.reshape(B, H, T, D // group_size, group_size)
+
+
+def _round_fp16(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """x to fp16, rounded towards -inf (down) or +inf, so the fp16 grid still covers the group's range."""
+    h = x.to(torch.float16)
+    towards = torch.full_like(h, float("-inf") if down else float("inf"))
+    off = h.float() > x if down else h.float() < x
+    return torch.where(off, torch.nextafter(h, towards), h)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int) -> Quantized:
+    """Asymmetric group-wise quantization of x [B, H, T, D]; |x − dequantize(q)| ≤ scale/2 for every element."""
+    B, H, T, D = x.shape
+    g = _grouped(x.float(), group_size, axis)
+    reduce = -2 if axis == KEY_AXIS else -1
+    levels = (1 << bits) - 1
+    zero = _round_fp16(g.amin(reduce, keepdim=True), down=True)  # fp16, ≤ the group's minimum
+    scale = _round_fp16((g.amax(reduce, keepdim=True) - zero.float()) / levels, down=False)  # fp16, grid ≥ max
+    s, z = scale.float(), zero.float()
+    step = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: scale 0, every code 0
+    codes = ((g - z) / step).round().clamp(0, levels).to(torch.uint8).reshape(B, H, T, D)
+    return Quantized(pack(codes, bits), scale, zero, bits, axis, D)
+
+
+def dequantize(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes · scale + zero, as `dtype` [B, H, T, D]; written into `out` (a slice of a larger buffer) when given."""
+    codes = unpack(q.codes, q.bits, q.head_dim)  # [B, H, T, D]
+    B, H, T, D = codes.shape
+    group_size = T // q.scale.shape[2] if q.axis == KEY_AXIS else D // q.scale.shape[3]
+    g = _grouped(codes, group_size, q.axis).float()
+    x = torch.addcmul(q.zero.float(), g, q.scale.float()).reshape(B, H, T, D)
+    if out is None:
+        return x.to(dtype)
+    return out.copy_(x)
+
+
+def check_settings(bits: int, group_size: int, residual_length: int, head_dim: int | None = None) -> None:
+    """One clear error for a width or group layout the cache cannot store."""
+    if bits not in KV_BITS:
+        raise ValueError(f"kv bit-width {bits} not supported; allowed: {', '.join(map(str, KV_BITS))}")
+    check_kv_layout(group_size, residual_length)
+    if head_dim is not None and head_dim % group_size:
+        raise ValueError(f"kv group size {group_size} must divide the head dimension {head_dim} "
+                         "(values are grouped along channels)")
+
+
+# --- the cache ---------------------------------------------------------------------------------------------------
+
+class KiviLayer(BaseQuantizedLayer):
+    """One decoder layer's cache: a quantized store of whole groups plus a full-precision residual window."""
+
+    def __init__(self, bits: int, group_size: int = 32, residual_length: int = 128):
+        check_settings(bits, group_size, residual_length)
+        super().__init__()
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+
+    def _quantize(self, tensor: torch.Tensor, axis: int) -> Quantized:
+        return quantize(tensor, self.bits, self.group_size, axis)
+
+    def _dequantize(self, q_tensor: Quantized, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(q_tensor, self.keys.dtype, out=out)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        check_settings(self.bits, self.group_size, self.residual_length, key_states.shape[-1])
+        super().lazy_initialization(key_states, value_states)
+
+    @property
+    def quantized_tokens(self) -> int:
+        return 0 if self._quantized_keys is None else self._quantized_keys.num_tokens
+
+    @property
+    def residual_tokens(self) -> int:
+        return self.cumulative_length - self.quantized_tokens
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new states [B, H, t, D]; return all keys and values so far, the stored ones dequantized."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys_out, values_out = self._read(key_states), self._read(value_states, values=True)
+
+        window_k = torch.cat([self.keys, key_states], dim=-2)
+        window_v = torch.cat([self.values, value_states], dim=-2)
+        flush = window_k.shape[-2] - window_k.shape[-2] % self.residual_length
+        if flush:
+            self._store(self._quantize(window_k[..., :flush, :].contiguous(), KEY_AXIS),
+                        self._quantize(window_v[..., :flush, :].contiguous(), VALUE_AXIS))
+        self.keys, self.values = window_k[..., flush:, :].clone(), window_v[..., flush:, :].clone()
+        return keys_out, values_out
+
+    def _read(self, new: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """[stored (dequantized), window, new] along tokens, assembled in one buffer."""
+        stored = self._quantized_values if values else self._quantized_keys
+        window = self.values if values else self.keys
+        B, H, t, D = new.shape
+        q = 0 if stored is None else stored.num_tokens
+        w = window.shape[-2] if window.dim() == 4 else 0
+        out = torch.empty(B, H, q + w + t, D, dtype=new.dtype, device=new.device)
+        if q:
+            self._dequantize(stored, out=out[:, :, :q])
+        if w:
+            out[:, :, q : q + w] = window
+        out[:, :, q + w :] = new
+        return out
+
+    def _store(self, q_keys: Quantized, q_values: Quantized) -> None:
+        if self._quantized_keys is None:
+            self._quantized_keys, self._quantized_values = q_keys, q_values
+        else:
+            self._quantized_keys = self._quantized_keys.append(q_keys)
+            self._quantized_values = self._quantized_values.append(q_values)
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, fp16 scales and zero points, and the full-precision residual window."""
+        if not self.is_initialized:
+            return 0
+        held = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        if self._quantized_keys is not None:
+            held += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
+        return held
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self._quantized_keys is not None:
+            self._quantized_keys = self._quantized_keys.map(fn)
+            self._quantized_values = self._quantized_values.map(fn)
+
+    # Beam search and multiple return sequences move whole batch rows: exact on the packed store as well.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+
+def layer_nbytes(layer) -> int:
+    if isinstance(layer, KiviLayer):
+        return layer.nbytes()
+    if not getattr(layer, "is_initialized", False):
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
+class KVCache(Cache):
+    """A `transformers.Cache` whose layer i stores keys and values at `bits[i]` bits (16 = as they come).
+
+    Pass it to a model as `cache=` (or to `model.generate(..., cache=...)`). `nbytes()` is what it really holds;
+    `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens.
+    """
+
+    def __init__(self, bits: Sequence[int], group_size: int = 32, residual_length: int = 128):
+        bits = [int(b) for b in bits]
+        if not bits:
+            raise ValueError("a KV cache needs a bit-width for at least one layer")
+        for b in bits:
+            check_settings(b, group_size, residual_length)
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        super().__init__(layers=[DynamicLayer() if b == 16 else KiviLayer(b, group_size, residual_length)
+                                 for b in bits])
+
+    def nbytes_per_layer(self) -> list[int]:
+        return [layer_nbytes(layer) for layer in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(self.nbytes_per_layer())
+
+    def fp16_nbytes(self) -> int:
+        """Bytes of the same keys and values in an fp16 `DynamicCache`: the reference for compression ratios."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                B, H, _, D = layer.keys.shape
+                total += 2 * B * H * layer.get_seq_length() * D * 2
+        return total
+
+    def quantized_tokens(self) -> list[int]:
+        """Tokens per layer held in quantized form (0 for 16-bit layers)."""
+        return [layer.quantized_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
+
+
+def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
+    """A fresh cache for `loaded`'s decoder with the plan's per-layer widths, group size and residual window."""
+    plan.check_layers(loaded.num_layers)
+    for b in set(plan.kv_bits):
+        check_settings(b, plan.kv_group_size, plan.kv_residual, loaded.head_dim)
+    return KVCache(plan.kv_bits, plan.kv_group_size, plan.kv_residual)
