@@ -55,8 +55,8 @@ class Pruner:
     def allocation(self, name: str, target: float) -> list[float]:
         if name == "uniform":
             return allocate.uniform(self.loaded.num_layers, target)
-        if name == "owl":
-            return allocate.owl(self.loaded, self.stats, target)
+        if name == "owl":  # always from the dense weights, whatever plan the model holds now
+            return allocate.owl(self.loaded, self.stats, target, weights=self.dense.weights)
         raise ValueError(f"unknown allocation {name!r}; allowed: {', '.join(ALLOCATIONS)}")
 
     def restore(self) -> None:

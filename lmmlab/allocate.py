@@ -22,40 +22,71 @@ def uniform(num_layers: int, target: float) -> list[float]:
     return [float(target)] * num_layers
 
 
-def outlier_ratios(loaded: Loaded, stats: Stats, m: float = OWL_M) -> list[float]:
-    """D_l: fraction of layer l's Wanda scores above m × their mean."""
+def outlier_ratios(loaded: Loaded, stats: Stats, m: float = OWL_M,
+                   weights: dict | None = None) -> list[float]:
+    """D_l: fraction of layer l's Wanda scores above m × their mean; of `weights` (by (layer, name)) when given,
+    such as a `DenseWeights` copy while the model is pruned, else of the model's current weights."""
     ratios = []
     for i in range(loaded.num_layers):
-        S = torch.cat([score("wanda", lin.weight.detach(), stats.norm((i, name))).flatten()
-                       for name, lin in loaded.linears(i).items()])
+        W = {name: lin.weight.detach() if weights is None else weights[(i, name)]
+             for name, lin in loaded.linears(i).items()}
+        S = torch.cat([score("wanda", W[name], stats.norm((i, name))).flatten() for name in W])
         ratios.append((S > m * S.mean()).float().mean().item())
     return ratios
 
 
-def owl(loaded: Loaded, stats: Stats, target: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:
-    """OWL per-layer sparsities with mean exactly `target`."""
+def owl(loaded: Loaded, stats: Stats, target: float, m: float = OWL_M, lam: float = OWL_LAMBDA,
+        weights: dict | None = None) -> list[float]:
+    """OWL per-layer sparsities with mean exactly `target` (scores of `weights` if given; see `outlier_ratios`)."""
     if not 0 <= target < 1:
         raise ValueError(f"target sparsity must be in [0, 1); got {target}")
     if lam < 0:
         raise ValueError(f"OWL lambda must be >= 0; got {lam}")
-    D = torch.tensor(outlier_ratios(loaded, stats, m), dtype=torch.float64)
+    D = torch.tensor(outlier_ratios(loaded, stats, m, weights), dtype=torch.float64)
     spread = D.max() - D.min()
     scaled = (D - D.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(D)
     sparsity = target - (scaled - scaled.mean())
     return project(sparsity.tolist(), target)
 
 
-def project(raw: list[float], target: float, low: float = 0.0, high: float = 0.99) -> list[float]:
-    """The closest per-layer sparsities to `raw` (shifted by one constant, then clipped to [low, high]) whose mean
-    is exactly `target` — found by bisection on the shift."""
+def project(raw: list[float], target: float, low: float = 0.0, high: float = 0.99,
+            weights: list[float] | None = None) -> list[float]:
+    """The closest per-layer sparsities to `raw` whose `weights`-weighted mean is exactly `target`, each in
+    [low, high].
+
+    Minimising Σ w_l (s_l − raw_l)² under Σ w_l s_l = target · Σ w_l and the bounds gives (KKT) one common shift ν:
+    s_l = clip(raw_l + ν, low, high), where ν solves the monotone equation, here by bisection to float precision."""
     if not low <= target <= high:
         raise ValueError(f"target {target} outside the allowed per-layer range [{low}, {high}]")
     x = torch.tensor(raw, dtype=torch.float64)
+    w = torch.ones_like(x) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    if w.shape != x.shape or (w <= 0).any():
+        raise ValueError("weights must be positive, one per layer")
+    w = w / w.sum()
+
+    def mean(shift: float) -> float:
+        return ((x + shift).clamp(low, high) * w).sum().item()
     lo, hi = low - x.max().item(), high - x.min().item()
     for _ in range(200):
         shift = (lo + hi) / 2
-        if (x + shift).clamp(low, high).mean().item() < target:
+        if mean(shift) < target:
             lo = shift
         else:
             hi = shift
     return (x + (lo + hi) / 2).clamp(low, high).tolist()
+
+
+def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...]) -> list[int]:
+    """Per-layer KV widths whose mean is at most `budget`: while the mean is over it, the widest layer (the deepest
+    of equals) steps down to the next allowed width. A plan already within the budget is returned unchanged."""
+    widths = tuple(sorted(set(widths)))
+    if budget < widths[0]:
+        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]}")
+    bad = [b for b in raw if b not in widths]
+    if bad:
+        raise ValueError(f"kv width {bad[0]} is not among the allowed {', '.join(map(str, widths))}")
+    bits = list(raw)
+    while sum(bits) > budget * len(bits) + 1e-9:
+        widest = max(range(len(bits)), key=lambda i: (bits[i], i))
+        bits[widest] = widths[widths.index(bits[widest]) - 1]
+    return bits

@@ -133,3 +133,28 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, shape_
     # the headline figures the issue asks for: LLaVA-1.5-7B's shapes
     result.update({k: result["llava-1.5-7b"][k] for k in ("ratio_2bit", "ratio_4bit", "ratio_8bit")})
     return result
+
+
+def bench_search(loaded: Loaded, n_trials: int = 20, kv_group_size: int = 8, kv_residual: int = 8) -> dict:
+    """Per-trial cost of the joint search on the validation split, in a throw-away sqlite study.
+
+    Goals on the default model: trial_overhead_s <= 0.05 x trial_eval_s; 100 trials in < 15 minutes."""
+    import tempfile
+
+    from lmmlab.ablate import Pruner
+    from lmmlab.search import search, trials_table
+
+    pruner = Pruner.calibrated(loaded, data.split("calibration"))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = search(loaded, target_sparsity=0.6, kv_budget_bits=4, n_trials=n_trials,
+                        storage=f"sqlite:///{tmp}/bench.db", kv_group_size=kv_group_size, kv_residual=kv_residual,
+                        pruner=pruner)
+        wall = time.perf_counter() - start
+        table = trials_table(result.study)
+    overhead, eval_s = float(table.overhead_s.mean()), float(table.eval_s.mean())
+    return {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
+            "n_trials": n_trials, "validation_samples": len(data.split("validation")),
+            "trial_overhead_s": overhead, "trial_eval_s": eval_s, "overhead_over_eval": overhead / eval_s,
+            "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
+            "minutes_per_100_trials": 100 * wall / n_trials / 60}

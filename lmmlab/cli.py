@@ -169,12 +169,63 @@ def cmd_ablate_kv(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_bench(args) -> None:
-    from lmmlab.bench import bench_kv, bench_prune
+def cmd_search(args) -> None:
+    from lmmlab import search as tpe
     from lmmlab.models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = {"prune": bench_prune, "kv": bench_kv}[args.what](loaded)
+    result = tpe.search(loaded, target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
+                        n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
+                        objective=args.objective, multi_objective=args.multi_objective, method=args.method,
+                        kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
+                        kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
+                        context_tokens=args.context_tokens, seed=args.seed)
+    name = result.study.study_name
+    table = tpe.trials_table(result.study)
+    trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
+    write_text_atomic(trials_csv, table.to_csv(index=False))
+    result.best_plan.save(plan_json)
+    shown = ["trial", "source", "accuracy", "loss", "mean_sparsity", "mean_kv_bits", "memory_bytes", "kv_bits"]
+    rows = table[table.on_front] if args.multi_objective else table.nlargest(5, "accuracy")
+    print(rows[shown].to_string(index=False))
+    print(f"study {name!r} in {args.storage}: {len(table)} finished trials")
+    print(f"best plan: sparsity {[round(x, 3) for x in result.best_plan.sparsity]}, KV bits {result.best_plan.kv_bits}")
+    print(f"wrote {trials_csv} and {plan_json}")
+
+
+def cmd_dashboard(args) -> None:
+    import optuna_dashboard
+
+    from lmmlab.search import _storage
+
+    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    optuna_dashboard.run_server(_storage(args.storage), host=args.host, port=args.port)
+
+
+def cmd_compare(args) -> None:
+    import pandas as pd
+
+    from lmmlab.compare import compare
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    rows = compare(loaded, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
+                   method=args.method, storage=args.storage, kv_group_size=args.kv_group_size,
+                   kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed)
+    table = pd.DataFrame(rows)
+    write_text_atomic(args.out, table.to_csv(index=False))
+    wide = table.assign(run=table.method + "-" + table.allocation).pivot_table(
+        index=["kv_budget_bits", "target_sparsity"], columns="run", values="accuracy")
+    print(wide.round(3).to_string())
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args) -> None:
+    from lmmlab.bench import bench_kv, bench_prune, bench_search
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = {"prune": bench_prune, "kv": bench_kv, "search": bench_search}[args.what](loaded)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)
@@ -252,8 +303,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_kv.csv")
     p.set_defaults(func=cmd_ablate_kv)
 
+    from lmmlab.search import DEFAULT_STORAGE, OBJECTIVES
+
+    p = sub.add_parser("search", help="joint TPE search over per-layer sparsity and KV bits (resumable Optuna study)")
+    add_model_args(p)
+    p.add_argument("--target-sparsity", type=float, default=0.5, help="parameter-weighted mean sparsity, in [0, 1)")
+    p.add_argument("--kv-budget", type=float, default=16.0, help="mean KV bits per layer at most this")
+    p.add_argument("--n-trials", type=int, default=100, help="finished trials the study should hold (resumes)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--study-name", default=None, help="default: derived from the model, method and budgets")
+    p.add_argument("--objective", default="accuracy", choices=OBJECTIVES, help="validation accuracy or answer loss")
+    p.add_argument("--multi-objective", action="store_true",
+                   help="accuracy vs memory (weights + KV at --context-tokens), searching the budgets too")
+    p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
+    p.add_argument("--kv-widths", type=int, nargs="+", default=[2, 3, 4, 6, 8, 16], help="allowed KV widths")
+    p.add_argument("--spread", type=float, default=0.25, help="per-layer sparsity offsets within ± this")
+    p.add_argument("--groups", type=int, default=None, help="bins of consecutive layers sharing one choice")
+    add_kv_layout_args(p)
+    p.add_argument("--n-eval", type=int, default=None, help="validation samples per trial (default: all 512)")
+    p.add_argument("--context-tokens", type=int, default=1024, help="context at which KV memory is counted")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS / "tables", help="where the trials CSV and best plan go")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 for a study database")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("compare", help="TPE joint plan vs uniform/OWL baselines at the same budgets, on test")
+    add_model_args(p)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
+    p.add_argument("--n-trials", type=int, default=100)
+    p.add_argument("--method", default="wanda", choices=PLAN_METHODS, help="the pruning method TPE allocates for")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    add_kv_layout_args(p)
+    p.add_argument("--n", type=int, default=None, help="test samples (default: all 1,000)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation samples per trial (default: all 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
-    p.add_argument("what", choices=["prune", "kv"], help="what to measure")
+    p.add_argument("what", choices=["prune", "kv", "search"], help="what to measure")
     add_model_args(p)
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)

@@ -298,3 +298,20 @@ def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
     for b in set(plan.kv_bits):
         check_settings(b, plan.kv_group_size, plan.kv_residual, loaded.head_dim)
     return KVCache(plan.kv_bits, plan.kv_group_size, plan.kv_residual)
+
+
+def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: int, group_size: int = 32,
+              residual_length: int = 128, dtype_bytes: int = 2, batch: int = 1) -> int:
+    """What a `KVCache` with these widths holds after `context` tokens, without building it (same count as
+    `nbytes()`): packed codes, fp16 scale + zero per group, and the full-precision window."""
+    total = 0
+    for b in bits:
+        full = 2 * batch * num_kv_heads * head_dim * dtype_bytes  # one token's K and V as they come
+        if b == 16:
+            total += context * full
+            continue
+        q = context - context % residual_length
+        codes = 2 * batch * num_kv_heads * q * math.ceil(head_dim * b / 8)
+        groups = batch * num_kv_heads * (q // group_size * head_dim + q * (head_dim // group_size))
+        total += codes + groups * 2 * 2 + (context - q) * full
+    return total

@@ -226,3 +226,15 @@ def test_group_size_must_divide_the_head_dimension(default):
         kv_cache_for(plan, default)
     with pytest.raises(ValueError, match="plan has 2 layers"):
         kv_cache_for(CompressionPlan([0.0, 0.0]), default)
+
+
+@pytest.mark.parametrize("context", [5, 16, 45, 64])
+def test_kv_nbytes_counts_what_a_filled_cache_holds(context):
+    from lmmlab.kvcache import kv_nbytes
+
+    bits = [2, 3, 4, 6, 8, 16]
+    cache = KVCache(bits, group_size=8, residual_length=16)
+    for i in range(len(bits)):
+        states = torch.randn(1, 3, context, 32, dtype=torch.float16)
+        cache.update(states, states, i)
+    assert kv_nbytes(bits, 3, 32, context, 8, 16, dtype_bytes=2) == cache.nbytes()

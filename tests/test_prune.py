@@ -203,9 +203,12 @@ def test_pruner_results_do_not_depend_on_what_ran_before(default):
         pruner.apply(CompressionPlan.uniform(default.num_layers, 0.8, method="magnitude"))
         pruner.apply(plan)
         after_other = {k: lin.weight.clone() for k, lin in default.linears(3).items()}
+        owl_while_pruned = pruner.allocation("owl", 0.7)
         pruner.restore()
         apply_plan(default, plan, scores("wanda", default, pruner.stats), pruner.dense)  # scores of the dense model
         assert all(torch.equal(after_other[k], lin.weight) for k, lin in default.linears(3).items())
+        pruner.restore()
+        assert owl_while_pruned == pruner.allocation("owl", 0.7)  # OWL's outliers are the dense model's
     finally:
         pruner.restore()
 

@@ -1,0 +1,53 @@
+"""The headline comparison: the TPE joint plan against uniform and OWL baselines at the same budgets, on test.
+
+For every (target sparsity, KV budget) pair, a TPE study searches on the validation split; its best plan and the
+baselines (uniform magnitude, Wanda and SparseGPT, OWL-Wanda; uniform KV at the widest width within the budget) are
+then evaluated once on the test split.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from lmmlab import data
+from lmmlab.ablate import Pruner, row
+from lmmlab.evaluate import evaluate
+from lmmlab.kvcache import kv_cache_for
+from lmmlab.models import Loaded
+from lmmlab.plan import KV_BITS, CompressionPlan
+from lmmlab.search import DEFAULT_STORAGE, search
+
+log = logging.getLogger(__name__)
+
+BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))
+
+
+def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
+            n_trials: int = 100, method: str = "wanda", storage: str = DEFAULT_STORAGE, study_prefix: str = "compare",
+            kv_group_size: int = 32, kv_residual: int = 128, kv_widths: Sequence[int] = KV_BITS,
+            split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0) -> list[dict]:
+    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`."""
+    samples = data.split(split, n)
+    pruner = Pruner.calibrated(loaded, data.split("calibration", seed=seed))
+    rows = []
+    try:
+        for budget in kv_budgets:
+            kv = max(b for b in kv_widths if b <= budget)
+            for target in sparsities:
+                plans = {(m, a): CompressionPlan(pruner.allocation(a, target), [kv] * loaded.num_layers, method=m,
+                                                 kv_group_size=kv_group_size, kv_residual=kv_residual)
+                         for m, a in BASELINES}
+                result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
+                                storage=storage, study_name=f"{study_prefix}-{method}-s{target:g}-kv{budget:g}",
+                                method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
+                                kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner)
+                plans[(method, "tpe")] = result.best_plan
+                for (m, allocation), plan in plans.items():
+                    pruner.apply(plan)
+                    metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
+                    rows.append({**row(plan, allocation, target, loaded, metrics, split, seed),
+                                 "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0})
+                    log.info("s=%.2f kv<=%g %s %s: %.3f", target, budget, m, allocation, metrics.accuracy)
+    finally:
+        pruner.restore()
+    return rows
