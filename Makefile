@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test train-default clean-cache
+.PHONY: venv demo test figures train-default clean-cache
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,18 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Re-runs every numbered notebook headlessly; figures -> results/figures, tables -> results/tables, executed copies ->
+# results/notebooks. SMOKE=1: tiny sizes, written under results/smoke/ so the committed results stay as they are.
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+RESULTS   := $(if $(SMOKE),results/smoke,results)
+figures: venv
+	mkdir -p $(RESULTS)/notebooks
+	set -e; for nb in $(NOTEBOOKS); do \
+	  $(VENV)/bin/papermill $$nb $(RESULTS)/notebooks/$$(basename $$nb) --cwd . --no-progress-bar \
+	    -p results_dir "$(CURDIR)/$(RESULTS)" $(if $(SMOKE),-p smoke True); \
+	done
+	@echo "figures in $(RESULTS)/figures, tables in $(RESULTS)/tables"
 
 train-default: venv
 	$(VENV)/bin/lmmlab train-default

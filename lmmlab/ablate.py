@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
 from lmmlab import allocate, data
 from lmmlab.calibrate import Stats, calibrate, sample_batches
 from lmmlab.evaluate import Metrics, evaluate
@@ -61,6 +63,20 @@ class Pruner:
 
     def restore(self) -> None:
         self.dense.restore(self.loaded)
+
+    def layer_statistics(self, target: float = 0.7):
+        """Per decoder layer: OWL's outlier ratio and allocation at `target`, and the largest and median input
+        activation norm ‖X_j‖₂ over the layer's linears (calibration split), as a table."""
+        import pandas as pd
+
+        ratios = allocate.outlier_ratios(self.loaded, self.stats, weights=self.dense.weights)
+        owl = self.allocation("owl", target)
+        rows = []
+        for i in range(self.loaded.num_layers):
+            norms = torch.cat([self.stats.norm((i, name)) for name in self.loaded.linears(i)])
+            rows.append({"layer": i, "outlier_ratio": ratios[i], f"owl_sparsity_at_{target:g}": owl[i],
+                         "max_input_norm": norms.max().item(), "median_input_norm": norms.median().item()})
+        return pd.DataFrame(rows)
 
 
 def weight_bytes(loaded: Loaded) -> int:

@@ -156,5 +156,6 @@ def bench_search(loaded: Loaded, n_trials: int = 20, kv_group_size: int = 8, kv_
     return {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
             "n_trials": n_trials, "validation_samples": len(data.split("validation")),
             "trial_overhead_s": overhead, "trial_eval_s": eval_s, "overhead_over_eval": overhead / eval_s,
+            "trial_sample_s": float(table.sample_s.mean()),
             "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
             "minutes_per_100_trials": 100 * wall / n_trials / 60}

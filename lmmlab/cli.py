@@ -237,6 +237,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", choices=list(data.SPLITS))
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+
+
 def add_kv_layout_args(p: argparse.ArgumentParser, group_size: int = 32, residual: int = 128) -> None:
     p.add_argument("--kv-group-size", type=int, default=group_size,
                    help=f"tokens per key group, channels per value group (default {group_size}, KIVI's)")
@@ -258,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, loss, latency and memory of a model on a split")
     add_model_args(p)
-    p.add_argument("--split", default="test", choices=list(data.SPLITS))
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    add_split_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--kv-bits", type=int, nargs="+", default=[16],
                    help="KV cache bits: one width for every layer or one per layer, from 2 3 4 6 8 16 (default 16)")
@@ -286,8 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
-    p.add_argument("--split", default="test", choices=list(data.SPLITS))
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    add_split_args(p)
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_prune.csv")
     p.set_defaults(func=cmd_ablate_prune)
 
@@ -298,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", nargs="+", type=int, default=list(KV_WIDTHS), help="uniform widths to run")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed (early/late) per-layer plans")
     add_kv_layout_args(p)
-    p.add_argument("--split", default="test", choices=list(data.SPLITS))
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    add_split_args(p)
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_kv.csv")
     p.set_defaults(func=cmd_ablate_kv)
 
@@ -361,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

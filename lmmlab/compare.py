@@ -51,3 +51,33 @@ def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_bu
     finally:
         pruner.restore()
     return rows
+
+
+def pareto_points(loaded: Loaded, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
+                  kv_widths: Sequence[int] = (16, 4), methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"),
+                  allocations: Sequence[str] = ("uniform", "owl"), kv_group_size: int = 32, kv_residual: int = 128,
+                  context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
+    """Accuracy and memory (non-zero weights + KV at `context_tokens`) of every baseline plan on `split`."""
+    labelled = [(allocation, CompressionPlan(pruner.allocation(allocation, target), [kv] * loaded.num_layers,
+                                             method=method, kv_group_size=kv_group_size, kv_residual=kv_residual))
+                for method in methods for allocation in allocations for target in sparsities for kv in kv_widths]
+    return evaluate_plans(loaded, pruner, labelled, context_tokens, split, n)
+
+
+def evaluate_plans(loaded: Loaded, pruner: Pruner, labelled: Sequence[tuple[str, CompressionPlan]],
+                   context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
+    """Accuracy and memory of (allocation label, plan) pairs, a search's Pareto front say, on `split`."""
+    from lmmlab.search import memory_bytes
+
+    samples = data.split(split, n)
+    rows = []
+    try:
+        for allocation, plan in labelled:
+            pruner.apply(plan)
+            metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded), with_loss=False)
+            rows.append({"method": plan.method, "allocation": allocation, "target_sparsity": plan.mean_sparsity,
+                         "mean_kv_bits": plan.mean_kv_bits, "accuracy": metrics.accuracy,
+                         **memory_bytes(loaded, plan, context_tokens)})
+    finally:
+        pruner.restore()
+    return rows

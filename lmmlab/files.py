@@ -22,3 +22,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def results_root(start: str | Path | None = None) -> Path:
+    """The project's results/ folder, found from the working directory or a parent (notebooks run from notebooks/),
+    else results/ under the working directory."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "lmmlab" / "__init__.py").exists() and (folder / "pyproject.toml").exists():
+            return folder / "results"
+    return here / "results"

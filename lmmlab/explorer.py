@@ -1,0 +1,75 @@
+"""An ipywidgets explorer: sliders for target sparsity, method, allocation and KV bits per group of layers; each
+change re-masks from the cached scores, evaluates and shows accuracy, memory and a few predictions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from lmmlab import data
+from lmmlab.ablate import ALLOCATIONS, Pruner
+from lmmlab.evaluate import Metrics, evaluate
+from lmmlab.kvcache import kv_cache_for
+from lmmlab.plan import KV_BITS, METHODS, CompressionPlan
+from lmmlab.search import memory_bytes
+
+
+@dataclass
+class Preview:
+    plan: CompressionPlan
+    metrics: Metrics
+    memory: dict
+
+    def summary(self, samples: Sequence[data.Sample], shown: int = 6) -> str:
+        m = self.metrics
+        lines = [f"accuracy {m.accuracy:.3f}   loss {m.loss:.4f}   "
+                 f"weights {self.memory['weight_bytes'] / 2**20:.2f} MiB + KV {self.memory['kv_bytes_at_context'] / 2**20:.2f}"
+                 f" MiB = {self.memory['memory_bytes'] / 2**20:.2f} MiB",
+                 "sparsity per layer: " + " ".join(f"{s:.2f}" for s in self.plan.sparsity),
+                 "KV bits per layer:  " + " ".join(map(str, self.plan.kv_bits)), ""]
+        for s, p in list(zip(samples, m.predictions))[:shown]:
+            lines.append(f"{'✓' if p == s.answer else '✗'} {s.question:<44} answer {s.answer:<8} model {p}")
+        return "\n".join(lines)
+
+
+def group_bits(num_layers: int, bits_per_group: Sequence[int]) -> list[int]:
+    """Spread one width per group over consecutive layers (groups as equal in size as possible)."""
+    n = len(bits_per_group)
+    return [bits_per_group[i * n // num_layers] for i in range(num_layers)]
+
+
+def preview(pruner: Pruner, samples: Sequence[data.Sample], method: str, allocation: str, target: float,
+            bits_per_group: Sequence[int], kv_group_size: int = 8, kv_residual: int = 8,
+            context_tokens: int = 1024) -> Preview:
+    """Apply the plan these settings describe (re-masking from cached scores) and evaluate it."""
+    loaded = pruner.loaded
+    plan = CompressionPlan(pruner.allocation(allocation, target), group_bits(loaded.num_layers, bits_per_group),
+                           method=method, kv_group_size=kv_group_size, kv_residual=kv_residual)
+    pruner.apply(plan)
+    metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
+    return Preview(plan, metrics, memory_bytes(loaded, plan, context_tokens))
+
+
+def explorer(pruner: Pruner, samples: Sequence[data.Sample], groups: int = 3, **preview_options):
+    """The widget: change any control and the model is re-pruned and re-evaluated on `samples`."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    target = w.FloatSlider(value=0.6, min=0.0, max=0.9, step=0.05, description="sparsity", continuous_update=False)
+    method = w.Dropdown(options=METHODS, value="wanda", description="method")
+    allocation = w.Dropdown(options=ALLOCATIONS, value="owl", description="allocation")
+    bits = [w.Dropdown(options=KV_BITS, value=16, description=f"KV group {g + 1}") for g in range(groups)]
+    out = w.Output()
+
+    def update(*_):
+        with out:
+            out.clear_output(wait=True)
+            result = preview(pruner, samples, method.value, allocation.value, target.value, [b.value for b in bits],
+                             **preview_options)
+            print(result.summary(samples))
+
+    for control in (target, method, allocation, *bits):
+        control.observe(update, names="value")
+    update()
+    ui = w.VBox([w.HBox([target, method, allocation]), w.HBox(bits), out])
+    display(ui)
+    return ui

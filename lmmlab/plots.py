@@ -1,0 +1,174 @@
+"""Figures for the notebooks and the README. Each function takes plain data (tables, plans, dicts) and returns a
+matplotlib Figure; `save` writes it to results/figures/NAME.png."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from lmmlab import data
+from lmmlab.plan import CompressionPlan
+
+FIGURES = Path("results") / "figures"
+METHOD_COLOURS = {"magnitude": "tab:gray", "wanda": "tab:blue", "ria": "tab:green", "sparsegpt": "tab:orange",
+                  "dense": "black"}
+ALLOCATION_STYLES = {"uniform": "--", "owl": ":", "tpe": "-"}
+
+
+def save(fig: plt.Figure, name: str, folder: Path = FIGURES) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def samples_figure(samples: Sequence[data.Sample], predictions: Sequence[str] | None = None) -> plt.Figure:
+    """The task at a glance: each image with its question, answer (and the model's prediction)."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 3.2))
+    for i, (ax, s) in enumerate(zip(axes, samples)):
+        ax.imshow(data.render(s.scene))
+        said = f"\nmodel: {predictions[i]}" if predictions is not None else ""
+        ax.set_title(f"{s.question}\nanswer: {s.answer}{said}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("Generated visual-QA task: 48×48 scenes, one question each")
+    return fig
+
+
+def accuracy_by_kind_figure(by_kind: dict[str, float], title: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(list(by_kind), list(by_kind.values()), color="tab:blue")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("question kind")
+    ax.set_ylabel("accuracy (fraction correct)")
+    ax.set_title(title)
+    for x, v in enumerate(by_kind.values()):
+        ax.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    return fig
+
+
+def layer_outliers_figure(layers: pd.DataFrame) -> plt.Figure:
+    """Per decoder layer: OWL's outlier ratio, and the largest / median input-channel activation norm."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    left.bar(layers.layer, 100 * layers.outlier_ratio, color="tab:purple")
+    left.set_xlabel("decoder layer")
+    left.set_ylabel("Wanda scores > 5 × mean (%)")
+    left.set_title("OWL outlier ratio per layer")
+    right.plot(layers.layer, layers.max_input_norm, "o-", label="largest channel")
+    right.plot(layers.layer, layers.median_input_norm, "s--", label="median channel")
+    right.set_yscale("log")
+    right.set_xlabel("decoder layer")
+    right.set_ylabel("‖X_j‖₂ over calibration tokens")
+    right.set_title("Input activation norms of the layer's linears")
+    right.legend()
+    fig.tight_layout()
+    return fig
+
+
+def convergence_figure(trials: pd.DataFrame, objective: str = "accuracy",
+                       baselines: dict[str, float] | None = None) -> plt.Figure:
+    """Each trial's validation objective and the best so far; warm-start trials marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for source, marker in (("uniform", "s"), ("owl", "D"), ("tpe", "o")):
+        part = trials[trials.source == source]
+        ax.scatter(part.trial, part[objective], marker=marker, s=18, alpha=0.7, label=f"{source} trial")
+    ax.plot(trials.trial, trials.best_so_far, color="black", label="best so far")
+    for name, value in (baselines or {}).items():
+        ax.axhline(value, linestyle=":", linewidth=1, color="gray")
+        ax.text(trials.trial.max(), value, f" {name}", va="center", fontsize=8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {objective}" + (" (fraction correct)" if objective == "accuracy" else " (nats)"))
+    if objective == "accuracy":
+        ax.set_ylim(max(0.0, trials.best_so_far.max() - 0.4), 1.0)
+    ax.set_title("TPE search: convergence")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plan_figure(plan: CompressionPlan, title: str, target: float | None = None) -> plt.Figure:
+    """A plan drawn per layer: sparsity bars (with the target) and KV bits."""
+    layers = range(plan.num_layers)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.4), sharex=True)
+    top.bar(layers, plan.sparsity, color="tab:blue")
+    if target is not None:
+        top.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+        top.legend(fontsize=8)
+    top.set_ylabel("sparsity (fraction removed)")
+    top.set_ylim(0, 1)
+    top.set_title(title)
+    bottom.bar(layers, plan.kv_bits, color="tab:orange")
+    bottom.axhline(plan.mean_kv_bits, color="black", linestyle="--", linewidth=1,
+                   label=f"mean {plan.mean_kv_bits:.2f} bits")
+    bottom.set_ylabel("KV cache bits")
+    bottom.set_xlabel("decoder layer")
+    bottom.set_yticks([2, 4, 8, 16])
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def importances_figure(importances: dict[str, float]) -> plt.Figure:
+    """Parameter importances (s<l>: layer l's sparsity offset, kv<l>: its KV width)."""
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color="tab:green")
+    ax.set_xlabel("importance (PED-ANOVA, fraction of total)")
+    ax.set_ylabel("search parameter")
+    ax.set_title("Which per-layer choices matter")
+    return fig
+
+
+def ablation_figure(table: pd.DataFrame, dense_accuracy: float) -> plt.Figure:
+    """Test accuracy vs target sparsity: one colour per method, one line style per allocation."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    runs = table[(table.pattern == "unstructured") & (table.allocation != "dense")]
+    for (method, allocation), part in runs.groupby(["method", "allocation"]):
+        part = part.sort_values("target_sparsity")
+        ax.plot(part.target_sparsity, part.accuracy, ALLOCATION_STYLES.get(allocation, "-"), marker="o",
+                markersize=3, color=METHOD_COLOURS.get(method), label=f"{method} · {allocation}",
+                linewidth=2.4 if allocation == "tpe" else 1.2)
+    ax.axhline(dense_accuracy, color="black", linewidth=1, label=f"dense {dense_accuracy:.3f}")
+    ax.set_xlabel("mean sparsity of the decoder's linears (fraction removed)")
+    ax.set_ylabel("test accuracy (fraction correct)")
+    ax.set_title("Pruning methods × allocations")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return fig
+
+
+def kv_figure(table: pd.DataFrame) -> plt.Figure:
+    """Uniform KV widths: test accuracy and answer loss against KV bytes per sample."""
+    uniform = table[table.kv_plan.str.startswith("uniform")].sort_values("mean_kv_bits")
+    mixed = table[~table.kv_plan.str.startswith("uniform")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, column, label in ((left, "accuracy", "test accuracy (fraction correct)"),
+                              (right, "loss", "answer loss (nats)")):
+        ax.plot(uniform.kv_bytes / 1024, uniform[column], "o-", label="uniform width")
+        for _, r in uniform.iterrows():
+            ax.annotate(f"{int(r.mean_kv_bits)}b", (r.kv_bytes / 1024, r[column]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        ax.scatter(mixed.kv_bytes / 1024, mixed[column], marker="D", color="tab:red", label="mixed per layer")
+        ax.set_xlabel("KV cache per sample (KiB)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    left.set_ylim(max(0.0, table.accuracy.min() - 0.1), 1.0)
+    fig.suptitle("KV-cache quantization (KIVI layout), dense weights")
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int) -> plt.Figure:
+    """Accuracy vs total memory (weights + KV at a context) for every method, with the TPE front on top."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for (method, allocation), part in points.groupby(["method", "allocation"]):
+        ax.scatter(part.memory_bytes / 2**20, part.accuracy, s=20, alpha=0.7, color=METHOD_COLOURS.get(method),
+                   marker="o" if allocation == "uniform" else "^", label=f"{method} · {allocation}")
+    front = front.sort_values("memory_bytes")
+    ax.plot(front.memory_bytes / 2**20, front.accuracy, "-*", color="crimson", markersize=9,
+            label="TPE multi-objective front")
+    ax.set_xlabel(f"memory: non-zero weights + KV cache at {context_tokens} tokens (MiB)")
+    ax.set_ylabel("test accuracy (fraction correct)")
+    ax.set_ylim(max(0.0, front.accuracy.min() - 0.15), 1.0)
+    ax.set_title("Accuracy vs memory")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return fig

@@ -1,0 +1,41 @@
+"""Every notebook runs headlessly through papermill (smoke sizes) and writes its figures and tables."""
+import json
+
+import pandas as pd
+import papermill
+import pytest
+
+NOTEBOOKS = {
+    "01_calibration": (["calibration_samples", "calibration_accuracy_by_kind", "calibration_layers"],
+                       {"calibration_layers.csv": {"layer", "outlier_ratio", "max_input_norm", "median_input_norm"},
+                        "calibration_dense_test.json": {"accuracy", "accuracy_by_kind", "loss"}}),
+    "02_tpe_search": (["tpe_convergence", "tpe_best_plan", "tpe_importances"],
+                      {"tpe_trials.csv": {"trial", "source", "accuracy", "loss", "best_so_far", "sparsity", "kv_bits"},
+                       "tpe_vs_baselines.csv": {"method", "allocation", "accuracy", "memory_bytes"},
+                       "tpe_best_plan.json": {"sparsity", "kv_bits", "method"}}),
+    "03_ablations": (["ablation_pruning", "ablation_kv"],
+                     {"ablation_pruning.csv": {"method", "allocation", "pattern", "target_sparsity", "accuracy"},
+                      "ablation_kv.csv": {"kv_plan", "kv_bits", "kv_bytes", "kv_ratio", "accuracy", "loss"}}),
+    "04_pareto": (["pareto"], {"pareto_points.csv": {"method", "allocation", "accuracy", "memory_bytes"},
+                               "pareto_front.csv": {"accuracy", "memory_bytes", "mean_kv_bits"}}),
+    "05_explorer": (["explorer"], {"explorer_preview.csv": {"accuracy", "memory_bytes"}}),
+}
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_notebook_runs_headlessly_and_writes_its_outputs(name, default, tmp_path, request):
+    results = tmp_path / "results"
+    papermill.execute_notebook(f"notebooks/{name}.ipynb", str(tmp_path / f"{name}.ipynb"),
+                               parameters={"smoke": True, "results_dir": str(results)}, progress_bar=False,
+                               cwd=str(request.config.rootpath))
+    figures, tables = NOTEBOOKS[name]
+    for figure in figures:
+        path = results / "figures" / f"{figure}.png"
+        assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG", figure
+    for table, columns in tables.items():
+        path = results / "tables" / table
+        if table.endswith(".csv"):
+            frame = pd.read_csv(path)
+            assert len(frame) > 0 and columns <= set(frame.columns), table
+        else:
+            assert columns <= set(json.loads(path.read_text())), table
