@@ -63,8 +63,16 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from lmmlab import models
+    """The story on the default model: dense -> pruning methods -> KV widths -> a TPE joint plan vs the baselines."""
+    import pandas as pd
+
+    from lmmlab import models, plots
+    from lmmlab.ablate import Pruner
+    from lmmlab.compare import evaluate_plans
     from lmmlab.evaluate import evaluate
+    from lmmlab.kvcache import kv_cache_for
+    from lmmlab.plan import CompressionPlan
+    from lmmlab.search import search, trials_table
 
     start = time.perf_counter()
     if not (models.default_model_path() / "config.json").exists():
@@ -78,28 +86,45 @@ def cmd_demo(args) -> None:
     print(format_metrics("dense default model on the test split", metrics))
     write_json(RESULTS / "tables" / "demo_dense.json", metrics.to_dict())
 
-    from lmmlab.ablate import Pruner
-    from lmmlab.plan import CompressionPlan
-
-    print("\npruning the decoder's linears to 70 % (one calibration pass, scores cached):")
+    target, budget, layout = 0.7, 4, {"kv_group_size": 8, "kv_residual": 8}  # groups/window for ~20-token prompts
+    print(f"\npruning the decoder's linears to {target:.0%} (one calibration pass, scores cached):")
     pruner = Pruner.calibrated(loaded, data.split("calibration"))
     validation = data.split("validation")
     for method in ("magnitude", "wanda", "ria", "sparsegpt"):
         for allocation in ("uniform", "owl"):
-            plan = CompressionPlan(pruner.allocation(allocation, 0.7), method=method)
-            pruner.apply(plan)
+            pruner.apply(CompressionPlan(pruner.allocation(allocation, target), method=method))
             accuracy = evaluate(loaded, validation, with_loss=False).accuracy
             print(f"  {method:<10} {allocation:<8} validation accuracy {accuracy:.3f}")
     pruner.restore()
 
-    from lmmlab.kvcache import kv_cache_for
-
     print("\nquantizing the KV cache (KIVI layout; groups of 8 and an 8-token window suit these ~20-token prompts):")
     for bits in (16, 8, 4, 2):
-        plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits, kv_group_size=8, kv_residual=8)
+        plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits, **layout)
         m = evaluate(loaded, validation, make_cache=lambda: kv_cache_for(plan, loaded))
         print(f"  {bits:>2}-bit  validation accuracy {m.accuracy:.3f}  loss {m.loss:.4f}  "
               f"KV cache {m.kv_bytes / 1024:6.1f} KiB / sample")
+
+    trials = 40
+    print(f"\nTPE joint search at sparsity {target} and KV <= {budget} bits ({trials} trials on validation, "
+          f"study in {args.storage}):")
+    result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=trials, storage=args.storage,
+                    study_name="demo", pruner=pruner, **layout)
+    kv = [budget] * loaded.num_layers
+    labelled = [(a, CompressionPlan(pruner.allocation(a, target), kv, method=m, **layout))
+                for m, a in (("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))]
+    versus = pd.DataFrame(evaluate_plans(loaded, pruner, [("dense", CompressionPlan.uniform(loaded.num_layers))]
+                                         + labelled + [("tpe", result.best_plan)]))
+    versus.loc[0, "method"] = "dense"
+    print(f"\ntest split, {len(data.split('test'))} questions:")
+    print(versus.assign(memory_MiB=versus.memory_bytes / 2**20)[
+        ["method", "allocation", "target_sparsity", "mean_kv_bits", "accuracy", "memory_MiB"]].round(3)
+        .to_string(index=False))
+    figures = RESULTS / "figures"
+    paths = [plots.save(plots.convergence_figure(trials_table(result.study)), "demo_tpe_convergence", figures),
+             plots.save(plots.plan_figure(result.best_plan, f"TPE joint plan: sparsity {target}, KV <= {budget} bits",
+                                          target), "demo_tpe_plan", figures)]
+    write_text_atomic(RESULTS / "tables" / "demo_compare.csv", versus.to_csv(index=False))
+    print("wrote " + ", ".join(map(str, paths)) + f", {RESULTS / 'tables' / 'demo_compare.csv'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
@@ -254,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train or load the default model and evaluate it on the test split")
+    p = sub.add_parser("demo", help="the default model: dense, pruning, KV widths, a TPE joint plan vs baselines")
+    p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's study")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")

@@ -174,3 +174,21 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
     assert result["llava-1.5-7b"]["shape"] == [32, 32, 128]
     assert result["llava-1.5-7b"]["fp16_bytes"] == 32 * 2 * 32 * 1024 * 128 * 2
     assert json.loads(capsys.readouterr().out) == result
+
+
+def test_demo_tells_the_whole_story_and_writes_its_figures(default, tmp_path):
+    import pandas as pd
+
+    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--storage", f"sqlite:///{tmp_path / 'd.db'}"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for line in ("dense default model on the test split", "sparsegpt  owl", "2-bit  validation accuracy",
+                 "TPE joint search at sparsity 0.7", "demo finished"):
+        assert line in out.stdout
+    table = pd.read_csv(tmp_path / "results" / "tables" / "demo_compare.csv")
+    assert list(table.allocation) == ["dense", "uniform", "owl", "uniform", "tpe"]
+    tpe, uniform_wanda = table.iloc[4], table.iloc[1]
+    assert tpe.target_sparsity == pytest.approx(0.7) and tpe.mean_kv_bits <= 4
+    assert tpe.accuracy > uniform_wanda.accuracy  # the search's reason to exist, at the same budget
+    for name in ("demo_tpe_convergence", "demo_tpe_plan"):
+        assert (tmp_path / "results" / "figures" / f"{name}.png").stat().st_size > 5000
