@@ -158,14 +158,16 @@ def kv_figure(table: pd.DataFrame) -> plt.Figure:
 
 
 def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int) -> plt.Figure:
-    """Accuracy vs total memory (weights + KV at a context) for every method, with the TPE front on top."""
+    """Accuracy vs total memory (weights + KV at a context) for every method, with the TPE front(s) on top (one per
+    pruning method in `front.method`)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for (method, allocation), part in points.groupby(["method", "allocation"]):
         ax.scatter(part.memory_bytes / 2**20, part.accuracy, s=20, alpha=0.7, color=METHOD_COLOURS.get(method),
                    marker="o" if allocation == "uniform" else "^", label=f"{method} · {allocation}")
-    front = front.sort_values("memory_bytes")
-    ax.plot(front.memory_bytes / 2**20, front.accuracy, "-*", color="crimson", markersize=9,
-            label="TPE multi-objective front")
+    for (method, part), marker in zip(front.groupby("method"), "*Ps"):
+        part = part.sort_values("memory_bytes")
+        ax.plot(part.memory_bytes / 2**20, part.accuracy, "-", marker=marker, markersize=8, linewidth=2,
+                color="crimson" if method == "wanda" else "darkred", label=f"TPE front · {method}")
     ax.set_xlabel(f"memory: non-zero weights + KV cache at {context_tokens} tokens (MiB)")
     ax.set_ylabel("test accuracy (fraction correct)")
     ax.set_ylim(max(0.0, front.accuracy.min() - 0.15), 1.0)

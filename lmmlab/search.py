@@ -219,6 +219,8 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
         for source, params in warm_start_params(space, owl)[:n_trials]:
             study.enqueue_trial(params, user_attrs={"source": source})
 
+    warned: list[int] = []
+
     def run_trial(trial: optuna.Trial):
         start = time.perf_counter()
         plan = suggest_plan(trial, space, weights, method, kv_group_size=kv_group_size, kv_residual=kv_residual)
@@ -226,8 +228,14 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
         pruner.apply(plan)
         kv_cache_for(plan, loaded)  # cache set-up is part of a trial's overhead
         overhead = time.perf_counter() - suggested
-        metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
+        caches = []
+        metrics = evaluate(loaded, samples, make_cache=lambda: caches.append(kv_cache_for(plan, loaded)) or caches[-1])
         evaluated = time.perf_counter()
+        if not warned and any(b < 16 and q == 0 for b, q in zip(plan.kv_bits, caches[-1].quantized_tokens())):
+            warned.append(trial.number)
+            log.warning("trial %d: some layers quantized nothing; the prompts never fill the %d-token residual "
+                        "window, so KV widths cannot matter: pass a smaller kv residual and group size",
+                        trial.number, kv_residual)
         memory = memory_bytes(loaded, plan, context_tokens)
         trial.set_user_attr("source", trial.user_attrs.get("source", "tpe"))
         for key, value in {"plan": asdict(plan), "accuracy": metrics.accuracy, "loss": metrics.loss,

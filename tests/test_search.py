@@ -209,3 +209,9 @@ def test_warm_start_parameters_cover_uniform_and_owl_in_both_modes():
     multi = warm_start_params(SearchSpace(6, multi_objective=True, target_range=(0.4, 0.8)), owl)
     assert {(p["target_sparsity"], p["kv_budget"]) for _, p in multi} == {
         (t, kv) for t in (0.4, 0.6000000000000001, 0.8) for kv in (16, 2)}
+
+
+def test_a_window_longer_than_the_prompts_is_reported(default, pruner, tmp_path, caplog):
+    search(default, target_sparsity=0.5, kv_budget_bits=4, n_trials=1, storage=f"sqlite:///{tmp_path / 'w.db'}",
+           pruner=pruner, n_eval=16)  # KIVI's 32 / 128 on ~20-token prompts
+    assert "quantized nothing" in caplog.text and "128-token residual window" in caplog.text
