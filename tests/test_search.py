@@ -215,3 +215,15 @@ def test_a_window_longer_than_the_prompts_is_reported(default, pruner, tmp_path,
     search(default, target_sparsity=0.5, kv_budget_bits=4, n_trials=1, storage=f"sqlite:///{tmp_path / 'w.db'}",
            pruner=pruner, n_eval=16)  # KIVI's 32 / 128 on ~20-token prompts
     assert "quantized nothing" in caplog.text and "128-token residual window" in caplog.text
+
+
+def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path):
+    result = search(default, target_sparsity=0.7, kv_budget_bits=16, n_trials=3, objective="loss", groups=2,
+                    storage=f"sqlite:///{tmp_path / 'l.db'}", pruner=pruner, **FAST)
+    trials = result.study.trials
+    assert result.study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert [t.value for t in trials] == [t.user_attrs["loss"] for t in trials]
+    assert result.study.best_value == min(t.value for t in trials)
+    for t in trials:  # two bins: layers 0-2 share one choice, layers 3-5 another
+        s = t.user_attrs["plan"]["sparsity"]
+        assert s[0] == s[1] == s[2] and s[3] == s[4] == s[5]
