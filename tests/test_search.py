@@ -227,3 +227,13 @@ def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path)
     for t in trials:  # two bins: layers 0-2 share one choice, layers 3-5 another
         s = t.user_attrs["plan"]["sparsity"]
         assert s[0] == s[1] == s[2] and s[3] == s[4] == s[5]
+
+
+def test_bench_search_reports_overhead_and_throughput(default):
+    from lmmlab.bench import bench_search
+
+    result = bench_search(default, n_trials=3)
+    for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials"):
+        assert result[key] > 0
+    assert result["overhead_over_eval"] == pytest.approx(result["trial_overhead_s"] / result["trial_eval_s"])
+    assert result["minutes_per_100_trials"] == pytest.approx(100 / result["trials_per_min"])
