@@ -17,7 +17,7 @@ from lmmlab.calibrate import Stats, calibrate, sample_batches
 from lmmlab.evaluate import Metrics, evaluate
 from lmmlab.kvcache import KVCache, kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import CompressionPlan
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
 from lmmlab.prune import DenseWeights, Scores, apply_plan, apply_sparsegpt, scores, sparsity_of
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def mixed_kv_plans(num_layers: int) -> dict[str, list[int]]:
             "early-6-late-3": halves(6, 3), "early-3-late-6": halves(3, 6)}
 
 
-def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = True, group_size: int = 32,
-              residual_length: int = 128, split: str = "test", n: int | None = None, seed: int = 0) -> list[dict]:
+def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = True,
+              group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL, split: str = "test",
+              n: int | None = None, seed: int = 0) -> list[dict]:
     """Evaluate the dense model with a KV cache at every uniform width (and the mixed plans): accuracy vs KV bytes.
 
     `kv_ratio` is the cache's bytes over those of an fp16 `DynamicCache` holding the same tokens."""

@@ -15,7 +15,7 @@ from lmmlab.calibrate import calibrate, sample_batches
 from lmmlab.evaluate import evaluate
 from lmmlab.kvcache import KVCache, kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import CompressionPlan
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
 from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, scores, sparsity_of
 
 
@@ -119,8 +119,7 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, shape_
     """Compression ratios and decode speed of the quantized cache, on `loaded` and at LLaVA-1.5-7B's shapes."""
     own = (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim)
     result: dict = {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
-                    "context": context, "group_size": KVCache([2]).group_size,
-                    "residual_length": KVCache([2]).residual_length}
+                    "context": context, "group_size": KIVI_GROUP_SIZE, "residual_length": KIVI_RESIDUAL}
     result[loaded.name] = {"shape": own, **kv_ratios(*own, context)}
     for bits in (16, 4, 2):
         plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits)

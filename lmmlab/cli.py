@@ -267,11 +267,13 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
 
 
-def add_kv_layout_args(p: argparse.ArgumentParser, group_size: int = 32, residual: int = 128) -> None:
-    p.add_argument("--kv-group-size", type=int, default=group_size,
-                   help=f"tokens per key group, channels per value group (default {group_size}, KIVI's)")
-    p.add_argument("--kv-residual", type=int, default=residual,
-                   help=f"newest tokens kept in full precision, a multiple of the group size (default {residual})")
+def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
+    from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL
+
+    p.add_argument("--kv-group-size", type=int, default=KIVI_GROUP_SIZE,
+                   help=f"tokens per key group, channels per value group (default {KIVI_GROUP_SIZE}, KIVI's)")
+    p.add_argument("--kv-residual", type=int, default=KIVI_RESIDUAL,
+                   help=f"newest tokens kept in full precision, a multiple of the group size (default {KIVI_RESIDUAL})")
 
 
 def build_parser() -> argparse.ArgumentParser:

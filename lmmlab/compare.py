@@ -14,7 +14,7 @@ from lmmlab.ablate import Pruner, row
 from lmmlab.evaluate import evaluate
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import KV_BITS, CompressionPlan
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, CompressionPlan
 from lmmlab.search import DEFAULT_STORAGE, search
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), (
 
 def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
             n_trials: int = 100, method: str = "wanda", storage: str = DEFAULT_STORAGE, study_prefix: str = "compare",
-            kv_group_size: int = 32, kv_residual: int = 128, kv_widths: Sequence[int] = KV_BITS,
+            kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
             split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0) -> list[dict]:
     """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`."""
     samples = data.split(split, n)
@@ -55,7 +55,8 @@ def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_bu
 
 def pareto_points(loaded: Loaded, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
                   kv_widths: Sequence[int] = (16, 4), methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"),
-                  allocations: Sequence[str] = ("uniform", "owl"), kv_group_size: int = 32, kv_residual: int = 128,
+                  allocations: Sequence[str] = ("uniform", "owl"), kv_group_size: int = KIVI_GROUP_SIZE,
+                  kv_residual: int = KIVI_RESIDUAL,
                   context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
     """Accuracy and memory (non-zero weights + KV at `context_tokens`) of every baseline plan on `split`."""
     labelled = [(allocation, CompressionPlan(pruner.allocation(allocation, target), [kv] * loaded.num_layers,

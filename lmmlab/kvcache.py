@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer
 
-from lmmlab.plan import KV_BITS, CompressionPlan, check_kv_layout
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan, check_kv_bits, check_kv_layout
 
 KEY_AXIS, VALUE_AXIS = -2, -1  # the axis a group runs along: tokens for keys (per channel), channels for values
 
@@ -145,8 +145,7 @@ def dequantize(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None = None
 
 def check_settings(bits: int, group_size: int, residual_length: int, head_dim: int | None = None) -> None:
     """One clear error for a width or group layout the cache cannot store."""
-    if bits not in KV_BITS:
-        raise ValueError(f"kv bit-width {bits} not supported; allowed: {', '.join(map(str, KV_BITS))}")
+    check_kv_bits([bits])
     check_kv_layout(group_size, residual_length)
     if head_dim is not None and head_dim % group_size:
         raise ValueError(f"kv group size {group_size} must divide the head dimension {head_dim} "
@@ -158,7 +157,7 @@ def check_settings(bits: int, group_size: int, residual_length: int, head_dim: i
 class KiviLayer(BaseQuantizedLayer):
     """One decoder layer's cache: a quantized store of whole groups plus a full-precision residual window."""
 
-    def __init__(self, bits: int, group_size: int = 32, residual_length: int = 128):
+    def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL):
         check_settings(bits, group_size, residual_length)
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
@@ -262,7 +261,7 @@ class KVCache(Cache):
     `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens.
     """
 
-    def __init__(self, bits: Sequence[int], group_size: int = 32, residual_length: int = 128):
+    def __init__(self, bits: Sequence[int], group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL):
         bits = [int(b) for b in bits]
         if not bits:
             raise ValueError("a KV cache needs a bit-width for at least one layer")
@@ -300,8 +299,9 @@ def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
     return KVCache(plan.kv_bits, plan.kv_group_size, plan.kv_residual)
 
 
-def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: int, group_size: int = 32,
-              residual_length: int = 128, dtype_bytes: int = 2, batch: int = 1) -> int:
+def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: int,
+              group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL, dtype_bytes: int = 2,
+              batch: int = 1) -> int:
     """What a `KVCache` with these widths holds after `context` tokens, without building it (same count as
     `nbytes()`): packed codes, fp16 scale + zero per group, and the full-precision window."""
     total = 0

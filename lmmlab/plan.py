@@ -13,6 +13,9 @@ from lmmlab.files import write_text_atomic
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 KV_BITS = (2, 3, 4, 6, 8, 16)
+# KIVI's group size and full-precision window, sized for LLaVA's ~600-token prompts; the default model's ~20-token
+# prompts need 8 / 8.
+KIVI_GROUP_SIZE, KIVI_RESIDUAL = 32, 128
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -26,6 +29,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"bad pattern {pattern!r}: N:M needs 0 < N < M (N weights kept in every M)")
     return n, m
+
+
+def check_kv_bits(bits, name: str = "kv bit-width") -> None:
+    """One clear error for the first width not in KV_BITS."""
+    bad = [b for b in bits if b not in KV_BITS]
+    if bad:
+        raise ValueError(f"{name} {bad[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
 
 
 def check_kv_layout(group_size: int, residual_length: int) -> None:
@@ -47,9 +57,8 @@ class CompressionPlan:
     method: str = "wanda"
     pattern: str = "unstructured"  # or "N:M"
     vision_sparsity: float = 0.0  # the vision tower's and projector's linears; 0 leaves them dense
-    # KIVI's defaults, sized for LLaVA's ~600-token prompts; the default model's ~20-token prompts need 8 / 8.
-    kv_group_size: int = 32  # tokens per key group (per channel), channels per value group (per token)
-    kv_residual: int = 128  # newest tokens kept in full precision, quantized together when the window fills
+    kv_group_size: int = KIVI_GROUP_SIZE  # tokens per key group (per channel), channels per value group (per token)
+    kv_residual: int = KIVI_RESIDUAL  # newest tokens kept in full precision, quantized together when the window fills
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -62,9 +71,7 @@ class CompressionPlan:
         if len(self.kv_bits) != len(self.sparsity):
             raise ValueError(f"kv_bits has {len(self.kv_bits)} entries but sparsity has {len(self.sparsity)}; "
                              "give one per decoder layer")
-        bad_bits = [b for b in self.kv_bits if b not in KV_BITS]
-        if bad_bits:
-            raise ValueError(f"kv bit-width {bad_bits[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
+        check_kv_bits(self.kv_bits)
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
         self.vision_sparsity = float(self.vision_sparsity)

@@ -34,7 +34,8 @@ from lmmlab.ablate import Pruner, weight_bytes
 from lmmlab.evaluate import evaluate
 from lmmlab.kvcache import kv_cache_for, kv_nbytes
 from lmmlab.models import Loaded
-from lmmlab.plan import KV_BITS, METHODS, CompressionPlan, check_kv_layout
+from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, CompressionPlan, check_kv_bits,
+                         check_kv_layout)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,7 @@ class SearchSpace:
             raise ValueError(f"target sparsity must be in [0, 1); got {self.target_sparsity}")
         if not self.kv_widths:
             raise ValueError(f"the set of KV widths is empty; choose from {', '.join(map(str, KV_BITS))}")
-        bad = [b for b in self.kv_widths if b not in KV_BITS]
-        if bad:
-            raise ValueError(f"kv width {bad[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
+        check_kv_bits(self.kv_widths, name="kv width")
         if self.kv_budget_bits < min(self.kv_widths):
             raise ValueError(f"KV budget {self.kv_budget_bits} bits is below the narrowest allowed width "
                              f"{min(self.kv_widths)}")
@@ -192,8 +191,8 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
            storage: str = DEFAULT_STORAGE, study_name: str | None = None, objective: str = "accuracy",
            multi_objective: bool = False, method: str = "wanda", kv_widths: tuple[int, ...] = KV_BITS,
            spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
-           target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = 32, kv_residual: int = 128,
-           n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
+           target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
+           kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
            pruner: Pruner | None = None) -> SearchResult:
     """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring."""
     if objective not in OBJECTIVES:
