@@ -15,7 +15,7 @@ import torch
 from lmmlab import allocate, data
 from lmmlab.calibrate import Stats, calibrate, sample_batches
 from lmmlab.evaluate import Metrics, evaluate
-from lmmlab.kvcache import KVCache, kv_cache_for
+from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
 from lmmlab.models import Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
 from lmmlab.prune import DenseWeights, Scores, apply_plan, apply_sparsegpt, scores, sparsity_of
@@ -152,17 +152,12 @@ def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = T
     samples = data.split(split, n)
     rows, warned = [], False
     for name, plan in plans.items():
-        last: list[KVCache] = []
-
-        def make_cache() -> KVCache:
-            last.append(kv_cache_for(plan, loaded))
-            return last[-1]
+        make_cache = KVCacheFactory(plan, loaded)
         metrics = evaluate(loaded, samples, make_cache=make_cache)
-        cache = last[-1]
-        if not warned and any(b < 16 and q == 0 for b, q in zip(plan.kv_bits, cache.quantized_tokens())):
+        cache = make_cache.last
+        if not warned and (warning := window_warning(cache)):
             warned = True
-            log.warning("nothing was quantized: the prompts (%d tokens) never fill the %d-token residual window; "
-                        "pass a smaller kv residual and group size", cache.get_seq_length(), residual_length)
+            log.warning(warning)
         rows.append({**row(plan, "dense", 0.0, loaded, metrics, split, seed), "method": "dense", "kv_plan": name,
                      "kv_group_size": group_size, "kv_residual": residual_length,
                      "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmmlab import data
+from lmmlab.kvcache import layer_nbytes
 from lmmlab.models import Loaded
 
 CacheFactory = Callable[[], object]
@@ -46,12 +47,7 @@ def cache_bytes(cache) -> int:
     """Bytes a cache really stores: its own count when it keeps one (quantized caches), else its tensors' sizes."""
     if hasattr(cache, "nbytes"):
         return int(cache.nbytes())
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(layer_nbytes(layer) for layer in cache.layers)
 
 
 def _new_cache(loaded: Loaded, make_cache: CacheFactory | None):

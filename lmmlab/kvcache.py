@@ -29,6 +29,10 @@ from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan, check_k
 KEY_AXIS, VALUE_AXIS = -2, -1  # the axis a group runs along: tokens for keys (per channel), channels for values
 
 
+def _tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 # --- bit packing along the last axis ---------------------------------------------------------------------------
 
 def _chunk(bits: int) -> tuple[int, int]:
@@ -88,7 +92,7 @@ class Quantized:
         return self.codes.shape[-2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return _tensor_bytes(self.codes, self.scale, self.zero)
 
     def map(self, fn) -> "Quantized":
         """Apply `fn` to every stored tensor (they all lead with the batch axis); exact, no re-quantization."""
@@ -222,7 +226,7 @@ class KiviLayer(BaseQuantizedLayer):
         """Bytes held: packed codes, fp16 scales and zero points, and the full-precision residual window."""
         if not self.is_initialized:
             return 0
-        held = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        held = _tensor_bytes(self.keys, self.values)
         if self._quantized_keys is not None:
             held += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
         return held
@@ -247,11 +251,12 @@ class KiviLayer(BaseQuantizedLayer):
 
 
 def layer_nbytes(layer) -> int:
+    """Bytes one cache layer holds: a `KiviLayer`'s own count, else its key and value tensors."""
     if isinstance(layer, KiviLayer):
         return layer.nbytes()
     if not getattr(layer, "is_initialized", False):
         return 0
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return _tensor_bytes(layer.keys, layer.values)
 
 
 class KVCache(Cache):
@@ -315,3 +320,25 @@ def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: in
         groups = batch * num_kv_heads * (q // group_size * head_dim + q * (head_dim // group_size))
         total += codes + groups * 2 * 2 + (context - q) * full
     return total
+
+
+class KVCacheFactory:
+    """The zero-argument cache factory `evaluate` takes, for one plan; it keeps the last cache it made."""
+
+    def __init__(self, plan: CompressionPlan, loaded):
+        self.plan, self.loaded = plan, loaded
+        self.last: KVCache | None = None
+
+    def __call__(self) -> KVCache:
+        self.last = kv_cache_for(self.plan, self.loaded)
+        return self.last
+
+
+def window_warning(cache: KVCache) -> str | None:
+    """Why quantized layers hold no quantized token (the residual window outlasted every prompt), or None."""
+    idle = [i for i, (b, q) in enumerate(zip(cache.bits, cache.quantized_tokens())) if b < 16 and q == 0]
+    if not idle:
+        return None
+    return (f"KV layers {idle} quantized nothing: the prompts ({cache.get_seq_length()} tokens) never fill the "
+            f"{cache.residual_length}-token residual window, so nothing was quantized; pass a smaller kv residual "
+            "and group size")

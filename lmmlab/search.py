@@ -32,7 +32,7 @@ import optuna
 from lmmlab import allocate, data
 from lmmlab.ablate import Pruner, weight_bytes
 from lmmlab.evaluate import evaluate
-from lmmlab.kvcache import kv_cache_for, kv_nbytes
+from lmmlab.kvcache import KVCacheFactory, kv_cache_for, kv_nbytes, window_warning
 from lmmlab.models import Loaded
 from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, CompressionPlan, check_kv_bits,
                          check_kv_layout)
@@ -225,16 +225,14 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
         plan = suggest_plan(trial, space, weights, method, kv_group_size=kv_group_size, kv_residual=kv_residual)
         suggested = time.perf_counter()
         pruner.apply(plan)
-        kv_cache_for(plan, loaded)  # cache set-up is part of a trial's overhead
+        make_cache = KVCacheFactory(plan, loaded)
+        make_cache()  # cache set-up is part of a trial's overhead
         overhead = time.perf_counter() - suggested
-        caches = []
-        metrics = evaluate(loaded, samples, make_cache=lambda: caches.append(kv_cache_for(plan, loaded)) or caches[-1])
+        metrics = evaluate(loaded, samples, make_cache=make_cache)
         evaluated = time.perf_counter()
-        if not warned and any(b < 16 and q == 0 for b, q in zip(plan.kv_bits, caches[-1].quantized_tokens())):
+        if not warned and (warning := window_warning(make_cache.last)):
             warned.append(trial.number)
-            log.warning("trial %d: some layers quantized nothing; the prompts never fill the %d-token residual "
-                        "window, so KV widths cannot matter: pass a smaller kv residual and group size",
-                        trial.number, kv_residual)
+            log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
         memory = memory_bytes(loaded, plan, context_tokens)
         trial.set_user_attr("source", trial.user_attrs.get("source", "tpe"))
         for key, value in {"plan": asdict(plan), "accuracy": metrics.accuracy, "loss": metrics.loss,
