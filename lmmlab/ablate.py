@@ -61,6 +61,13 @@ class Pruner:
             return allocate.owl(self.loaded, self.stats, target, weights=self.dense.weights)
         raise ValueError(f"unknown allocation {name!r}; allowed: {', '.join(ALLOCATIONS)}")
 
+    def plan(self, method: str, allocation: str, target: float, kv_bits: int | Sequence[int] = 16,
+             **options) -> CompressionPlan:
+        """`allocation`'s per-layer ratios at `target`, with `kv_bits` (one width for every layer, or one per layer);
+        `options` are the plan's other fields (pattern, KV group size and window)."""
+        bits = [kv_bits] * self.loaded.num_layers if isinstance(kv_bits, int) else list(kv_bits)
+        return CompressionPlan(self.allocation(allocation, target), bits, method=method, **options)
+
     def restore(self) -> None:
         self.dense.restore(self.loaded)
 
@@ -114,7 +121,7 @@ def ablate_prune(loaded: Loaded, methods: Sequence[str] = METHODS, sparsities: S
     runs += [(m, "uniform", 0.5, p) for m in methods for p in patterns]
     try:
         for method, alloc, target, pattern in runs:
-            plan = CompressionPlan(pruner.allocation(alloc, target), method=method, pattern=pattern)
+            plan = pruner.plan(method, alloc, target, pattern=pattern)
             pruner.apply(plan)
             rows.append(row(plan, alloc, target, loaded, evaluate(loaded, samples), split, seed))
             log.info("%s %s %s %.2f: accuracy %.3f", method, alloc, pattern, target, rows[-1]["accuracy"])

@@ -92,7 +92,7 @@ def cmd_demo(args) -> None:
     validation = data.split("validation")
     for method in ("magnitude", "wanda", "ria", "sparsegpt"):
         for allocation in ("uniform", "owl"):
-            pruner.apply(CompressionPlan(pruner.allocation(allocation, target), method=method))
+            pruner.apply(pruner.plan(method, allocation, target))
             accuracy = evaluate(loaded, validation, with_loss=False).accuracy
             print(f"  {method:<10} {allocation:<8} validation accuracy {accuracy:.3f}")
     pruner.restore()
@@ -109,8 +109,7 @@ def cmd_demo(args) -> None:
           f"study in {args.storage}):")
     result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=trials, storage=args.storage,
                     study_name="demo", pruner=pruner, **layout)
-    kv = [budget] * loaded.num_layers
-    labelled = [(a, CompressionPlan(pruner.allocation(a, target), kv, method=m, **layout))
+    labelled = [(a, pruner.plan(m, a, target, budget, **layout))
                 for m, a in (("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))]
     versus = pd.DataFrame(evaluate_plans(loaded, pruner, [("dense", CompressionPlan.uniform(loaded.num_layers))]
                                          + labelled + [("tpe", result.best_plan)]))

@@ -34,8 +34,7 @@ def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_bu
         for budget in kv_budgets:
             kv = max(b for b in kv_widths if b <= budget)
             for target in sparsities:
-                plans = {(m, a): CompressionPlan(pruner.allocation(a, target), [kv] * loaded.num_layers, method=m,
-                                                 kv_group_size=kv_group_size, kv_residual=kv_residual)
+                plans = {(m, a): pruner.plan(m, a, target, kv, kv_group_size=kv_group_size, kv_residual=kv_residual)
                          for m, a in BASELINES}
                 result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
                                 storage=storage, study_name=f"{study_prefix}-{method}-s{target:g}-kv{budget:g}",
@@ -59,8 +58,8 @@ def pareto_points(loaded: Loaded, pruner: Pruner, sparsities: Sequence[float] = 
                   kv_residual: int = KIVI_RESIDUAL,
                   context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
     """Accuracy and memory (non-zero weights + KV at `context_tokens`) of every baseline plan on `split`."""
-    labelled = [(allocation, CompressionPlan(pruner.allocation(allocation, target), [kv] * loaded.num_layers,
-                                             method=method, kv_group_size=kv_group_size, kv_residual=kv_residual))
+    labelled = [(allocation, pruner.plan(method, allocation, target, kv, kv_group_size=kv_group_size,
+                                         kv_residual=kv_residual))
                 for method in methods for allocation in allocations for target in sparsities for kv in kv_widths]
     return evaluate_plans(loaded, pruner, labelled, context_tokens, split, n)
 

@@ -42,8 +42,8 @@ def preview(pruner: Pruner, samples: Sequence[data.Sample], method: str, allocat
             context_tokens: int = 1024) -> Preview:
     """Apply the plan these settings describe (re-masking from cached scores) and evaluate it."""
     loaded = pruner.loaded
-    plan = CompressionPlan(pruner.allocation(allocation, target), group_bits(loaded.num_layers, bits_per_group),
-                           method=method, kv_group_size=kv_group_size, kv_residual=kv_residual)
+    plan = pruner.plan(method, allocation, target, group_bits(loaded.num_layers, bits_per_group),
+                       kv_group_size=kv_group_size, kv_residual=kv_residual)
     pruner.apply(plan)
     metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
     return Preview(plan, metrics, memory_bytes(loaded, plan, context_tokens))
