@@ -220,10 +220,10 @@ def cmd_search(args) -> None:
 def cmd_dashboard(args) -> None:
     import optuna_dashboard
 
-    from lmmlab.search import _storage
+    from lmmlab.search import storage_for
 
     print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
-    optuna_dashboard.run_server(_storage(args.storage), host=args.host, port=args.port)
+    optuna_dashboard.run_server(storage_for(args.storage), host=args.host, port=args.port)
 
 
 def cmd_compare(args) -> None:

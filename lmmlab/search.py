@@ -149,7 +149,8 @@ class SearchResult:
     front: list[CompressionPlan] = field(default_factory=list)  # multi-objective: the Pareto front's plans
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage:
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url` (its sqlite folder created), with heartbeats."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # Heartbeats let a later run mark the trials of a killed worker as failed (and retry them once).
@@ -175,7 +176,7 @@ def open_study(loaded: Loaded, space: SearchSpace, storage: str, study_name: str
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
     directions = (["maximize", "minimize"] if space.multi_objective
                   else ["maximize" if objective == "accuracy" else "minimize"])
-    study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
+    study = optuna.create_study(storage=storage_for(storage), study_name=study_name, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     existing = study.user_attrs.get("settings")
     if existing is None:
