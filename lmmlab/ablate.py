@@ -1,8 +1,9 @@
-"""Ablations evaluated on one split, as tidy tables: pruning (every method × sparsity × allocation, and N:M patterns)
-and KV-cache widths (uniform and mixed per-layer bits).
+"""Ablations evaluated on one split of a task, as tidy tables: pruning (every method × sparsity × allocation, and N:M
+patterns) and KV-cache widths (uniform and mixed per-layer bits).
 
-One row per run with the columns every lmmlab results table shares (method, allocation, pattern, target and achieved
-sparsity, KV bits per layer and their mean, weight bytes, KV bytes, accuracy, accuracy per kind, loss, split, seed).
+One row per run with the columns every lmmlab results table shares (task, method, allocation, pattern, target and
+achieved sparsity, KV bits per layer and their mean, weight bytes, KV bytes, the primary metric and the task's other
+metrics by name, loss, split, seed).
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Sequence
 
 import torch
 
-from lmmlab import allocate, data
-from lmmlab.calibrate import Stats, calibrate, sample_batches
-from lmmlab.evaluate import Metrics, evaluate
+from lmmlab import allocate
+from lmmlab.calibrate import Stats, calibrate
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
-from lmmlab.models import Loaded
+from lmmlab.models import VISION, Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
 from lmmlab.prune import DenseWeights, Scores, apply_plan, apply_sparsegpt, scores, sparsity_of
+from lmmlab.tasks import Metrics, Task
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,15 @@ class Pruner:
     cache: dict[str, Scores] = field(default_factory=dict)
 
     @classmethod
-    def calibrated(cls, loaded: Loaded, samples: Sequence[data.Sample], batch_size: int = 32) -> "Pruner":
-        batches = sample_batches(loaded, samples, batch_size)
-        return cls(loaded, batches, calibrate(loaded, batches, vision=loaded.is_multimodal), DenseWeights(loaded))
+    def calibrated(cls, loaded: Loaded, batches: list[dict]) -> "Pruner":
+        """Calibrate once on `batches` (a task's `calibration_batches`); the vision side too when they hold images."""
+        vision = loaded.is_multimodal and any("pixel_values" in b for b in batches)
+        return cls(loaded, batches, calibrate(loaded, batches, vision=vision), DenseWeights(loaded))
+
+    @classmethod
+    def for_task(cls, loaded: Loaded, task: Task, *, n: int | None = None, seed: int = 0) -> "Pruner":
+        """Calibrate on `n` calibration items of `task` (its default count when None)."""
+        return cls.calibrated(loaded, task.calibration_batches(loaded, n=n, seed=seed))
 
     def apply(self, plan: CompressionPlan) -> None:
         """Prune the model to `plan` (from the dense weights; SparseGPT re-solves, the others re-mask)."""
@@ -51,7 +58,7 @@ class Pruner:
             return
         if plan.method not in self.cache:
             self.dense.restore(self.loaded)  # scores are always of the dense weights, whatever ran before
-            self.cache[plan.method] = scores(plan.method, self.loaded, self.stats, vision=self.loaded.is_multimodal)
+            self.cache[plan.method] = scores(plan.method, self.loaded, self.stats, vision=self.has_vision_stats)
         apply_plan(self.loaded, plan, self.cache[plan.method], self.dense)
 
     def allocation(self, name: str, target: float) -> list[float]:
@@ -71,9 +78,13 @@ class Pruner:
     def restore(self) -> None:
         self.dense.restore(self.loaded)
 
+    @property
+    def has_vision_stats(self) -> bool:
+        return any(key[0] == VISION for key in self.stats.sq_norm)
+
     def layer_statistics(self, target: float = 0.7):
         """Per decoder layer: OWL's outlier ratio and allocation at `target`, and the largest and median input
-        activation norm ‖X_j‖₂ over the layer's linears (calibration split), as a table."""
+        activation norm ‖X_j‖₂ over the layer's linears (calibration items), as a table."""
         import pandas as pd
 
         ratios = allocate.outlier_ratios(self.loaded, self.stats, weights=self.dense.weights)
@@ -96,35 +107,37 @@ def weight_bytes(loaded: Loaded) -> int:
     return total
 
 
-def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, metrics: Metrics, split: str,
-        seed: int) -> dict:
-    """One tidy results row."""
+def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, metrics: Metrics, task: Task,
+        split: str, seed: int) -> dict:
+    """One tidy results row: the plan, what it achieved, and the task's metrics (primary first, then by name)."""
     return {
-        "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
+        "task": task.name, "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
         "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 4),
         "kv_bits": "-".join(map(str, plan.kv_bits)), "mean_kv_bits": plan.mean_kv_bits,
         "weight_bytes": weight_bytes(loaded), "kv_bytes": metrics.kv_bytes,
-        "accuracy": metrics.accuracy, **{f"accuracy_{k}": v for k, v in metrics.accuracy_by_kind.items()},
-        "loss": metrics.loss, "split": split, "seed": seed,
+        "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
+        "loss": metrics.loss, "latency_s": metrics.latency_s, "n": metrics.n, "split": split, "seed": seed,
     }
 
 
-def ablate_prune(loaded: Loaded, methods: Sequence[str] = METHODS, sparsities: Sequence[float] = SPARSITIES,
-                 allocations: Sequence[str] = ALLOCATIONS, patterns: Sequence[str] = PATTERNS, split: str = "test",
-                 n: int | None = None, seed: int = 0) -> list[dict]:
+def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
+                 sparsities: Sequence[float] = SPARSITIES, allocations: Sequence[str] = ALLOCATIONS,
+                 patterns: Sequence[str] = PATTERNS, split: str = "test", n: int | None = None, seed: int = 0,
+                 pruner: Pruner | None = None) -> list[dict]:
     """Evaluate every method × sparsity × allocation, plus every method at each N:M pattern; the dense model first."""
-    samples = data.split(split, n)
-    pruner = Pruner.calibrated(loaded, data.split("calibration", seed=seed))
+    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
+    pruner.restore()
     dense_plan = CompressionPlan.uniform(loaded.num_layers, 0.0, method="magnitude")
-    rows = [row(dense_plan, "dense", 0.0, loaded, evaluate(loaded, samples), split, seed)]
+    rows = [row(dense_plan, "dense", 0.0, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed)]
     runs = [(m, a, t, "unstructured") for m in methods for a in allocations for t in sparsities]
     runs += [(m, "uniform", 0.5, p) for m in methods for p in patterns]
     try:
         for method, alloc, target, pattern in runs:
             plan = pruner.plan(method, alloc, target, pattern=pattern)
             pruner.apply(plan)
-            rows.append(row(plan, alloc, target, loaded, evaluate(loaded, samples), split, seed))
-            log.info("%s %s %s %.2f: accuracy %.3f", method, alloc, pattern, target, rows[-1]["accuracy"])
+            rows.append(row(plan, alloc, target, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed))
+            log.info("%s %s %s %.2f: %s %.4f", method, alloc, pattern, target, task.primary_metric,
+                     rows[-1]["primary"])
     finally:
         pruner.restore()
     return rows
@@ -143,10 +156,11 @@ def mixed_kv_plans(num_layers: int) -> dict[str, list[int]]:
             "early-6-late-3": halves(6, 3), "early-3-late-6": halves(3, 6)}
 
 
-def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = True,
+def ablate_kv(loaded: Loaded, task: Task, widths: Sequence[int] = KV_WIDTHS, mixed: bool = True,
               group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL, split: str = "test",
               n: int | None = None, seed: int = 0) -> list[dict]:
-    """Evaluate the dense model with a KV cache at every uniform width (and the mixed plans): accuracy vs KV bytes.
+    """Evaluate the dense model with a KV cache at every uniform width (and the mixed plans): the task's metric vs
+    KV bytes.
 
     `kv_ratio` is the cache's bytes over those of an fp16 `DynamicCache` holding the same tokens."""
     named = {f"uniform-{b}": [b] * loaded.num_layers for b in widths}
@@ -156,17 +170,16 @@ def ablate_kv(loaded: Loaded, widths: Sequence[int] = KV_WIDTHS, mixed: bool = T
                                    kv_residual=residual_length) for name, bits in named.items()}
     for plan in plans.values():
         kv_cache_for(plan, loaded)  # every plan's layout is checked before the first evaluation
-    samples = data.split(split, n)
     rows, warned = [], False
     for name, plan in plans.items():
         make_cache = KVCacheFactory(plan, loaded)
-        metrics = evaluate(loaded, samples, make_cache=make_cache)
+        metrics = task.evaluate(loaded, split=split, n=n, make_cache=make_cache)
         cache = make_cache.last
         if not warned and (warning := window_warning(cache)):
             warned = True
             log.warning(warning)
-        rows.append({**row(plan, "dense", 0.0, loaded, metrics, split, seed), "method": "dense", "kv_plan": name,
+        rows.append({**row(plan, "dense", 0.0, loaded, metrics, task, split, seed), "method": "dense", "kv_plan": name,
                      "kv_group_size": group_size, "kv_residual": residual_length,
                      "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})
-        log.info("kv %s: accuracy %.3f, %.0f bytes/sample", name, metrics.accuracy, metrics.kv_bytes)
+        log.info("kv %s: %s %.4f, %.0f bytes/item", name, metrics.primary_metric, metrics.primary, metrics.kv_bytes)
     return rows

@@ -14,7 +14,6 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lmmlab import data
 from lmmlab.models import VISION, Loaded
 
 log = logging.getLogger(__name__)
@@ -35,22 +34,12 @@ class Stats:
         return self.sq_norm[key].sqrt()
 
 
-def sample_batches(loaded: Loaded, samples: Sequence[data.Sample], batch_size: int = 32) -> list[dict]:
-    """Processor inputs for calibration samples (image + question prompt), on the model's device."""
-    batches = []
-    for i in range(0, len(samples), batch_size):
-        inputs = data.collate(loaded.processor, samples[i : i + batch_size]).to(loaded.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
-        batches.append(dict(inputs))
-    return batches
-
-
 @torch.no_grad()
 def calibrate(loaded: Loaded, batches: Iterable[dict], gram: bool | Sequence[int] = False,
               vision: bool = False, progress: bool = False) -> Stats:
     """Run `batches` (model inputs with an attention_mask) through the model once and collect Stats.
 
-    Any inputs the model accepts work: image + question batches from `sample_batches`, or plain text batches.
+    Any inputs the model accepts work: a task's `calibration_batches` (image + question, or text windows).
     `gram`: True for XᵀX of every linear, or a list of layer indices (on a 7B model all of them take ~20 GB;
     SparseGPT does not need them: it builds its Hessians one layer at a time).
     `vision`: also the vision tower's and projector's linears (keys (VISION, module path); every image token counts).

@@ -9,24 +9,55 @@ import sys
 import time
 from pathlib import Path
 
-from lmmlab import data
 from lmmlab.files import write_json, write_text_atomic
 
 RESULTS = Path("results")
 
 
 def format_metrics(title: str, metrics) -> str:
-    rows = [("accuracy", f"{metrics.accuracy:.3f}")]
-    rows += [(f"  {kind}", f"{acc:.3f}") for kind, acc in metrics.accuracy_by_kind.items()]
+    rows = [(metrics.primary_metric, f"{metrics.primary:.4f}")]
+    rows += [(f"  {name}", f"{value:.4f}") for name, value in metrics.values.items() if name != metrics.primary_metric]
     rows += [
-        ("answer loss", f"{metrics.loss:.3f}"),
-        ("latency / sample", f"{metrics.latency_s * 1e3:.2f} ms"),
-        ("KV cache / sample", f"{metrics.kv_bytes / 1024:.1f} KiB"),
+        ("loss", f"{metrics.loss:.4f}"),
+        ("latency / item", f"{metrics.latency_s * 1e3:.2f} ms"),
+        ("KV cache / item", f"{metrics.kv_bytes / 1024:.1f} KiB"),
         ("peak memory", f"{metrics.peak_mem_bytes / 2**20:.0f} MiB"),
-        ("samples", str(metrics.n)),
+        ("items", str(metrics.n)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, "-" * (width + 12)] + [f"{k:<{width}}  {v:>10}" for k, v in rows])
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE from --task-option, the value as int, float or string."""
+    if "=" not in text:
+        raise ValueError(f"--task-option {text!r} is not KEY=VALUE (e.g. seqlen=256)")
+    key, value = text.split("=", 1)
+    for convert in (int, float):
+        try:
+            return key.strip(), convert(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def task_from_args(args):
+    """The task the command scores on (checked before any model is loaded): --task, --data, --task-option."""
+    from lmmlab.session import default_task
+    from lmmlab.tasks import get_task
+
+    options = dict(parse_option(o) for o in getattr(args, "task_option", None) or [])
+    return get_task(args.task or default_task(args.model), data=args.data, **options)
+
+
+def load(args, task=None):
+    """The model of --model/--dtype/--device, checked against the task."""
+    from lmmlab.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if task is not None:
+        task.check_model(loaded)
+    return loaded
 
 
 def cmd_train_default(args) -> None:
@@ -38,13 +69,12 @@ def cmd_train_default(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from lmmlab.evaluate import evaluate
-    from lmmlab.models import load_model
-
     from lmmlab.kvcache import kv_cache_for
-    from lmmlab.plan import CompressionPlan
+    from lmmlab.plan import CompressionPlan, check_kv_bits
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    task = task_from_args(args)
+    check_kv_bits(args.kv_bits)
+    loaded = load(args, task)
     bits = args.kv_bits * loaded.num_layers if len(args.kv_bits) == 1 else args.kv_bits
     if len(bits) != loaded.num_layers:
         raise ValueError(f"--kv-bits has {len(bits)} widths; give one for every layer or one per decoder layer "
@@ -53,77 +83,69 @@ def cmd_eval(args) -> None:
                            kv_residual=args.kv_residual)
     make_cache = (lambda: kv_cache_for(plan, loaded)) if set(bits) != {16} else None
     kv_cache_for(plan, loaded)  # reject a bad layout before evaluating
-    samples = data.split(args.split, args.n)
-    metrics = evaluate(loaded, samples, make_cache=make_cache, batch_size=args.batch_size, progress=True)
+    metrics = task.evaluate(loaded, split=args.split, n=args.n, make_cache=make_cache, progress=True)
     kv = "" if make_cache is None else f", KV bits {'-'.join(map(str, bits))}"
-    print(format_metrics(f"{args.model} on {args.split} ({metrics.n} samples{kv})", metrics))
+    print(format_metrics(f"{args.model} on {task.describe()}, {args.split} ({metrics.n} items{kv})", metrics))
     if args.json:
-        write_json(args.json, metrics.to_dict())
+        write_json(args.json, {"model": args.model, "task": task.name, "split": args.split, **metrics.to_dict()})
         print(f"wrote {args.json}")
 
 
 def cmd_demo(args) -> None:
-    """The story on the default model: dense -> pruning methods -> KV widths -> a TPE joint plan vs the baselines."""
+    """The story on one model and task: dense -> pruning methods × allocations -> KV widths -> the TPE joint plan
+    against the baselines at the same budgets, final numbers on the test split."""
     import pandas as pd
 
-    from lmmlab import models, plots
-    from lmmlab.ablate import Pruner
-    from lmmlab.compare import evaluate_plans
-    from lmmlab.evaluate import evaluate
-    from lmmlab.kvcache import kv_cache_for
-    from lmmlab.plan import CompressionPlan
-    from lmmlab.search import search, trials_table
+    from lmmlab import ablate, plots
+    from lmmlab.compare import compare
 
     start = time.perf_counter()
-    if not (models.default_model_path() / "config.json").exists():
-        print(f"training the default model into {models.default_model_path()} (once; a few minutes)")
-    loaded = models.load_model(models.DEFAULT_MODEL)
-    print(f"default model: {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f} M parameters, "
-          f"{loaded.num_layers} decoder layers")
-    for sample in data.split("test", 4):
-        print(f"  {sample}")
-    metrics = evaluate(loaded, data.split("test"), progress=True)
-    print(format_metrics("dense default model on the test split", metrics))
-    write_json(RESULTS / "tables" / "demo_dense.json", metrics.to_dict())
+    task = task_from_args(args)
+    loaded = load(args, task)
+    layout = {"kv_group_size": args.kv_group_size, "kv_residual": args.kv_residual}
+    tag = f"demo-{Path(args.model).name}-{task.name}"
+    tables, figures = RESULTS / "tables", RESULTS / "figures"
+    print(f"{args.model}: {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f} M parameters, "
+          f"{loaded.num_layers} decoder layers, {loaded.num_kv_heads} KV heads × {loaded.head_dim}; "
+          f"task: {task.describe()}")
 
-    target, budget, layout = 0.7, 4, {"kv_group_size": 8, "kv_residual": 8}  # groups/window for ~20-token prompts
-    print(f"\npruning the decoder's linears to {target:.0%} (one calibration pass, scores cached):")
-    pruner = Pruner.calibrated(loaded, data.split("calibration"))
-    validation = data.split("validation")
-    for method in ("magnitude", "wanda", "ria", "sparsegpt"):
-        for allocation in ("uniform", "owl"):
-            pruner.apply(pruner.plan(method, allocation, target))
-            accuracy = evaluate(loaded, validation, with_loss=False).accuracy
-            print(f"  {method:<10} {allocation:<8} validation accuracy {accuracy:.3f}")
-    pruner.restore()
+    dense = task.evaluate(loaded, split="test", n=args.n, progress=True)
+    print(format_metrics(f"\ndense model on the test split ({dense.n} items)", dense))
+    write_json(tables / f"{tag}_dense.json", dense.to_dict())
 
-    print("\nquantizing the KV cache (KIVI layout; groups of 8 and an 8-token window suit these ~20-token prompts):")
-    for bits in (16, 8, 4, 2):
-        plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits, **layout)
-        m = evaluate(loaded, validation, make_cache=lambda: kv_cache_for(plan, loaded))
-        print(f"  {bits:>2}-bit  validation accuracy {m.accuracy:.3f}  loss {m.loss:.4f}  "
-              f"KV cache {m.kv_bytes / 1024:6.1f} KiB / sample")
+    print(f"\npruning the decoder's linears (one calibration pass; scores cached) — test {task.primary_metric}:")
+    pruner = ablate.Pruner.for_task(loaded, task)
+    prune_rows = ablate.ablate_prune(loaded, task, sparsities=args.sparsities, patterns=("2:4",), n=args.n,
+                                     pruner=pruner)
+    prune = pd.DataFrame(prune_rows)
+    write_text_atomic(tables / f"{tag}_prune.csv", prune.to_csv(index=False))
+    runs = prune[prune.allocation != "dense"]
+    wide = runs.assign(run=runs.allocation + " " + runs.pattern).pivot_table(
+        index="run", columns=["method"], values="primary", aggfunc="first", sort=False)
+    print(wide.round(3).to_string())
+    print(f"(dense {dense.primary:.3f}; rows: allocation and pattern at target sparsities {args.sparsities})")
 
-    trials = 40
-    print(f"\nTPE joint search at sparsity {target} and KV <= {budget} bits ({trials} trials on validation, "
-          f"study in {args.storage}):")
-    result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=trials, storage=args.storage,
-                    study_name="demo", pruner=pruner, **layout)
-    labelled = [(a, pruner.plan(m, a, target, budget, **layout))
-                for m, a in (("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))]
-    versus = pd.DataFrame(evaluate_plans(loaded, pruner, [("dense", CompressionPlan.uniform(loaded.num_layers))]
-                                         + labelled + [("tpe", result.best_plan)]))
-    versus.loc[0, "method"] = "dense"
-    print(f"\ntest split, {len(data.split('test'))} questions:")
-    print(versus.assign(memory_MiB=versus.memory_bytes / 2**20)[
-        ["method", "allocation", "target_sparsity", "mean_kv_bits", "accuracy", "memory_MiB"]].round(3)
-        .to_string(index=False))
-    figures = RESULTS / "figures"
-    paths = [plots.save(plots.convergence_figure(trials_table(result.study)), "demo_tpe_convergence", figures),
-             plots.save(plots.plan_figure(result.best_plan, f"TPE joint plan: sparsity {target}, KV <= {budget} bits",
-                                          target), "demo_tpe_plan", figures)]
-    write_text_atomic(RESULTS / "tables" / "demo_compare.csv", versus.to_csv(index=False))
-    print("wrote " + ", ".join(map(str, paths)) + f", {RESULTS / 'tables' / 'demo_compare.csv'}")
+    print(f"\nKV cache at uniform widths (KIVI layout, groups of {args.kv_group_size}, "
+          f"{args.kv_residual}-token window) — test {task.primary_metric}:")
+    kv = pd.DataFrame(ablate.ablate_kv(loaded, task, mixed=False, group_size=args.kv_group_size,
+                                       residual_length=args.kv_residual, n=args.n))
+    write_text_atomic(tables / f"{tag}_kv.csv", kv.to_csv(index=False))
+    print(kv[["kv_plan", "kv_bytes", "kv_ratio", "primary", "loss"]].rename(
+        columns={"primary": task.primary_metric, "kv_bytes": "kv_bytes_per_item"}).round(4).to_string(index=False))
+
+    print(f"\nTPE joint plan ({args.trials} trials each on validation, study in {args.storage}) vs the baselines "
+          f"at the same budgets — test {task.primary_metric}:")
+    versus = pd.DataFrame(compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets,
+                                  n_trials=args.trials, storage=args.storage, study_prefix=tag, pruner=pruner,
+                                  n=args.n, n_eval=args.n_eval, **layout))
+    write_text_atomic(tables / f"{tag}_compare.csv", versus.to_csv(index=False))
+    wide = versus.assign(run=versus.method + "-" + versus.allocation).pivot_table(
+        index=["kv_budget_bits", "target_sparsity"], columns="run", values="primary")
+    print(wide.round(3).to_string())
+
+    paths = [plots.save(plots.ablation_figure(prune, dense.primary), f"{tag}_prune", figures),
+             plots.save(plots.kv_figure(kv), f"{tag}_kv", figures)]
+    print("wrote " + ", ".join(map(str, paths)) + f" and {tables}/{tag}_*.csv")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
@@ -145,12 +167,15 @@ def cmd_prune(args) -> None:
     if nm and args.allocation != "uniform" and not args.plan:
         raise ValueError(f"--allocation {args.allocation} needs an unstructured pattern: N:M fixes every layer's ratio")
     plan = CompressionPlan.load(args.plan) if args.plan else None
-    loaded = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    task = task_from_args(args)
+    loaded = load(args, task)
     if plan is None:
         plan = CompressionPlan([sparsity] * loaded.num_layers, method=args.method, pattern=args.pattern,
                                vision_sparsity=args.vision_sparsity)
     plan.check_layers(loaded.num_layers)
-    pruner = Pruner.calibrated(loaded, data.split("calibration"))
+    pruner = Pruner.for_task(loaded, task, n=args.n_calibration)
+    if plan.vision_sparsity and not pruner.has_vision_stats:
+        raise ValueError(f"--vision-sparsity needs a task with images; {task.name!r} calibrates the language model only")
     if args.allocation != "uniform" and not args.plan:
         plan = dataclasses.replace(plan, sparsity=pruner.allocation(args.allocation, sparsity))
     pruner.apply(plan)
@@ -166,14 +191,15 @@ def cmd_ablate_prune(args) -> None:
     import pandas as pd
 
     from lmmlab import ablate
-    from lmmlab.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    rows = ablate.ablate_prune(loaded, methods=args.methods, sparsities=args.sparsities, split=args.split, n=args.n)
+    task = task_from_args(args)
+    loaded = load(args, task)
+    rows = ablate.ablate_prune(loaded, task, methods=args.methods, sparsities=args.sparsities, split=args.split,
+                               n=args.n)
     table = pd.DataFrame(rows)
     write_text_atomic(args.out, table.to_csv(index=False))
-    print(table[["method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "accuracy"]]
-          .to_string(index=False))
+    print(table[["method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "primary"]]
+          .rename(columns={"primary": task.primary_metric}).to_string(index=False))
     print(f"wrote {args.out}")
 
 
@@ -181,24 +207,24 @@ def cmd_ablate_kv(args) -> None:
     import pandas as pd
 
     from lmmlab import ablate
-    from lmmlab.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    rows = ablate.ablate_kv(loaded, widths=args.widths, mixed=not args.no_mixed, group_size=args.kv_group_size,
+    task = task_from_args(args)
+    loaded = load(args, task)
+    rows = ablate.ablate_kv(loaded, task, widths=args.widths, mixed=not args.no_mixed, group_size=args.kv_group_size,
                             residual_length=args.kv_residual, split=args.split, n=args.n)
     table = pd.DataFrame(rows)
     write_text_atomic(args.out, table.to_csv(index=False))
-    print(table[["kv_plan", "kv_bits", "mean_kv_bits", "kv_bytes", "kv_ratio", "accuracy", "loss"]]
-          .to_string(index=False))
+    print(table[["kv_plan", "kv_bits", "mean_kv_bits", "kv_bytes", "kv_ratio", "primary", "loss"]]
+          .rename(columns={"primary": task.primary_metric}).to_string(index=False))
     print(f"wrote {args.out}")
 
 
 def cmd_search(args) -> None:
     from lmmlab import search as tpe
-    from lmmlab.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = tpe.search(loaded, target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
+    task = task_from_args(args)
+    loaded = load(args, task)
+    result = tpe.search(loaded, task, target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
                         n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
                         objective=args.objective, multi_objective=args.multi_objective, method=args.method,
                         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
@@ -209,9 +235,10 @@ def cmd_search(args) -> None:
     trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
     write_text_atomic(trials_csv, table.to_csv(index=False))
     result.best_plan.save(plan_json)
-    shown = ["trial", "source", "accuracy", "loss", "mean_sparsity", "mean_kv_bits", "memory_bytes", "kv_bits"]
-    rows = table[table.on_front] if args.multi_objective else table.nlargest(5, "accuracy")
-    print(rows[shown].to_string(index=False))
+    shown = ["trial", "source", "primary", "loss", "mean_sparsity", "mean_kv_bits", "memory_bytes", "kv_bits"]
+    best = table.nlargest if task.direction == "maximize" else table.nsmallest
+    rows = table[table.on_front] if args.multi_objective else best(5, "primary")
+    print(rows[shown].rename(columns={"primary": task.primary_metric}).to_string(index=False))
     print(f"study {name!r} in {args.storage}: {len(table)} finished trials")
     print(f"best plan: sparsity {[round(x, 3) for x in result.best_plan.sparsity]}, KV bits {result.best_plan.kv_bits}")
     print(f"wrote {trials_csv} and {plan_json}")
@@ -230,40 +257,59 @@ def cmd_compare(args) -> None:
     import pandas as pd
 
     from lmmlab.compare import compare
-    from lmmlab.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    rows = compare(loaded, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
+    task = task_from_args(args)
+    loaded = load(args, task)
+    rows = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
                    method=args.method, storage=args.storage, kv_group_size=args.kv_group_size,
                    kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed)
     table = pd.DataFrame(rows)
     write_text_atomic(args.out, table.to_csv(index=False))
     wide = table.assign(run=table.method + "-" + table.allocation).pivot_table(
-        index=["kv_budget_bits", "target_sparsity"], columns="run", values="accuracy")
+        index=["kv_budget_bits", "target_sparsity"], columns="run", values="primary")
+    print(f"test {task.primary_metric} ({task.direction}):")
     print(wide.round(3).to_string())
     print(f"wrote {args.out}")
 
 
 def cmd_bench(args) -> None:
     from lmmlab.bench import bench_kv, bench_prune, bench_search
-    from lmmlab.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = {"prune": bench_prune, "kv": bench_kv, "search": bench_search}[args.what](loaded)
+    task = task_from_args(args)
+    loaded = load(args, task)
+    if args.what == "kv":
+        result = bench_kv(loaded)
+    else:
+        result = {"prune": bench_prune, "search": bench_search}[args.what](loaded, task)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lmmlab-default", help="lmmlab-default, a saved folder or a hub id")
+    p.add_argument("--model", default="lmmlab-default",
+                   help="lmmlab-default (the toy LLaVA), smollm2-135m, a saved folder or a hub id")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on GPU, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    from lmmlab.tasks import task_names
+
+    p.add_argument("--task", default=None,
+                   help=f"what the model is scored on: {', '.join(task_names())} (default: shapes for "
+                        "lmmlab-default, text for any other model)")
+    p.add_argument("--data", default=None, help="the task's data: a file or folder (text, parquet, JSONL), or a "
+                                                "dataset name (default: the task's own offline data)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. seqlen=256 (repeatable)")
+
+
 def add_split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="test", choices=list(data.SPLITS))
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: the split's size)")
+    from lmmlab.tasks import SPLITS
+
+    p.add_argument("--split", default="test", choices=list(SPLITS))
+    p.add_argument("--n", type=int, default=None, help="number of items (default: the task's size for the split)")
 
 
 def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
@@ -280,18 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the default model: dense, pruning, KV widths, a TPE joint plan vs baselines")
-    p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's study")
+    p = sub.add_parser("demo", help="one model and task: dense, pruning, KV widths, TPE joint plans vs baselines")
+    add_model_args(p)
+    add_task_args(p)
+    add_kv_layout_args(p)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
+    p.add_argument("--trials", type=int, default=20, help="TPE trials per budget")
+    p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
+    p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's studies")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")
     p.add_argument("--out", type=Path, default=None, help="folder to save to (default: the cache, $LMMLAB_CACHE)")
     p.set_defaults(func=cmd_train_default)
 
-    p = sub.add_parser("eval", help="accuracy, loss, latency and memory of a model on a split")
+    p = sub.add_parser("eval", help="a task's metrics, loss, latency and memory of a model on a split")
     add_model_args(p)
+    add_task_args(p)
     add_split_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--kv-bits", type=int, nargs="+", default=[16],
                    help="KV cache bits: one width for every layer or one per layer, from 2 3 4 6 8 16 (default 16)")
     add_kv_layout_args(p)
@@ -303,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model (calibrating on the calibration split) and save it with its plan")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
     p.add_argument("--sparsity", type=float, default=0.5, help="mean fraction of weights removed, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
@@ -310,11 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-sparsity", type=float, default=0.0,
                    help="also prune the vision tower's and projector's linears at this ratio (default: leave dense)")
     p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the five above)")
+    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
     p.add_argument("--out", type=Path, required=True, help="new folder for the pruned model (save_pretrained)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("ablate-prune", help="accuracy of every method x sparsity x allocation (and 2:4, 4:8) as CSV")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     add_split_args(p)
@@ -325,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate-kv", help="accuracy and KV bytes of uniform and mixed per-layer KV widths as CSV")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--widths", nargs="+", type=int, default=list(KV_WIDTHS), help="uniform widths to run")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed (early/late) per-layer plans")
     add_kv_layout_args(p)
@@ -332,16 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_kv.csv")
     p.set_defaults(func=cmd_ablate_kv)
 
-    from lmmlab.search import DEFAULT_STORAGE, OBJECTIVES
+    from lmmlab.search import DEFAULT_STORAGE
 
     p = sub.add_parser("search", help="joint TPE search over per-layer sparsity and KV bits (resumable Optuna study)")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--target-sparsity", type=float, default=0.5, help="parameter-weighted mean sparsity, in [0, 1)")
     p.add_argument("--kv-budget", type=float, default=16.0, help="mean KV bits per layer at most this")
     p.add_argument("--n-trials", type=int, default=100, help="finished trials the study should hold (resumes)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (sqlite:///..., postgresql://...)")
     p.add_argument("--study-name", default=None, help="default: derived from the model, method and budgets")
-    p.add_argument("--objective", default="accuracy", choices=OBJECTIVES, help="validation accuracy or answer loss")
+    p.add_argument("--objective", default=None,
+                   help="the task's primary metric (default; accuracy, perplexity, ...) or 'loss'")
     p.add_argument("--multi-objective", action="store_true",
                    help="accuracy vs memory (weights + KV at --context-tokens), searching the budgets too")
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
@@ -349,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", type=float, default=0.25, help="per-layer sparsity offsets within ± this")
     p.add_argument("--groups", type=int, default=None, help="bins of consecutive layers sharing one choice")
     add_kv_layout_args(p)
-    p.add_argument("--n-eval", type=int, default=None, help="validation samples per trial (default: all 512)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--context-tokens", type=int, default=1024, help="context at which KV memory is counted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS / "tables", help="where the trials CSV and best plan go")
@@ -363,14 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="TPE joint plan vs uniform/OWL baselines at the same budgets, on test")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
     p.add_argument("--n-trials", type=int, default=100)
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS, help="the pruning method TPE allocates for")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     add_kv_layout_args(p)
-    p.add_argument("--n", type=int, default=None, help="test samples (default: all 1,000)")
-    p.add_argument("--n-eval", type=int, default=None, help="validation samples per trial (default: all 512)")
+    p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
     p.set_defaults(func=cmd_compare)
@@ -378,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
     p.add_argument("what", choices=["prune", "kv", "search"], help="what to measure")
     add_model_args(p)
+    add_task_args(p)
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

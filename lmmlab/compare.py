@@ -1,6 +1,6 @@
 """The headline comparison: the TPE joint plan against uniform and OWL baselines at the same budgets, on test.
 
-For every (target sparsity, KV budget) pair, a TPE study searches on the validation split; its best plan and the
+For every (target sparsity, KV budget) pair, a TPE study searches on the task's validation split; its best plan and the
 baselines (uniform magnitude, Wanda and SparseGPT, OWL-Wanda; uniform KV at the widest width within the budget) are
 then evaluated once on the test split.
 """
@@ -9,26 +9,25 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from lmmlab import data
 from lmmlab.ablate import Pruner, row
-from lmmlab.evaluate import evaluate
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, CompressionPlan
-from lmmlab.search import DEFAULT_STORAGE, search
+from lmmlab.search import DEFAULT_STORAGE, memory_bytes, search
+from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
 
 BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))
 
 
-def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
+def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
             n_trials: int = 100, method: str = "wanda", storage: str = DEFAULT_STORAGE, study_prefix: str = "compare",
             kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
-            split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0) -> list[dict]:
+            split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0,
+            pruner: Pruner | None = None) -> list[dict]:
     """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`."""
-    samples = data.split(split, n)
-    pruner = Pruner.calibrated(loaded, data.split("calibration", seed=seed))
+    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
         for budget in kv_budgets:
@@ -36,48 +35,48 @@ def compare(loaded: Loaded, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_bu
             for target in sparsities:
                 plans = {(m, a): pruner.plan(m, a, target, kv, kv_group_size=kv_group_size, kv_residual=kv_residual)
                          for m, a in BASELINES}
-                result = search(loaded, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
-                                storage=storage, study_name=f"{study_prefix}-{method}-s{target:g}-kv{budget:g}",
+                result = search(loaded, task, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
+                                storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}",
                                 method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
                                 kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner)
                 plans[(method, "tpe")] = result.best_plan
                 for (m, allocation), plan in plans.items():
                     pruner.apply(plan)
-                    metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
-                    rows.append({**row(plan, allocation, target, loaded, metrics, split, seed),
+                    metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
+                    rows.append({**row(plan, allocation, target, loaded, metrics, task, split, seed),
                                  "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0})
-                    log.info("s=%.2f kv<=%g %s %s: %.3f", target, budget, m, allocation, metrics.accuracy)
+                    log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, m, allocation, task.primary_metric,
+                             metrics.primary)
     finally:
         pruner.restore()
     return rows
 
 
-def pareto_points(loaded: Loaded, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
+def pareto_points(loaded: Loaded, task: Task, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
                   kv_widths: Sequence[int] = (16, 4), methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"),
                   allocations: Sequence[str] = ("uniform", "owl"), kv_group_size: int = KIVI_GROUP_SIZE,
                   kv_residual: int = KIVI_RESIDUAL,
                   context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
-    """Accuracy and memory (non-zero weights + KV at `context_tokens`) of every baseline plan on `split`."""
+    """The primary metric and memory (non-zero weights + KV at `context_tokens`) of every baseline plan on `split`."""
     labelled = [(allocation, pruner.plan(method, allocation, target, kv, kv_group_size=kv_group_size,
                                          kv_residual=kv_residual))
                 for method in methods for allocation in allocations for target in sparsities for kv in kv_widths]
-    return evaluate_plans(loaded, pruner, labelled, context_tokens, split, n)
+    return evaluate_plans(loaded, task, pruner, labelled, context_tokens, split, n)
 
 
-def evaluate_plans(loaded: Loaded, pruner: Pruner, labelled: Sequence[tuple[str, CompressionPlan]],
+def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequence[tuple[str, CompressionPlan]],
                    context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
-    """Accuracy and memory of (allocation label, plan) pairs, a search's Pareto front say, on `split`."""
-    from lmmlab.search import memory_bytes
-
-    samples = data.split(split, n)
+    """The primary metric (and the task's other metrics) and memory of (allocation label, plan) pairs, a search's Pareto front
+    say, on `split`."""
     rows = []
     try:
         for allocation, plan in labelled:
             pruner.apply(plan)
-            metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded), with_loss=False)
+            metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded),
+                                    with_loss=False)
             rows.append({"method": plan.method, "allocation": allocation, "target_sparsity": plan.mean_sparsity,
-                         "mean_kv_bits": plan.mean_kv_bits, "accuracy": metrics.accuracy,
-                         **memory_bytes(loaded, plan, context_tokens)})
+                         "mean_kv_bits": plan.mean_kv_bits, "primary_metric": metrics.primary_metric,
+                         "primary": metrics.primary, **metrics.values, **memory_bytes(loaded, plan, context_tokens)})
     finally:
         pruner.restore()
     return rows

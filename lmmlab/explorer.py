@@ -1,16 +1,15 @@
 """An ipywidgets explorer: sliders for target sparsity, method, allocation and KV bits per group of layers; each
-change re-masks from the cached scores, evaluates and shows accuracy, memory and a few predictions."""
+change re-masks from the cached scores, evaluates the task and shows its metric, memory and a few predictions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-from lmmlab import data
 from lmmlab.ablate import ALLOCATIONS, Pruner
-from lmmlab.evaluate import Metrics, evaluate
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.plan import KV_BITS, METHODS, CompressionPlan
 from lmmlab.search import memory_bytes
+from lmmlab.tasks import Metrics, Task
 
 
 @dataclass
@@ -19,15 +18,15 @@ class Preview:
     metrics: Metrics
     memory: dict
 
-    def summary(self, samples: Sequence[data.Sample], shown: int = 6) -> str:
+    def summary(self, shown: int = 6) -> str:
         m = self.metrics
-        lines = [f"accuracy {m.accuracy:.3f}   loss {m.loss:.4f}   "
+        lines = [f"{m.primary_metric} {m.primary:.4g}   loss {m.loss:.4f}   "
                  f"weights {self.memory['weight_bytes'] / 2**20:.2f} MiB + KV {self.memory['kv_bytes_at_context'] / 2**20:.2f}"
                  f" MiB = {self.memory['memory_bytes'] / 2**20:.2f} MiB",
                  "sparsity per layer: " + " ".join(f"{s:.2f}" for s in self.plan.sparsity),
                  "KV bits per layer:  " + " ".join(map(str, self.plan.kv_bits)), ""]
-        for s, p in list(zip(samples, m.predictions))[:shown]:
-            lines.append(f"{'✓' if p == s.answer else '✗'} {s.question:<44} answer {s.answer:<8} model {p}")
+        for value, prediction in list(zip(m.per_item, m.predictions))[:shown]:
+            lines.append(f"{m.per_item_metric} {value:.3g}   model: {prediction}")
         return "\n".join(lines)
 
 
@@ -37,20 +36,20 @@ def group_bits(num_layers: int, bits_per_group: Sequence[int]) -> list[int]:
     return [bits_per_group[i * n // num_layers] for i in range(num_layers)]
 
 
-def preview(pruner: Pruner, samples: Sequence[data.Sample], method: str, allocation: str, target: float,
+def preview(pruner: Pruner, task: Task, method: str, allocation: str, target: float,
             bits_per_group: Sequence[int], kv_group_size: int = 8, kv_residual: int = 8,
-            context_tokens: int = 1024) -> Preview:
+            context_tokens: int = 1024, split: str = "validation", n: int | None = None) -> Preview:
     """Apply the plan these settings describe (re-masking from cached scores) and evaluate it."""
     loaded = pruner.loaded
     plan = pruner.plan(method, allocation, target, group_bits(loaded.num_layers, bits_per_group),
                        kv_group_size=kv_group_size, kv_residual=kv_residual)
     pruner.apply(plan)
-    metrics = evaluate(loaded, samples, make_cache=lambda: kv_cache_for(plan, loaded))
+    metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
     return Preview(plan, metrics, memory_bytes(loaded, plan, context_tokens))
 
 
-def explorer(pruner: Pruner, samples: Sequence[data.Sample], groups: int = 3, **preview_options):
-    """The widget: change any control and the model is re-pruned and re-evaluated on `samples`."""
+def explorer(pruner: Pruner, task: Task, groups: int = 3, **preview_options):
+    """The widget: change any control and the model is re-pruned and re-evaluated on the task."""
     import ipywidgets as w
     from IPython.display import display
 
@@ -63,9 +62,9 @@ def explorer(pruner: Pruner, samples: Sequence[data.Sample], groups: int = 3, **
     def update(*_):
         with out:
             out.clear_output(wait=True)
-            result = preview(pruner, samples, method.value, allocation.value, target.value, [b.value for b in bits],
+            result = preview(pruner, task, method.value, allocation.value, target.value, [b.value for b in bits],
                              **preview_options)
-            print(result.summary(samples))
+            print(result.summary())
 
     for control in (target, method, allocation, *bits):
         control.observe(update, names="value")

@@ -8,13 +8,23 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lmmlab import data
 from lmmlab.plan import CompressionPlan
 
 FIGURES = Path("results") / "figures"
 METHOD_COLOURS = {"magnitude": "tab:gray", "wanda": "tab:blue", "ria": "tab:green", "sparsegpt": "tab:orange",
                   "dense": "black"}
 ALLOCATION_STYLES = {"uniform": "--", "owl": ":", "tpe": "-"}
+UNITS = {"accuracy": " (fraction correct)", "perplexity": " (lower is better)", "loss": " (nats)"}
+
+
+def metric_label(table: pd.DataFrame, split: str = "test") -> str:
+    """'test accuracy (fraction correct)', 'test perplexity (lower is better)', ... from a table's primary_metric."""
+    name = table.primary_metric.iloc[0] if "primary_metric" in table and len(table) else "primary metric"
+    return f"{split} {name}{UNITS.get(name, '')}"
+
+
+def _is_fraction(table: pd.DataFrame) -> bool:
+    return "primary_metric" in table and len(table) and table.primary_metric.iloc[0] != "perplexity"
 
 
 def save(fig: plt.Figure, name: str, folder: Path = FIGURES) -> Path:
@@ -24,15 +34,14 @@ def save(fig: plt.Figure, name: str, folder: Path = FIGURES) -> Path:
     return path
 
 
-def samples_figure(samples: Sequence[data.Sample], predictions: Sequence[str] | None = None) -> plt.Figure:
-    """The task at a glance: each image with its question, answer (and the model's prediction)."""
-    fig, axes = plt.subplots(1, len(samples), figsize=(2.6 * len(samples), 3.2))
-    for i, (ax, s) in enumerate(zip(axes, samples)):
-        ax.imshow(data.render(s.scene))
-        said = f"\nmodel: {predictions[i]}" if predictions is not None else ""
-        ax.set_title(f"{s.question}\nanswer: {s.answer}{said}", fontsize=8)
+def gallery_figure(images: Sequence, captions: Sequence[str], title: str) -> plt.Figure:
+    """Items of a task at a glance: each image with its caption (question, answer, the model's prediction)."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3.2), squeeze=False)
+    for ax, image, caption in zip(axes[0], images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8)
         ax.axis("off")
-    fig.suptitle("Generated visual-QA task: 48×48 scenes, one question each")
+    fig.suptitle(title)
     return fig
 
 
@@ -66,23 +75,25 @@ def layer_outliers_figure(layers: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def convergence_figure(trials: pd.DataFrame, objective: str = "accuracy",
-                       baselines: dict[str, float] | None = None) -> plt.Figure:
+def convergence_figure(trials: pd.DataFrame, baselines: dict[str, float] | None = None) -> plt.Figure:
     """Each trial's validation objective and the best so far; warm-start trials marked."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    objective = trials.primary_metric.iloc[0] if (trials.objective == trials.primary).all() else "loss"
     for source, marker in (("uniform", "s"), ("owl", "D"), ("tpe", "o")):
         part = trials[trials.source == source]
-        ax.scatter(part.trial, part[objective], marker=marker, s=18, alpha=0.7, label=f"{source} trial")
+        ax.scatter(part.trial, part.objective, marker=marker, s=18, alpha=0.7, label=f"{source} trial")
     ax.plot(trials.trial, trials.best_so_far, color="black", label="best so far")
     for name, value in (baselines or {}).items():
         ax.axhline(value, linestyle=":", linewidth=1, color="gray")
         ax.text(trials.trial.max(), value, f" {name}", va="center", fontsize=8)
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"validation {objective}" + (" (fraction correct)" if objective == "accuracy" else " (nats)"))
+    ax.set_ylabel(f"validation {objective}{UNITS.get(objective, '')}")
     if objective == "accuracy":
         ax.set_ylim(max(0.0, trials.best_so_far.max() - 0.4), 1.0)
+    elif objective == "perplexity":
+        ax.set_yscale("log")
     ax.set_title("TPE search: convergence")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return fig
 
 
@@ -119,58 +130,63 @@ def importances_figure(importances: dict[str, float]) -> plt.Figure:
     return fig
 
 
-def ablation_figure(table: pd.DataFrame, dense_accuracy: float) -> plt.Figure:
-    """Test accuracy vs target sparsity: one colour per method, one line style per allocation."""
+def ablation_figure(table: pd.DataFrame, dense_value: float) -> plt.Figure:
+    """The test metric vs target sparsity: one colour per method, one line style per allocation."""
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     runs = table[(table.pattern == "unstructured") & (table.allocation != "dense")]
     for (method, allocation), part in runs.groupby(["method", "allocation"]):
         part = part.sort_values("target_sparsity")
-        ax.plot(part.target_sparsity, part.accuracy, ALLOCATION_STYLES.get(allocation, "-"), marker="o",
+        ax.plot(part.target_sparsity, part.primary, ALLOCATION_STYLES.get(allocation, "-"), marker="o",
                 markersize=3, color=METHOD_COLOURS.get(method), label=f"{method} · {allocation}",
                 linewidth=2.4 if allocation == "tpe" else 1.2)
-    ax.axhline(dense_accuracy, color="black", linewidth=1, label=f"dense {dense_accuracy:.3f}")
+    ax.axhline(dense_value, color="black", linewidth=1, label=f"dense {dense_value:.4g}")
     ax.set_xlabel("mean sparsity of the decoder's linears (fraction removed)")
-    ax.set_ylabel("test accuracy (fraction correct)")
+    ax.set_ylabel(metric_label(table))
+    if not _is_fraction(table):
+        ax.set_yscale("log")
     ax.set_title("Pruning methods × allocations")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, ncol=2, loc="best")
     return fig
 
 
 def kv_figure(table: pd.DataFrame) -> plt.Figure:
-    """Uniform KV widths: test accuracy and answer loss against KV bytes per sample."""
+    """Uniform KV widths: the test metric and the loss against KV bytes per item."""
     uniform = table[table.kv_plan.str.startswith("uniform")].sort_values("mean_kv_bits")
     mixed = table[~table.kv_plan.str.startswith("uniform")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, column, label in ((left, "accuracy", "test accuracy (fraction correct)"),
-                              (right, "loss", "answer loss (nats)")):
+    for ax, column, label in ((left, "primary", metric_label(table)), (right, "loss", "loss (nats)")):
         ax.plot(uniform.kv_bytes / 1024, uniform[column], "o-", label="uniform width")
         for _, r in uniform.iterrows():
             ax.annotate(f"{int(r.mean_kv_bits)}b", (r.kv_bytes / 1024, r[column]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
         ax.scatter(mixed.kv_bytes / 1024, mixed[column], marker="D", color="tab:red", label="mixed per layer")
-        ax.set_xlabel("KV cache per sample (KiB)")
+        ax.set_xlabel("KV cache per item (KiB)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    left.set_ylim(max(0.0, table.accuracy.min() - 0.1), 1.0)
+    if _is_fraction(table):
+        left.set_ylim(max(0.0, table.primary.min() - 0.1), 1.0)
     fig.suptitle("KV-cache quantization (KIVI layout), dense weights")
     fig.tight_layout()
     return fig
 
 
 def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int) -> plt.Figure:
-    """Accuracy vs total memory (weights + KV at a context) for every method, with the TPE front(s) on top (one per
-    pruning method in `front.method`)."""
+    """The test metric vs total memory (weights + KV at a context) for every method, with the TPE front(s) on top
+    (one per pruning method in `front.method`)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for (method, allocation), part in points.groupby(["method", "allocation"]):
-        ax.scatter(part.memory_bytes / 2**20, part.accuracy, s=20, alpha=0.7, color=METHOD_COLOURS.get(method),
+        ax.scatter(part.memory_bytes / 2**20, part.primary, s=20, alpha=0.7, color=METHOD_COLOURS.get(method),
                    marker="o" if allocation == "uniform" else "^", label=f"{method} · {allocation}")
     for (method, part), marker in zip(front.groupby("method"), "*Ps"):
         part = part.sort_values("memory_bytes")
-        ax.plot(part.memory_bytes / 2**20, part.accuracy, "-", marker=marker, markersize=8, linewidth=2,
+        ax.plot(part.memory_bytes / 2**20, part.primary, "-", marker=marker, markersize=8, linewidth=2,
                 color="crimson" if method == "wanda" else "darkred", label=f"TPE front · {method}")
     ax.set_xlabel(f"memory: non-zero weights + KV cache at {context_tokens} tokens (MiB)")
-    ax.set_ylabel("test accuracy (fraction correct)")
-    ax.set_ylim(max(0.0, front.accuracy.min() - 0.15), 1.0)
-    ax.set_title("Accuracy vs memory")
+    ax.set_ylabel(metric_label(points))
+    if _is_fraction(points):
+        ax.set_ylim(max(0.0, front.primary.min() - 0.15), 1.0)
+    else:
+        ax.set_yscale("log")
+    ax.set_title("Quality vs memory")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     return fig

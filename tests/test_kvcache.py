@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from lmmlab import data
-from lmmlab.evaluate import evaluate
+from lmmlab.tasks import shapes as data
+from lmmlab.tasks.shapes import evaluate
 from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, kv_cache_for, pack, quantize,
                             unpack)
 from lmmlab.plan import CompressionPlan

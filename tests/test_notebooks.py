@@ -8,7 +8,7 @@ import pytest
 NOTEBOOKS = {
     "01_calibration": (["calibration_samples", "calibration_accuracy_by_kind", "calibration_layers"],
                        {"calibration_layers.csv": {"layer", "outlier_ratio", "max_input_norm", "median_input_norm"},
-                        "calibration_dense_test.json": {"accuracy", "accuracy_by_kind", "loss"}}),
+                        "calibration_dense_test.json": {"primary", "accuracy", "accuracy_colour", "loss"}}),
     "02_tpe_search": (["tpe_convergence", "tpe_best_plan", "tpe_importances"],
                       {"tpe_trials.csv": {"trial", "source", "accuracy", "loss", "best_so_far", "sparsity", "kv_bits"},
                        "tpe_vs_baselines.csv": {"method", "allocation", "accuracy", "memory_bytes"},
@@ -18,7 +18,7 @@ NOTEBOOKS = {
                       "ablation_kv.csv": {"kv_plan", "kv_bits", "kv_bytes", "kv_ratio", "accuracy", "loss"}}),
     "04_pareto": (["pareto"], {"pareto_points.csv": {"method", "allocation", "accuracy", "memory_bytes"},
                                "pareto_front.csv": {"accuracy", "memory_bytes", "mean_kv_bits"}}),
-    "05_explorer": (["explorer"], {"explorer_preview.csv": {"accuracy", "memory_bytes"}}),
+    "05_explorer": (["explorer"], {"explorer_preview.csv": {"primary_metric", "primary", "memory_bytes"}}),
 }
 
 

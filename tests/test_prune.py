@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lmmlab import data
-from lmmlab.calibrate import calibrate, sample_batches
+from lmmlab.tasks import get_task
+from lmmlab.tasks import shapes as data
+from lmmlab.calibrate import calibrate
 from lmmlab.plan import CompressionPlan
 from lmmlab.prune import DenseWeights, apply_plan, make_mask, mask_nm, score, scores, sparsity_of
 
@@ -80,7 +81,7 @@ def test_wanda_and_ria_differ_from_magnitude_where_activations_are_skewed():
 
 @pytest.fixture(scope="module")
 def calibrated(default):
-    return calibrate(default, sample_batches(default, data.split("calibration", 64)))
+    return calibrate(default, data.batches(default, data.split("calibration", 64)))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])
@@ -151,7 +152,7 @@ def reconstruction_error(W, W_hat, gram):
 def test_layer_reconstruction_error_is_ordered_sparsegpt_wanda_magnitude(default, pattern):
     from lmmlab.prune import SparseGPT
 
-    stats = calibrate(default, sample_batches(default, data.split("calibration", 64)), gram=True)
+    stats = calibrate(default, data.batches(default, data.split("calibration", 64)), gram=True)
     nm = None if pattern == "unstructured" else (2, 4)
     for i in (1, 4):
         for name, linear in default.linears(i).items():
@@ -176,10 +177,10 @@ def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
     from lmmlab.prune import apply_sparsegpt
 
     dense = DenseWeights(default)
-    batches = sample_batches(default, data.split("calibration", 32))
+    batches = data.batches(default, data.split("calibration", 32))
     plan = CompressionPlan([0.5] * default.num_layers, method="sparsegpt")
     samples = data.split("validation", 128)
-    from lmmlab.evaluate import evaluate
+    from lmmlab.tasks.shapes import evaluate
     try:
         apply_sparsegpt(default, plan, batches)
         for i in range(default.num_layers):
@@ -197,7 +198,7 @@ def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
 def test_pruner_results_do_not_depend_on_what_ran_before(default):
     from lmmlab.ablate import Pruner
 
-    pruner = Pruner.calibrated(default, data.split("calibration", 32))
+    pruner = Pruner.for_task(default, get_task("shapes"), n=32)
     plan = CompressionPlan.uniform(default.num_layers, 0.5, method="wanda")
     try:
         pruner.apply(CompressionPlan.uniform(default.num_layers, 0.8, method="magnitude"))
@@ -217,7 +218,7 @@ def test_vision_side_is_dense_unless_asked_and_pruned_to_its_ratio_when_asked(de
     from lmmlab.ablate import Pruner
     from lmmlab.models import VISION
 
-    pruner = Pruner.calibrated(default, data.split("calibration", 32))
+    pruner = Pruner.for_task(default, get_task("shapes"), n=32)
     vision = {k: lin for k, lin in default.prunable(vision=True).items() if k[0] == VISION}
     assert {name.split(".")[0] for _, name in vision} == {"vision_tower", "multi_modal_projector"}
     dense = {k: lin.weight.clone() for k, lin in vision.items()}
@@ -241,7 +242,7 @@ def test_projector_input_norms_are_the_image_features(default):
     from lmmlab.models import VISION, patch_features
 
     samples = data.split("calibration", 8)
-    batches = sample_batches(default, samples)
+    batches = data.batches(default, samples)
     stats = calibrate(default, batches, vision=True)
     features = patch_features(default.model, batches[0]["pixel_values"]).flatten(0, 1)
     torch.testing.assert_close(stats.sq_norm[(VISION, "multi_modal_projector.linear_1")], features.pow(2).sum(0),

@@ -11,10 +11,14 @@ import optuna
 import pytest
 import torch
 
-from lmmlab import allocate, data
+from lmmlab import allocate
+from lmmlab.tasks import get_task
+from lmmlab.tasks import shapes as data
 from lmmlab.ablate import Pruner
 from lmmlab.cli import main
 from lmmlab.search import SearchSpace, search, suggest_plan, trials_table, warm_start_params
+
+SHAPES = get_task("shapes")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAST = dict(n_eval=32, kv_group_size=8, kv_residual=8)
@@ -65,24 +69,24 @@ def test_a_trial_plan_is_the_projection_of_its_suggestion():
     (dict(kv_widths=(2, 5)), "kv width 5 not supported; allowed: 2, 3, 4, 6, 8, 16"),
     (dict(kv_widths=()), "the set of KV widths is empty"),
     (dict(kv_budget_bits=1), "below the narrowest allowed width 2"),
-    (dict(objective="perplexity"), "unknown objective 'perplexity'; allowed: accuracy, loss"),
+    (dict(objective="perplexity"), "unknown objective 'perplexity' for task 'shapes'; allowed: accuracy, loss"),
     (dict(groups=7), "groups must be between 1 and the number of layers"),
 ])
 def test_bad_search_arguments_fail_clearly_and_write_nothing(default, tmp_path, kwargs, message):
     db = tmp_path / "s.db"
     with pytest.raises(ValueError, match=message):
-        search(default, n_trials=2, storage=f"sqlite:///{db}", **kwargs)
+        search(default, SHAPES, n_trials=2, storage=f"sqlite:///{db}", **kwargs)
     assert not db.exists()
 
 
 @pytest.fixture(scope="module")
 def pruner(default):
-    return Pruner.calibrated(default, data.split("calibration", 64))
+    return Pruner.for_task(default, get_task("shapes"), n=64)
 
 
 def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    first = search(default, target_sparsity=0.6, kv_budget_bits=4, n_trials=3, storage=storage, study_name="s",
+    first = search(default, SHAPES, target_sparsity=0.6, kv_budget_bits=4, n_trials=3, storage=storage, study_name="s",
                    pruner=pruner, **FAST)
     trials = first.study.trials
     assert [t.user_attrs["source"] for t in trials] == ["uniform", "owl", "tpe"]
@@ -93,7 +97,7 @@ def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, t
     for t in trials:
         assert t.user_attrs["mean_sparsity"] == pytest.approx(0.6) and t.user_attrs["mean_kv_bits"] <= 4
 
-    again = search(default, target_sparsity=0.6, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
+    again = search(default, SHAPES, target_sparsity=0.6, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
                    pruner=pruner, **FAST)
     resumed = again.study.trials
     assert len(resumed) == 5 and [t.params for t in resumed[:3]] == [t.params for t in trials]
@@ -102,7 +106,7 @@ def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, t
     assert list(table.trial) == [0, 1, 2, 3, 4] and (table.best_so_far.diff().dropna() >= 0).all()
 
     with pytest.raises(ValueError, match="was created with other settings"):
-        search(default, target_sparsity=0.7, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
+        search(default, SHAPES, target_sparsity=0.7, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
                pruner=pruner, **FAST)
 
 
@@ -133,7 +137,7 @@ def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_
     before = optuna.load_study(study_name="k", storage=storage).get_trials(
         states=(optuna.trial.TrialState.COMPLETE,))
     assert len(before) >= 3
-    resumed = search(default, target_sparsity=0.5, kv_budget_bits=6, n_trials=len(before) + 1, storage=storage,
+    resumed = search(default, SHAPES, target_sparsity=0.5, kv_budget_bits=6, n_trials=len(before) + 1, storage=storage,
                      study_name="k", pruner=pruner, **FAST)
     after = resumed.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(after) == len(before) + 1
@@ -142,7 +146,7 @@ def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_
 
 
 def test_multi_objective_returns_a_non_dominated_front(default, pruner, tmp_path):
-    result = search(default, multi_objective=True, n_trials=14, storage=f"sqlite:///{tmp_path / 'm.db'}",
+    result = search(default, SHAPES, multi_objective=True, n_trials=14, storage=f"sqlite:///{tmp_path / 'm.db'}",
                     study_name="m", pruner=pruner, target_range=(0.4, 0.8), **FAST)
     complete = result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     front = result.study.best_trials
@@ -168,7 +172,7 @@ def test_search_command_writes_the_trials_and_the_best_plan(default, tmp_path, c
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "cli_trials.csv")
-    assert len(table) == 3 and {"accuracy", "loss", "memory_bytes", "sparsity", "kv_bits", "source"} <= set(table)
+    assert len(table) == 3 and {"primary", "accuracy", "loss", "memory_bytes", "sparsity", "kv_bits", "source"} <= set(table)
     plan = CompressionPlan.load(tmp_path / "cli_best_plan.json")
     assert plan.mean_sparsity == pytest.approx(0.6) and plan.mean_kv_bits <= 4
     assert "3 finished trials" in capsys.readouterr().out
@@ -212,13 +216,13 @@ def test_warm_start_parameters_cover_uniform_and_owl_in_both_modes():
 
 
 def test_a_window_longer_than_the_prompts_is_reported(default, pruner, tmp_path, caplog):
-    search(default, target_sparsity=0.5, kv_budget_bits=4, n_trials=1, storage=f"sqlite:///{tmp_path / 'w.db'}",
+    search(default, SHAPES, target_sparsity=0.5, kv_budget_bits=4, n_trials=1, storage=f"sqlite:///{tmp_path / 'w.db'}",
            pruner=pruner, n_eval=16)  # KIVI's 32 / 128 on ~20-token prompts
     assert "quantized nothing" in caplog.text and "128-token residual window" in caplog.text
 
 
 def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path):
-    result = search(default, target_sparsity=0.7, kv_budget_bits=16, n_trials=3, objective="loss", groups=2,
+    result = search(default, SHAPES, target_sparsity=0.7, kv_budget_bits=16, n_trials=3, objective="loss", groups=2,
                     storage=f"sqlite:///{tmp_path / 'l.db'}", pruner=pruner, **FAST)
     trials = result.study.trials
     assert result.study.direction == optuna.study.StudyDirection.MINIMIZE
@@ -232,7 +236,7 @@ def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path)
 def test_bench_search_reports_overhead_and_throughput(default):
     from lmmlab.bench import bench_search
 
-    result = bench_search(default, n_trials=3)
+    result = bench_search(default, SHAPES, n_trials=3)
     for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials"):
         assert result[key] > 0
     assert result["overhead_over_eval"] == pytest.approx(result["trial_overhead_s"] / result["trial_eval_s"])

@@ -1,16 +1,11 @@
-"""Models: the embedded default LLaVA (build, train, cache), `load_model`, and the one model adapter.
-
-Everything that depends on the architecture — where the language model's decoder layers are, which linears in them are
-prunable, how many KV heads they have — lives here. Nothing else in lmmlab looks inside a model.
+"""The embedded default model: a real LlavaForConditionalGeneration trained by the project on the shapes task
+(build, three-stage training recipe, cache). It is the one model defined by a task, so it reads the shapes data.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,20 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmmlab import data
+from lmmlab.models.adapter import DEFAULT_MODEL, cache_dir, save_atomic
+from lmmlab.tasks import shapes as data
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "lmmlab-default"
 RECIPE_FILE = "lmmlab_recipe.json"
-CACHE_ENV = "LMMLAB_CACHE"
-VISION = -1  # the "layer" index in (layer, name) keys for linears of the vision tower and the projector
-PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def cache_dir() -> Path:
-    """Where the default model is kept: $LMMLAB_CACHE, else ~/.cache/lmmlab."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmmlab")
 
 
 def default_model_path() -> Path:
@@ -277,23 +264,6 @@ def train_default(recipe: DefaultRecipe = DefaultRecipe(), out: Path | None = No
     return out
 
 
-def save_atomic(model, processor, out: Path, extra: dict[str, dict] | None = None) -> None:
-    """save_pretrained into a temporary sibling folder, then rename, so a killed run leaves no half-written model."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        for name, content in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def cached_recipe(path: Path) -> dict | None:
     """The recipe a cached default model was trained with (None if there is no model there)."""
     file = Path(path) / RECIPE_FILE
@@ -315,128 +285,3 @@ def ensure_default(progress: bool = True) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading any model, and the adapter.
-
-
-@dataclass
-class Loaded:
-    """A loaded model with the places lmmlab works on: the language model's decoder layers and their linears."""
-
-    name: str
-    model: nn.Module
-    processor: object  # LlavaProcessor for multimodal models, a tokenizer for text-only ones
-    layers: nn.ModuleList  # the language model's decoder layers
-
-    @property
-    def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
-
-    @property
-    def text_config(self):
-        config = self.model.config
-        return getattr(config, "text_config", None) or config
-
-    @property
-    def is_multimodal(self) -> bool:
-        return hasattr(self.model.config, "vision_config")
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def num_kv_heads(self) -> int:
-        c = self.text_config
-        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        c = self.text_config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def linears(self, layer: int) -> dict[str, nn.Linear]:
-        """The prunable linear sublayers of one decoder layer, by short name (q_proj, ..., down_proj)."""
-        found = {}
-        for name, module in self.layers[layer].named_modules():
-            short = name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear) and short in PRUNABLE:
-                found[short] = module
-        return found
-
-    def vision_linears(self) -> dict[str, nn.Linear]:
-        """Linears of the vision tower and the multimodal projector, by module path (none for text-only models)."""
-        inner = getattr(self.model, "model", self.model)
-        found = {}
-        for part in ("vision_tower", "multi_modal_projector"):
-            module = getattr(inner, part, None)
-            for name, sub in module.named_modules() if module is not None else ():
-                if isinstance(sub, nn.Linear):
-                    found[f"{part}.{name}"] = sub
-        return found
-
-    def prunable(self, vision: bool = False) -> dict[tuple[int, str], nn.Linear]:
-        """Every prunable linear by (decoder layer, name); with vision=True also (VISION, path) for the vision side."""
-        found = {(i, name): lin for i in range(self.num_layers) for name, lin in self.linears(i).items()}
-        if vision:
-            found.update({(VISION, name): lin for name, lin in self.vision_linears().items()})
-        return found
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers, for Llava (model.model.language_model) and Llama-family causal LMs."""
-    inner = getattr(model, "model", model)
-    language_model = getattr(inner, "language_model", inner)
-    layers = getattr(language_model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder layers where lmmlab looks (model.[language_model.]layers)")
-    return layers
-
-
-def resolve(name_or_path: str | Path) -> str:
-    """The short default name -> its cached folder (trained if missing); a folder must hold a config.json."""
-    if str(name_or_path) == DEFAULT_MODEL:
-        return str(ensure_default())
-    path = Path(name_or_path)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no model (no config.json); pass a folder written by save_pretrained")
-        return str(path)
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith(("/", ".")):
-        raise ValueError(
-            f"unknown model {str(name_or_path)!r}: pass {DEFAULT_MODEL!r}, a local folder with a saved model, "
-            "or a hub id such as 'llava-hf/llava-1.5-7b-hf'"
-        )
-    return str(name_or_path)
-
-
-def load_model(
-    name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | None = None
-) -> Loaded:
-    """Load the default model, a saved folder, or a hub id into a `Loaded` (model in eval mode)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
-    from transformers import LlavaForConditionalGeneration
-
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"unknown dtype {dtype!r}; allowed: float32, float16, bfloat16")
-        dtype = getattr(torch, dtype)
-    source = resolve(name_or_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise ValueError(f"cannot load model {str(name_or_path)!r}: {err}") from None
-    if hasattr(config, "vision_config"):
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        processor = AutoTokenizer.from_pretrained(source)
-    model.to(device).eval()
-    return Loaded(name=str(name_or_path), model=model, processor=processor, layers=decoder_layers(model))

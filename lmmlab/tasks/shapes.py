@@ -1,4 +1,5 @@
-"""The generated visual-QA task: scenes of simple shapes, questions about them, splits, batching.
+"""The `shapes` task: a generated visual-QA quiz — scenes of simple shapes, questions about them, splits, batching,
+and exact-match evaluation through any KV cache. The embedded toy LLaVA is trained on it.
 
 A scene is 1-4 distinct shapes placed in the cells of a 3x3 grid (16-px cells, a 48x48 image), each with a colour and
 one of two sizes. Cells are aligned with the vision tower's 16-px patches, so every image token sees at most one shape:
@@ -14,15 +15,25 @@ Question kinds (all answers are one word):
 
 Splits are disjoint by construction: a scene belongs to the split its content hash falls in, so no image of the test
 split can appear in training, whatever the seeds.
+
+Evaluation protocol: the image and the question, all but the prompt's last token, are prefilled into the cache; every
+answer token, the first included, is then produced by a decode step whose query reads the cache, so whatever the cache
+does to the keys and values it stores (quantization, say) shows in the answers.
 """
 from __future__ import annotations
 
 import hashlib
 import random
 from dataclasses import dataclass
+import time
+from collections import defaultdict
 from typing import Iterator, Sequence
 
+import torch
 from PIL import Image, ImageDraw
+
+from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, check_split, greedy_answers, peak_memory,
+                               register, reset_peak_memory, synchronize)
 
 TASK_VERSION = 1  # bump when scenes, questions or splits change: the cached default model is retrained
 GRID = 3
@@ -164,7 +175,9 @@ def samples(split: str, n: int | None = None, seed: int | None = None) -> Iterat
 
 def split(name: str, n: int | None = None, seed: int | None = None) -> list[Sample]:
     """A fixed list of samples from a split (the split's default size when n is None)."""
-    if name in DEFAULT_SIZES and n is None:
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; allowed: {', '.join(SPLITS)}")
+    if n is None:
         n = DEFAULT_SIZES[name]
         if n is None:
             raise ValueError("the train split is endless: pass n")
@@ -186,3 +199,106 @@ def collate(processor, batch: Sequence[Sample], with_answers: bool = False):
     """Processor inputs for a batch: prompts (left-padded) and images; with answers appended when asked."""
     texts = [s.prompt + (f" {s.answer}{processor.tokenizer.eos_token}" if with_answers else "") for s in batch]
     return processor(images=[s.image() for s in batch], text=texts, return_tensors="pt", padding=True)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+def model_inputs(loaded, batch: Sequence[Sample], with_answers: bool = False) -> dict:
+    """Processor inputs for a batch on the model's device, pixel values in the model's dtype."""
+    inputs = collate(loaded.processor, batch, with_answers=with_answers).to(loaded.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    return dict(inputs)
+
+
+def batches(loaded, samples: Sequence[Sample], batch_size: int = 32) -> list[dict]:
+    """Processor inputs (image + question prompt, attention mask) for consecutive batches of `samples`."""
+    return [model_inputs(loaded, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def generate_answers(loaded, batch: Sequence[Sample], make_cache: CacheFactory | None = None,
+                     max_new_tokens: int = 3) -> tuple[list[str], int]:
+    """Greedy answers for a batch, decoded from the cache; returns the answers and the bytes the cache holds."""
+    return greedy_answers(loaded, model_inputs(loaded, batch), make_cache, max_new_tokens)
+
+
+def answer_loss(loaded, batch: Sequence[Sample], make_cache: CacheFactory | None = None) -> list[float]:
+    """Teacher-forced cross-entropy per sample, averaged over the answer's tokens (answer word + end token)."""
+    tok = loaded.tokenizer
+    lengths = [len(tok(f" {s.answer}{tok.eos_token}", add_special_tokens=False)["input_ids"]) for s in batch]
+    return answer_nll(loaded, model_inputs(loaded, batch, with_answers=True), lengths, make_cache)
+
+
+def evaluate(loaded, samples: Sequence[Sample], make_cache: CacheFactory | None = None, batch_size: int = 64,
+             with_loss: bool = True, progress: bool = False, max_new_tokens: int = 3) -> Metrics:
+    """Exact-match accuracy (overall and per kind), answer loss, latency, peak memory and KV bytes on `samples`."""
+    if not loaded.is_multimodal:
+        raise ValueError(f"{loaded.name!r} is a text-only model; the shapes task needs a Llava model")
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    from tqdm.auto import tqdm
+
+    reset_peak_memory(loaded.device)
+    predictions, losses, kv, seconds = [], [], 0, 0.0
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    for batch in tqdm(batches, desc="evaluate", disable=not progress):
+        start = time.perf_counter()
+        answers, nbytes = generate_answers(loaded, batch, make_cache, max_new_tokens)
+        synchronize(loaded.device)
+        seconds += time.perf_counter() - start
+        predictions += answers
+        kv += nbytes
+        if with_loss:
+            losses += answer_loss(loaded, batch, make_cache)
+    correct = [float(p == s.answer) for p, s in zip(predictions, samples)]
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for ok, s in zip(correct, samples):
+        by_kind[s.kind].append(ok)
+    accuracy = sum(correct) / len(correct)
+    return Metrics(
+        primary_metric="accuracy", primary=accuracy, direction="maximize",
+        loss=sum(losses) / len(losses) if losses else float("nan"),
+        latency_s=seconds / len(samples), peak_mem_bytes=peak_memory(loaded.device), kv_bytes=kv / len(samples),
+        n=len(samples),
+        values={"accuracy": accuracy, **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}},
+        per_item=correct, per_item_metric="correct", predictions=predictions,
+    )
+
+
+@register
+class ShapesTask(Task):
+    """The generated shapes quiz: exact one-word match, questions of four kinds (see the module docstring)."""
+
+    name = "shapes"
+    primary_metric = "accuracy"
+    direction = "maximize"
+    needs_images = True
+
+    def __init__(self, batch_size: int = 64, max_new_tokens: int = 3):
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {batch_size}, {max_new_tokens}")
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def items(self, split_name: str, n: int | None = None, seed: int = 0) -> list[Sample]:
+        check_split(split_name)
+        return split(split_name, n, seed=seed)
+
+    def calibration_batches(self, loaded, *, n: int | None = None, seed: int = 0,
+                            batch_size: int | None = None) -> list[dict]:
+        self.check_model(loaded)
+        return batches(loaded, self.items("calibration", n, seed), batch_size or 32)
+
+    def evaluate(self, loaded, *, split: str = "test", make_cache: CacheFactory | None = None, n: int | None = None,
+                 with_loss: bool = True, progress: bool = False) -> Metrics:
+        self.check_model(loaded)
+        return evaluate(loaded, self.items(split, n), make_cache, self.batch_size, with_loss, progress,
+                        self.max_new_tokens)
+
+    def describe(self) -> str:
+        return "shapes (generated visual QA; exact-match accuracy)"
+
+
+def gallery(samples: Sequence[Sample], predictions: Sequence[str] | None = None) -> tuple[list[Image.Image], list[str]]:
+    """Images and captions (question, answer, the model's prediction) for `plots.gallery_figure`."""
+    captions = [f"{s.question}\nanswer: {s.answer}" + (f"\nmodel: {predictions[i]}" if predictions else "")
+                for i, s in enumerate(samples)]
+    return [s.image() for s in samples], captions

@@ -1,0 +1,261 @@
+"""The task seam: what a model is scored on, apart from the engine that compresses it.
+
+A `Task` knows its data, prompts and metric. It yields calibration batches (model inputs with an attention mask) and
+evaluates a `Loaded` model on a split, with an optional KV-cache factory, returning `Metrics`: one primary metric and
+its direction (accuracy ↑, perplexity ↓), a loss, KV bytes, latency, peak memory, the task's own named metrics, and a
+value per item (a question's correctness, a window's NLL) so that tables can carry intervals and paired tests.
+
+The engine (calibrate, prune, allocate, kvcache, search) never looks inside a task: it calls `calibration_batches`
+and `evaluate`, and optimises `Metrics.primary` in `Metrics.direction` (or `Metrics.loss`).
+"""
+from __future__ import annotations
+
+import inspect
+import resource
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+CacheFactory = Callable[[], object]
+SPLITS = ("calibration", "validation", "test")  # calibration: scores; validation: the search; test: final reports
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class Metrics:
+    """What `Task.evaluate` returns. `values` holds the task's own metrics by name, the primary one included, so
+    `metrics.accuracy` or `metrics.perplexity` read them directly."""
+
+    primary_metric: str
+    primary: float
+    direction: str  # "maximize" or "minimize"
+    loss: float  # mean token cross-entropy the task defines (answer tokens, or every predicted token of a window)
+    latency_s: float  # wall seconds per item
+    peak_mem_bytes: int
+    kv_bytes: float  # bytes the KV cache holds per item at the end of its evaluation
+    n: int
+    values: dict[str, float] = field(default_factory=dict)
+    per_item: list[float] = field(default_factory=list, repr=False)  # one value per item, in the task's item order
+    per_item_metric: str = ""  # what per_item holds: "correct" (0/1), "nll" (mean NLL of a window), "vqa_score"...
+    predictions: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {self.direction!r}")
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values") or {}
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} has no metric {name!r} (it has {', '.join(values) or 'none'})")
+
+    def to_dict(self, with_items: bool = False) -> dict:
+        """Flat JSON-ready dict: primary_metric, primary, direction, the task's metrics by name, loss, timing, bytes."""
+        d = asdict(self)
+        values = d.pop("values")
+        if not with_items:
+            d.pop("per_item")
+            d.pop("predictions")
+        return {"primary_metric": d.pop("primary_metric"), "primary": d.pop("primary"),
+                "direction": d.pop("direction"), **values, **d}
+
+
+class Task(ABC):
+    """A scoring target. Subclasses set the class attributes and implement the two methods."""
+
+    name: ClassVar[str]
+    primary_metric: ClassVar[str]
+    direction: ClassVar[str]
+    needs_images: ClassVar[bool] = False
+
+    def check_model(self, loaded) -> None:
+        """One clear error when the model cannot take this task (images on a text-only model)."""
+        if self.needs_images and not loaded.is_multimodal:
+            raise ValueError(f"task {self.name!r} needs images, and {loaded.name!r} is a text-only model; "
+                             "pass a Llava model or a text task (--task text)")
+
+    @abstractmethod
+    def calibration_batches(self, loaded, *, n: int | None = None, seed: int = 0,
+                            batch_size: int | None = None) -> list[dict]:
+        """Model inputs (with an attention_mask) for `n` calibration items, on the model's device."""
+
+    @abstractmethod
+    def evaluate(self, loaded, *, split: str = "test", make_cache: CacheFactory | None = None, n: int | None = None,
+                 with_loss: bool = True, progress: bool = False) -> Metrics:
+        """Score `loaded` on `split` (calibration / validation / test), each item through a fresh cache from
+        `make_cache` (a plain DynamicCache when None)."""
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether primary value `a` is better than `b` in this task's direction."""
+        return a > b if self.direction == "maximize" else a < b
+
+    def describe(self) -> str:
+        return self.name
+
+
+# --- registry ------------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available to `get_task` under its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def task_options(name: str) -> list[str]:
+    """The keyword options a task accepts (its constructor's parameters)."""
+    cls = _task_class(name)
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def get_task(name: str, **options) -> Task:
+    """The task registered as `name`, built with `options` (e.g. data=PATH, seqlen=256); None-valued options are
+    left at their defaults. Unknown names and options fail with one line naming what is allowed."""
+    cls = _task_class(name)
+    allowed = task_options(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for task {name!r}; allowed: {', '.join(allowed)}")
+    return cls(**options)
+
+
+def _task_class(name: str) -> type[Task]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for module in ("shapes", "text", "vqa"):
+        try:
+            importlib.import_module(f"lmmlab.tasks.{module}")
+        except ModuleNotFoundError as err:  # a task module not written yet must not hide the others
+            if err.name != f"lmmlab.tasks.{module}":
+                raise
+
+
+# --- helpers every task's evaluation shares ----------------------------------------------------------------------
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+
+
+def check_data_path(data: str | Path) -> Path:
+    """An existing, non-empty file or folder, else one clear error."""
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0 or path.is_dir() and not any(path.iterdir()):
+        raise ValueError(f"--data {path} is empty")
+    return path
+
+
+def new_cache(loaded, make_cache: CacheFactory | None):
+    """A fresh cache from the factory, or transformers' plain DynamicCache."""
+    if make_cache is not None:
+        return make_cache()
+    from transformers import DynamicCache
+
+    return DynamicCache(config=loaded.model.config)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache really stores: its own count when it keeps one (quantized caches), else its tensors' sizes."""
+    from lmmlab.kvcache import layer_nbytes
+
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return sum(layer_nbytes(layer) for layer in cache.layers)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: the device allocator's on CUDA, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def prefill_then_read(model, inputs: dict, cache, tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill all but the last `tail` tokens (any image among them) into `cache`, then run those `tail` tokens
+    against it, so that every one of them reads the stored (possibly quantized) states. Left-padded batches get
+    positions from their attention mask. Returns the tail's logits [B, tail, vocab], the mask and the positions."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    head = ids.shape[1] - tail
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}  # pixel_values, ...
+    model(input_ids=ids[:, :head], attention_mask=mask[:, :head], position_ids=position_ids[:, :head], cache=cache,
+          use_cache=True, **extra)
+    logits = model(input_ids=ids[:, head:], attention_mask=mask, position_ids=position_ids[:, head:], cache=cache,
+                   use_cache=True).logits
+    return logits, mask, position_ids
+
+
+@torch.no_grad()
+def greedy_answers(loaded, inputs: dict, make_cache: CacheFactory | None = None,
+                   max_new_tokens: int = 3) -> tuple[list[str], int]:
+    """Greedy answers for a left-padded batch of prompts: prefill all but the prompt's last token into a fresh
+    cache, then produce every answer token, the first included, by a decode step that reads the cache (so whatever
+    the cache does to what it stores shows in the answers). Returns the answers and the bytes the cache holds."""
+    model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    cache = new_cache(loaded, make_cache)
+    logits, mask, position_ids = prefill_then_read(model, inputs, cache, tail=1)
+    logits = logits[:, -1]
+    generated, done = [], torch.zeros(len(mask), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_token = logits.argmax(-1)
+        next_token = torch.where(done, torch.full_like(next_token, tok.pad_token_id), next_token)
+        generated.append(next_token)
+        done |= next_token == tok.eos_token_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = model(input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
+                       cache=cache, use_cache=True).logits[:, -1]
+    answers = []
+    for row in torch.stack(generated, 1).tolist():
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        answers.append(tok.decode([t for t in row if t != tok.pad_token_id], skip_special_tokens=True).strip())
+    return answers, cache_bytes(cache)
+
+
+@torch.no_grad()
+def answer_nll(loaded, inputs: dict, answer_lengths: list[int], make_cache: CacheFactory | None = None) -> list[float]:
+    """Teacher-forced cross-entropy per row of a left-padded batch whose rows end with their answer's tokens
+    (`answer_lengths[i]` of them), averaged over those tokens; the answers and the prompt's last token read the
+    cache, as in `greedy_answers`."""
+    ids = inputs["input_ids"]
+    tail = max(answer_lengths) + 1
+    logits = prefill_then_read(loaded.model, inputs, new_cache(loaded, make_cache), tail)[0].float()
+    losses = []
+    for i, n_answer in enumerate(answer_lengths):
+        # Left padding: the answer's tokens are the last n_answer of the row, predicted by the positions before them.
+        losses.append(torch.nn.functional.cross_entropy(logits[i, -n_answer - 1 : -1], ids[i, -n_answer:]).item())
+    return losses
