@@ -38,6 +38,7 @@ class Pruner:
     stats: Stats
     dense: DenseWeights
     cache: dict[str, Scores] = field(default_factory=dict)
+    applied: tuple | None = None  # the weight part of the plan the model holds now (None: dense or unknown)
 
     @classmethod
     def calibrated(cls, loaded: Loaded, batches: list[dict]) -> "Pruner":
@@ -51,15 +52,22 @@ class Pruner:
         return cls.calibrated(loaded, task.calibration_batches(loaded, n=n, seed=seed))
 
     def apply(self, plan: CompressionPlan) -> None:
-        """Prune the model to `plan` (from the dense weights; SparseGPT re-solves, the others re-mask)."""
+        """Prune the model to `plan` (from the dense weights; SparseGPT re-solves, the others re-mask). A plan whose
+        weights are the ones the model already holds (it differs in KV widths only) costs nothing."""
+        weights = weight_part(plan)
+        if weights == self.applied:
+            return
+        self.applied = None  # until this plan is fully in place
         if plan.method == "sparsegpt":
             self.dense.restore(self.loaded)
             apply_sparsegpt(self.loaded, plan, self.batches)
+            self.applied = weights
             return
         if plan.method not in self.cache:
             self.dense.restore(self.loaded)  # scores are always of the dense weights, whatever ran before
             self.cache[plan.method] = scores(plan.method, self.loaded, self.stats, vision=self.has_vision_stats)
         apply_plan(self.loaded, plan, self.cache[plan.method], self.dense)
+        self.applied = weights
 
     def allocation(self, name: str, target: float) -> list[float]:
         if name == "uniform":
@@ -77,6 +85,7 @@ class Pruner:
 
     def restore(self) -> None:
         self.dense.restore(self.loaded)
+        self.applied = None
 
     @property
     def has_vision_stats(self) -> bool:
@@ -95,6 +104,11 @@ class Pruner:
             rows.append({"layer": i, "outlier_ratio": ratios[i], f"owl_sparsity_at_{target:g}": owl[i],
                          "max_input_norm": norms.max().item(), "median_input_norm": norms.median().item()})
         return pd.DataFrame(rows)
+
+
+def weight_part(plan: CompressionPlan) -> tuple:
+    """What of a plan decides the weights: method, pattern, per-layer and vision sparsity (not the KV cache)."""
+    return plan.method, plan.pattern, tuple(plan.sparsity), plan.vision_sparsity
 
 
 def weight_bytes(loaded: Loaded) -> int:

@@ -50,6 +50,18 @@ def task_from_args(args):
     return get_task(args.task or default_task(args.model), data=args.data, **options)
 
 
+def calibrated_pruner(args, loaded, task, n: int | None = None, seed: int = 0):
+    """Calibration on --calibration-task (e.g. text windows for a LLaVA, as the seed code calibrates on C4), else on
+    the task itself."""
+    from lmmlab.ablate import Pruner
+    from lmmlab.tasks import get_task
+
+    name = getattr(args, "calibration_task", None)
+    source = get_task(name) if name and name != task.name else task
+    source.check_model(loaded)
+    return Pruner.for_task(loaded, source, n=n, seed=seed)
+
+
 def load(args, task=None):
     """The model of --model/--dtype/--device, checked against the task."""
     from lmmlab.models import load_model
@@ -82,7 +94,8 @@ def cmd_eval(args) -> None:
     plan = CompressionPlan([0.0] * loaded.num_layers, bits, kv_group_size=args.kv_group_size,
                            kv_residual=args.kv_residual)
     make_cache = (lambda: kv_cache_for(plan, loaded)) if set(bits) != {16} else None
-    kv_cache_for(plan, loaded)  # reject a bad layout before evaluating
+    if make_cache is not None:
+        kv_cache_for(plan, loaded)  # reject a bad layout before evaluating
     metrics = task.evaluate(loaded, split=args.split, n=args.n, make_cache=make_cache, progress=True)
     kv = "" if make_cache is None else f", KV bits {'-'.join(map(str, bits))}"
     print(format_metrics(f"{args.model} on {task.describe()}, {args.split} ({metrics.n} items{kv})", metrics))
@@ -114,7 +127,7 @@ def cmd_demo(args) -> None:
     write_json(tables / f"{tag}_dense.json", dense.to_dict())
 
     print(f"\npruning the decoder's linears (one calibration pass; scores cached) — test {task.primary_metric}:")
-    pruner = ablate.Pruner.for_task(loaded, task)
+    pruner = calibrated_pruner(args, loaded, task)
     prune_rows = ablate.ablate_prune(loaded, task, sparsities=args.sparsities, patterns=("2:4",), n=args.n,
                                      pruner=pruner)
     prune = pd.DataFrame(prune_rows)
@@ -136,7 +149,7 @@ def cmd_demo(args) -> None:
     print(f"\nTPE joint plan ({args.trials} trials each on validation, study in {args.storage}) vs the baselines "
           f"at the same budgets — test {task.primary_metric}:")
     versus = pd.DataFrame(compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets,
-                                  n_trials=args.trials, storage=args.storage, study_prefix=tag, pruner=pruner,
+                                  n_trials=args.trials, storage=args.storage, study_prefix=f"demo-{Path(args.model).name}", pruner=pruner,
                                   n=args.n, n_eval=args.n_eval, **layout))
     write_text_atomic(tables / f"{tag}_compare.csv", versus.to_csv(index=False))
     wide = versus.assign(run=versus.method + "-" + versus.allocation).pivot_table(
@@ -173,7 +186,7 @@ def cmd_prune(args) -> None:
         plan = CompressionPlan([sparsity] * loaded.num_layers, method=args.method, pattern=args.pattern,
                                vision_sparsity=args.vision_sparsity)
     plan.check_layers(loaded.num_layers)
-    pruner = Pruner.for_task(loaded, task, n=args.n_calibration)
+    pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
     if plan.vision_sparsity and not pruner.has_vision_stats:
         raise ValueError(f"--vision-sparsity needs a task with images; {task.name!r} calibrates the language model only")
     if args.allocation != "uniform" and not args.plan:
@@ -195,7 +208,7 @@ def cmd_ablate_prune(args) -> None:
     task = task_from_args(args)
     loaded = load(args, task)
     rows = ablate.ablate_prune(loaded, task, methods=args.methods, sparsities=args.sparsities, split=args.split,
-                               n=args.n)
+                               n=args.n, pruner=calibrated_pruner(args, loaded, task))
     table = pd.DataFrame(rows)
     write_text_atomic(args.out, table.to_csv(index=False))
     print(table[["method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "primary"]]
@@ -229,7 +242,8 @@ def cmd_search(args) -> None:
                         objective=args.objective, multi_objective=args.multi_objective, method=args.method,
                         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
                         kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
-                        context_tokens=args.context_tokens, seed=args.seed)
+                        context_tokens=args.context_tokens, seed=args.seed,
+                        pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
     name = result.study.study_name
     table = tpe.trials_table(result.study)
     trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
@@ -262,7 +276,8 @@ def cmd_compare(args) -> None:
     loaded = load(args, task)
     rows = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
                    method=args.method, storage=args.storage, kv_group_size=args.kv_group_size,
-                   kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed)
+                   kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed,
+                   pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
     table = pd.DataFrame(rows)
     write_text_atomic(args.out, table.to_csv(index=False))
     wide = table.assign(run=table.method + "-" + table.allocation).pivot_table(
@@ -303,6 +318,9 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
                                                 "dataset name (default: the task's own offline data)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. seqlen=256 (repeatable)")
+    p.add_argument("--calibration-task", default=None,
+                   help="calibrate pruning scores on this task's default data instead (e.g. text for a LLaVA, as the "
+                        "seed code calibrates on C4)")
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:

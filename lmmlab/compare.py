@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from lmmlab.ablate import Pruner, row
+from lmmlab.ablate import Pruner, row, weight_part
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, CompressionPlan
@@ -30,23 +30,29 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
-        for budget in kv_budgets:
-            kv = max(b for b in kv_widths if b <= budget)
-            for target in sparsities:
-                plans = {(m, a): pruner.plan(m, a, target, kv, kv_group_size=kv_group_size, kv_residual=kv_residual)
-                         for m, a in BASELINES}
+        for target in sparsities:
+            runs = []  # (budget, label, plan), in table order
+            for budget in kv_budgets:
+                kv = max(b for b in kv_widths if b <= budget)
+                runs += [(budget, allocation, pruner.plan(m, allocation, target, kv, kv_group_size=kv_group_size,
+                                                          kv_residual=kv_residual)) for m, allocation in BASELINES]
                 result = search(loaded, task, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
                                 storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}",
                                 method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
                                 kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner)
-                plans[(method, "tpe")] = result.best_plan
-                for (m, allocation), plan in plans.items():
-                    pruner.apply(plan)
-                    metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
-                    rows.append({**row(plan, allocation, target, loaded, metrics, task, split, seed),
-                                 "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0})
-                    log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, m, allocation, task.primary_metric,
-                             metrics.primary)
+                runs.append((budget, "tpe", result.best_plan))
+            # Evaluate plans with the same weights one after another, so each is pruned (SparseGPT: solved) once.
+            order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2]))
+            scored = {}
+            for r in order:
+                budget, allocation, plan = runs[r]
+                pruner.apply(plan)
+                metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
+                scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed),
+                             "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0}
+                log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation,
+                         task.primary_metric, metrics.primary)
+            rows += [scored[r] for r in range(len(runs))]
     finally:
         pruner.restore()
     return rows

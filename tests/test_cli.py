@@ -201,3 +201,39 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
     assert {"uniform", "owl", "tpe"} <= set(versus.allocation)
     for name in ("prune", "kv"):
         assert (tmp_path / "results" / "figures" / f"demo-lmmlab-default-shapes_{name}.png").stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_llama_dir, tiny_llava_dir):
+    """Files for the task error cases: empty, too short for one window, a record without its image, a schema that
+    matches no benchmark, and a valid POPE file."""
+    import vqa_fixtures
+
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_text("")
+    (folder / "short.txt").write_text("is there a circle ?")
+    (folder / "noimage.jsonl").write_text(json.dumps({"question_id": "1", "question": "is there a cat ?",
+                                                       "answer": "yes", "image": "missing.png",
+                                                       "category": "random"}) + "\n")
+    (folder / "odd.jsonl").write_text(json.dumps({"prompt": "hello", "label": 1}) + "\n")
+    vqa_fixtures.write_jsonl(vqa_fixtures.records("pope", 4), folder / "pope" / "pope.jsonl")
+    return {"dir": folder, "llama": str(tiny_llama_dir), "llava": str(tiny_llava_dir)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "shape"], "unknown task 'shape'; allowed: "),
+    (["--task", "text", "--task-option", "bogus=1"], "unknown option(s) bogus for task 'text'; allowed: "),
+    (["--task", "text", "--task-option", "seqlen"], "is not KEY=VALUE"),
+    (["--task", "text", "--data", "{dir}/nothing-here.txt"], "does not exist"),
+    (["--task", "text", "--data", "{dir}/empty.txt"], "is empty"),
+    (["--model", "{llama}", "--task", "text", "--data", "{dir}/short.txt"], "shorter than one window"),
+    (["--model", "{llava}", "--task", "pope", "--data", "{dir}/noimage.jsonl"], "missing.png does not exist"),
+    (["--model", "{llava}", "--task", "pope", "--data", "{dir}/odd.jsonl"], "does not hold pope data: no field(s)"),
+    (["--model", "{llama}", "--task", "pope", "--data", "{dir}/pope/pope.jsonl"], "needs images"),
+])
+def test_task_mistakes_give_one_line_exit_2_and_write_nothing(args, message, bad_inputs, tmp_path):
+    path = tmp_path / "m.json"
+    out = run("eval", *[a.format(**bad_inputs) for a in args], "--n", "2", "--json", str(path))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
+    assert not path.exists()

@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -241,3 +242,26 @@ def test_bench_search_reports_overhead_and_throughput(default):
         assert result[key] > 0
     assert result["overhead_over_eval"] == pytest.approx(result["trial_overhead_s"] / result["trial_eval_s"])
     assert result["minutes_per_100_trials"] == pytest.approx(100 / result["trials_per_min"])
+
+
+def test_search_on_the_text_task_minimises_perplexity_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    """The objective is the task's primary metric in its direction: perplexity, minimised, on validation windows."""
+    from lmmlab.models import load_model
+
+    words = data.vocabulary()
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    loaded = load_model(tiny_llama_dir, device="cpu")
+    task = get_task("text", data=str(corpus), seqlen=32, prefill=16, chunk=4)
+    result = search(loaded, task, target_sparsity=0.5, kv_budget_bits=4, n_trials=4, n_eval=4,
+                    storage=f"sqlite:///{tmp_path / 't.db'}", kv_group_size=8, kv_residual=8)
+    trials = result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert result.study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert all(t.user_attrs["primary_metric"] == "perplexity" for t in trials)
+    assert [t.value for t in trials] == [t.user_attrs["primary"] for t in trials]
+    assert result.study.best_value == min(t.value for t in trials)
+    assert result.best_plan.kv_bits == result.study.best_trial.user_attrs["plan"]["kv_bits"]
+    assert all(t.user_attrs["mean_kv_bits"] <= 4 for t in trials)
+    table = trials_table(result.study)
+    assert (table.best_so_far == table.objective.cummin()).all() and "perplexity" in table

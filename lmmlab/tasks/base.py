@@ -211,7 +211,7 @@ def prefill_then_read(model, inputs: dict, cache, tail: int) -> tuple[torch.Tens
     head = ids.shape[1] - tail
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}  # pixel_values, ...
     model(input_ids=ids[:, :head], attention_mask=mask[:, :head], position_ids=position_ids[:, :head], cache=cache,
-          use_cache=True, **extra)
+          use_cache=True, logits_to_keep=1, **extra)  # the prefill only fills the cache: no full-vocabulary logits
     logits = model(input_ids=ids[:, head:], attention_mask=mask, position_ids=position_ids[:, head:], cache=cache,
                    use_cache=True).logits
     return logits, mask, position_ids
@@ -224,13 +224,14 @@ def greedy_answers(loaded, inputs: dict, make_cache: CacheFactory | None = None,
     cache, then produce every answer token, the first included, by a decode step that reads the cache (so whatever
     the cache does to what it stores shows in the answers). Returns the answers and the bytes the cache holds."""
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cache = new_cache(loaded, make_cache)
     logits, mask, position_ids = prefill_then_read(model, inputs, cache, tail=1)
     logits = logits[:, -1]
     generated, done = [], torch.zeros(len(mask), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)
-        next_token = torch.where(done, torch.full_like(next_token, tok.pad_token_id), next_token)
+        next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
         generated.append(next_token)
         done |= next_token == tok.eos_token_id
         if done.all() or step == max_new_tokens - 1:
@@ -242,7 +243,7 @@ def greedy_answers(loaded, inputs: dict, make_cache: CacheFactory | None = None,
     answers = []
     for row in torch.stack(generated, 1).tolist():
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        answers.append(tok.decode([t for t in row if t != tok.pad_token_id], skip_special_tokens=True).strip())
+        answers.append(tok.decode([t for t in row if t != pad], skip_special_tokens=True).strip())
     return answers, cache_bytes(cache)
 
 
