@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/lmmlab demo
+	$(VENV)/bin/lmmlab demo --model smollm2-135m --trials 16
 
 test: venv
 	$(PY) -m pytest -q

@@ -148,13 +148,10 @@ def cmd_demo(args) -> None:
 
     print(f"\nTPE joint plan ({args.trials} trials each on validation, study in {args.storage}) vs the baselines "
           f"at the same budgets — test {task.primary_metric}:")
-    versus = pd.DataFrame(compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets,
-                                  n_trials=args.trials, storage=args.storage, study_prefix=f"demo-{Path(args.model).name}", pruner=pruner,
-                                  n=args.n, n_eval=args.n_eval, **layout))
-    write_text_atomic(tables / f"{tag}_compare.csv", versus.to_csv(index=False))
-    wide = versus.assign(run=versus.method + "-" + versus.allocation).pivot_table(
-        index=["kv_budget_bits", "target_sparsity"], columns="run", values="primary")
-    print(wide.round(3).to_string())
+    versus = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.trials,
+                     storage=args.storage, study_prefix=f"demo-{Path(args.model).name}", pruner=pruner, n=args.n,
+                     n_eval=args.n_eval, **layout)
+    print_comparison(versus, task, tables / f"{tag}_compare.csv")
 
     paths = [plots.save(plots.ablation_figure(prune, dense.primary), f"{tag}_prune", figures),
              plots.save(plots.kv_figure(kv), f"{tag}_kv", figures)]
@@ -275,16 +272,35 @@ def cmd_compare(args) -> None:
     task = task_from_args(args)
     loaded = load(args, task)
     rows = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
-                   method=args.method, storage=args.storage, kv_group_size=args.kv_group_size,
+                   method=args.method, storage=args.storage, study_prefix=args.study_prefix,
+                   kv_group_size=args.kv_group_size,
                    kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed,
                    pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
+    print(f"test {task.primary_metric} ({task.direction}):")
+    print_comparison(rows, task, args.out)
+
+
+def print_comparison(rows: list[dict], task, out: Path) -> None:
+    """Write a comparison's table, its per-item values and its paired tests (TPE vs each baseline); print both."""
+    import pandas as pd
+
+    from lmmlab.compare import paired_table
+
     table = pd.DataFrame(rows)
-    write_text_atomic(args.out, table.to_csv(index=False))
+    items = pd.DataFrame({f"{r['method']}-{r['allocation']}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}":
+                          r["per_item"] for r in rows})
+    tests = pd.DataFrame(paired_table(rows, task.direction))
+    out = Path(out)
+    write_text_atomic(out, table.drop(columns="per_item").to_csv(index=False))
+    write_text_atomic(out.with_name(out.stem + "_items.csv"), items.to_csv(index=False))
+    write_text_atomic(out.with_name(out.stem + "_paired.csv"), tests.to_csv(index=False))
     wide = table.assign(run=table.method + "-" + table.allocation).pivot_table(
         index=["kv_budget_bits", "target_sparsity"], columns="run", values="primary")
-    print(f"test {task.primary_metric} ({task.direction}):")
     print(wide.round(3).to_string())
-    print(f"wrote {args.out}")
+    print("\nTPE vs each baseline on the same items (mean per-item difference, 95 % bootstrap interval, paired "
+          "permutation p):")
+    print(tests.round(4).to_string(index=False))
+    print(f"wrote {out} and its _items.csv / _paired.csv")
 
 
 def cmd_bench(args) -> None:
@@ -354,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's studies")
+    p.set_defaults(model="smollm2-135m")  # the real-model story; --model lmmlab-default tells it on the toy LLaVA
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")
@@ -447,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, default=100)
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS, help="the pruning method TPE allocates for")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--study-prefix", default="compare", help="studies are named <prefix>-<task>-<method>-s<S>-kv<B> "
+                                                              "(an existing one is resumed)")
     add_kv_layout_args(p)
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")

@@ -26,7 +26,8 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
             kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
             split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0,
             pruner: Pruner | None = None) -> list[dict]:
-    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`."""
+    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`. Each row
+    keeps its per-item values (`per_item`) for `paired_table`."""
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
@@ -49,7 +50,8 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
                 pruner.apply(plan)
                 metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
                 scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed),
-                             "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0}
+                             "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0,
+                             "per_item_metric": metrics.per_item_metric, "per_item": metrics.per_item}
                 log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation,
                          task.primary_metric, metrics.primary)
             rows += [scored[r] for r in range(len(runs))]
@@ -86,3 +88,30 @@ def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequenc
     finally:
         pruner.restore()
     return rows
+
+
+def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -> list[dict]:
+    """The `reference` plan against every other plan at the same (sparsity, KV budget), on the same items: the mean
+    per-item difference (per_item_metric: correctness, window NLL, ...), its 95 % bootstrap interval, a paired
+    permutation p-value, and who is better in the task's direction ("tie" when the interval covers 0). For
+    perplexity the per-item values are window NLLs, so exp(mean difference) is the perplexity ratio."""
+    from lmmlab.stats import paired
+
+    out = []
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["target_sparsity"], r["kv_budget_bits"]), []).append(r)
+    for (target, budget), group in keyed.items():
+        ours = [r for r in group if r["allocation"] == reference]
+        for ref in ours:
+            for other in (r for r in group if r is not ref):
+                test = paired(ref["per_item"], other["per_item"])
+                higher_is_better = direction == "maximize"
+                winner = {"tie": "tie", "a higher": reference if higher_is_better else "baseline",
+                          "b higher": "baseline" if higher_is_better else reference}[test.verdict]
+                out.append({"target_sparsity": target, "kv_budget_bits": budget,
+                            "baseline": f"{other['method']}-{other['allocation']}",
+                            "per_item_metric": ref["per_item_metric"], "mean_diff": test.mean_diff,
+                            "ci_low": test.low, "ci_high": test.high, "p_value": test.p_value, "n": test.n,
+                            "better": winner})
+    return out

@@ -164,8 +164,8 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
 
 def _settings(loaded: Loaded, task: Task, space: SearchSpace, objective: str, method: str, kv_group_size: int,
               kv_residual: int, n_eval: int | None, context_tokens: int) -> dict:
-    return {"model": loaded.name, "task": task.describe(), "objective": objective, "method": method, "kv_group_size": kv_group_size,
-            "kv_residual": kv_residual, "n_eval": n_eval, "context_tokens": context_tokens,
+    return {"model": loaded.name, "task": task.describe(), "objective": objective, "method": method,
+            "kv_group_size": kv_group_size, "kv_residual": kv_residual, "n_eval": n_eval, "context_tokens": context_tokens,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(space).items()}}
 
 
@@ -190,8 +190,7 @@ def open_study(space: SearchSpace, storage: str, study_name: str, direction: str
 
 def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0,
            n_trials: int = 100, storage: str = DEFAULT_STORAGE, study_name: str | None = None,
-           objective: str | None = None,
-           multi_objective: bool = False, method: str = "wanda", kv_widths: tuple[int, ...] = KV_BITS,
+           objective: str | None = None, multi_objective: bool = False, method: str = "wanda", kv_widths: tuple[int, ...] = KV_BITS,
            spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
            target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
            kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,

@@ -182,7 +182,8 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
 def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
     import pandas as pd
 
-    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--storage", f"sqlite:///{tmp_path / 'd.db'}",
+    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--model", "lmmlab-default",
+                          "--storage", f"sqlite:///{tmp_path / 'd.db'}",
                           "--sparsities", "0.7", "--kv-budgets", "4", "--trials", "3", "--n", "64", "--n-eval", "32",
                           "--kv-group-size", "8", "--kv-residual", "8"],
                          capture_output=True, text=True, cwd=tmp_path)
@@ -199,6 +200,12 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
     tpe = versus[versus.allocation == "tpe"].iloc[0]
     assert tpe.target_sparsity == pytest.approx(0.7) and tpe.mean_kv_bits <= 4
     assert {"uniform", "owl", "tpe"} <= set(versus.allocation)
+    items = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare_items.csv")
+    assert len(items) == 64 and set(items.stack().unique()) <= {0.0, 1.0}  # each question's correctness, per plan
+    assert items.mean().round(6).tolist() == versus.primary.round(6).tolist()
+    tests = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare_paired.csv")
+    assert len(tests) == 4 and set(tests.better) <= {"tpe", "baseline", "tie"}
+    assert (tests.ci_low <= tests.mean_diff).all() and (tests.mean_diff <= tests.ci_high).all()
     for name in ("prune", "kv"):
         assert (tmp_path / "results" / "figures" / f"demo-lmmlab-default-shapes_{name}.png").stat().st_size > 5000
 

@@ -39,3 +39,24 @@ def test_notebook_runs_headlessly_and_writes_its_outputs(name, default, tmp_path
             assert len(frame) > 0 and columns <= set(frame.columns), table
         else:
             assert columns <= set(json.loads(path.read_text())), table
+
+
+def test_a_notebook_takes_a_model_a_task_and_data(tiny_llama_dir, tmp_path, request):
+    """The papermill parameters model / task / data / task_options reach the library: a TPE search on text
+    perplexity with a tiny Llama, its tables prefixed with the model and task."""
+    corpus = tmp_path / "corpus.txt"
+    words = "is there a circle ? what colour is the square ? how many shapes are there ?".split()
+    corpus.write_text(" ".join(words[(7 * i) % len(words)] for i in range(4000)))
+    results = tmp_path / "results"
+    papermill.execute_notebook("notebooks/02_tpe_search.ipynb", str(tmp_path / "out.ipynb"),
+                               parameters={"smoke": True, "results_dir": str(results), "model": str(tiny_llama_dir),
+                                           "task": "text", "data": str(corpus),
+                                           "task_options": {"seqlen": 32, "prefill": 16},
+                                           "kv_group_size": 8, "kv_residual": 8},
+                               progress_bar=False, cwd=str(request.config.rootpath))
+    prefix = f"{tiny_llama_dir.name}-text_"
+    trials = pd.read_csv(results / "tables" / f"{prefix}tpe_trials.csv")
+    assert set(trials.primary_metric) == {"perplexity"} and (trials.best_so_far == trials.objective.cummin()).all()
+    versus = pd.read_csv(results / "tables" / f"{prefix}tpe_vs_baselines.csv")
+    assert {"tpe", "uniform", "owl"} <= set(versus.allocation) and (versus.perplexity > 1).all()
+    assert (results / "figures" / f"{prefix}tpe_convergence.png").stat().st_size > 5000
