@@ -134,9 +134,9 @@ def cmd_demo(args) -> None:
     write_text_atomic(tables / f"{tag}_prune.csv", prune.to_csv(index=False))
     runs = prune[prune.allocation != "dense"]
     wide = runs.assign(run=runs.allocation + " " + runs.pattern).pivot_table(
-        index="run", columns=["method"], values="primary", aggfunc="first", sort=False)
+        index=["run", "target_sparsity"], columns="method", values="primary", sort=False)
     print(wide.round(3).to_string())
-    print(f"(dense {dense.primary:.3f}; rows: allocation and pattern at target sparsities {args.sparsities})")
+    print(f"(dense {dense.primary:.3f})")
 
     print(f"\nKV cache at uniform widths (KIVI layout, groups of {args.kv_group_size}, "
           f"{args.kv_residual}-token window) — test {task.primary_metric}:")
