@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from lmmlab.tasks import shapes as data
-from lmmlab.tasks.shapes import evaluate
+from lmmlab.tasks.shapes import answer_loss, evaluate
 from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, kv_cache_for, pack, quantize,
                             unpack)
 from lmmlab.plan import CompressionPlan
@@ -186,8 +186,11 @@ def test_per_layer_widths_are_really_different(tiny_llama):
     assert per_layer[0] < per_layer[1] < per_layer[2]
 
 
-def test_8_bit_costs_under_a_point_and_2_bit_costs_loss_on_the_default_model(default):
-    samples = data.split("validation", 512)
+def test_an_8_bit_cache_stays_closer_to_dense_than_a_2_bit_cache_on_the_default_model(default):
+    """An ordering that holds for any trained toy, not a threshold one training run happens to meet: per question,
+    the answer loss read through an 8-bit cache moves less from the dense loss than through a 2-bit cache, and the
+    bytes fall with the width. (The size of the 2-bit effect on a real model is in tests/test_task_text.py.)"""
+    samples = data.split("validation", 128)
     made = []
 
     def cache_for(bits):
@@ -198,13 +201,14 @@ def test_8_bit_costs_under_a_point_and_2_bit_costs_loss_on_the_default_model(def
             return made[-1]
         return make
 
-    dense = evaluate(default, samples)
-    eight = evaluate(default, samples, make_cache=cache_for(8))
+    dense = torch.tensor(answer_loss(default, samples))
+    eight = torch.tensor(answer_loss(default, samples, cache_for(8)))
     assert all(q > 0 for q in made[-1].quantized_tokens())  # the image tokens really were quantized
-    two = evaluate(default, samples, make_cache=cache_for(2))
-    assert abs(eight.accuracy - dense.accuracy) < 0.01
-    assert abs(eight.loss - dense.loss) < 0.002 < two.loss - dense.loss
-    assert two.kv_bytes < eight.kv_bytes < dense.kv_bytes
+    two = torch.tensor(answer_loss(default, samples, cache_for(2)))
+    assert (eight - dense).abs().mean() < (two - dense).abs().mean()
+    bytes_ = [evaluate(default, samples[:32], make_cache=make, with_loss=False).kv_bytes
+              for make in (cache_for(2), cache_for(8), None)]
+    assert bytes_[0] < bytes_[1] < bytes_[2]
 
 
 @pytest.mark.parametrize("make, message", [

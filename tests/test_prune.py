@@ -239,7 +239,8 @@ def test_vision_side_is_dense_unless_asked_and_pruned_to_its_ratio_when_asked(de
 
 
 def test_projector_input_norms_are_the_image_features(default):
-    from lmmlab.models import VISION, patch_features
+    from lmmlab.models import VISION
+    from lmmlab.models.toy import patch_features
 
     samples = data.split("calibration", 8)
     batches = data.batches(default, samples)
