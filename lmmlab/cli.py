@@ -161,7 +161,6 @@ def cmd_demo(args) -> None:
 
 def cmd_prune(args) -> None:
     from lmmlab import models
-    from lmmlab.ablate import Pruner
     from lmmlab.plan import CompressionPlan, parse_pattern
     from lmmlab.prune import sparsity_of
 
@@ -265,8 +264,6 @@ def cmd_dashboard(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    import pandas as pd
-
     from lmmlab.compare import compare
 
     task = task_from_args(args)

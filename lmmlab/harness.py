@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from tqdm import tqdm

@@ -29,7 +29,6 @@ import time
 from collections import defaultdict
 from typing import Iterator, Sequence
 
-import torch
 from PIL import Image, ImageDraw
 
 from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, check_split, greedy_answers, peak_memory,
