@@ -8,17 +8,18 @@ metrics by name, loss, split, seed).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from lmmlab import allocate
 from lmmlab.calibrate import Stats, calibrate
+from lmmlab.export import weight_format_bytes
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
 from lmmlab.models import VISION, Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
-from lmmlab.prune import DenseWeights, Scores, apply_plan, apply_sparsegpt, scores, sparsity_of
+from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, sparsity_of
 from lmmlab.tasks import Metrics, Task
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,13 @@ PATTERNS = ("2:4", "4:8")
 
 @dataclass
 class Pruner:
-    """A model with its dense weights, calibration and cached scores: applies any plan without recalibrating."""
+    """A model with its dense weights (off the device) and its calibration statistics: applies any plan without
+    recalibrating, re-masking one linear at a time."""
 
     loaded: Loaded
     batches: list[dict]
     stats: Stats
     dense: DenseWeights
-    cache: dict[str, Scores] = field(default_factory=dict)
     applied: tuple | None = None  # the weight part of the plan the model holds now (None: dense or unknown)
 
     @classmethod
@@ -63,17 +64,14 @@ class Pruner:
             apply_sparsegpt(self.loaded, plan, self.batches)
             self.applied = weights
             return
-        if plan.method not in self.cache:
-            self.dense.restore(self.loaded)  # scores are always of the dense weights, whatever ran before
-            self.cache[plan.method] = scores(plan.method, self.loaded, self.stats, vision=self.has_vision_stats)
-        apply_plan(self.loaded, plan, self.cache[plan.method], self.dense)
+        apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
 
     def allocation(self, name: str, target: float) -> list[float]:
         if name == "uniform":
             return allocate.uniform(self.loaded.num_layers, target)
         if name == "owl":  # always from the dense weights, whatever plan the model holds now
-            return allocate.owl(self.loaded, self.stats, target, weights=self.dense.weights)
+            return allocate.owl(self.loaded, self.stats, target, weights=self.dense)
         raise ValueError(f"unknown allocation {name!r}; allowed: {', '.join(ALLOCATIONS)}")
 
     def plan(self, method: str, allocation: str, target: float, kv_bits: int | Sequence[int] = 16,
@@ -96,7 +94,7 @@ class Pruner:
         activation norm ‖X_j‖₂ over the layer's linears (calibration items), as a table."""
         import pandas as pd
 
-        ratios = allocate.outlier_ratios(self.loaded, self.stats, weights=self.dense.weights)
+        ratios = allocate.outlier_ratios(self.loaded, self.stats, weights=self.dense)
         owl = self.allocation("owl", target)
         rows = []
         for i in range(self.loaded.num_layers):
@@ -111,14 +109,12 @@ def weight_part(plan: CompressionPlan) -> tuple:
     return plan.method, plan.pattern, tuple(plan.sparsity), plan.vision_sparsity
 
 
-def weight_bytes(loaded: Loaded) -> int:
-    """Bytes of the model's weights if pruned linears stored only their non-zeros (values; indices not counted)."""
-    prunable = {id(lin.weight) for lin in loaded.prunable(vision=True).values()}
-    total = 0
-    for p in loaded.model.parameters():
-        count = int((p != 0).sum()) if id(p) in prunable else p.numel()
-        total += count * p.element_size()
-    return total
+def weight_bytes(loaded: Loaded, pattern: str = "unstructured") -> dict[str, int]:
+    """The model's weight bytes as it holds them now: in the format an export stores (compressed-tensors' bitmask,
+    `weight_bytes`), every weight dense, and non-zero values only (no index: a bound no format reaches)."""
+    return {"weight_bytes": weight_format_bytes(loaded, "bitmask", pattern=pattern),
+            "weight_bytes_dense": weight_format_bytes(loaded, "dense"),
+            "weight_bytes_nonzeros": weight_format_bytes(loaded, "nonzeros")}
 
 
 def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, metrics: Metrics, task: Task,
@@ -128,7 +124,7 @@ def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, m
         "task": task.name, "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
         "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 4),
         "kv_bits": "-".join(map(str, plan.kv_bits)), "mean_kv_bits": plan.mean_kv_bits,
-        "weight_bytes": weight_bytes(loaded), "kv_bytes": metrics.kv_bytes,
+        **weight_bytes(loaded, plan.pattern), "kv_bytes": metrics.kv_bytes,
         "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
         "loss": metrics.loss, "latency_s": metrics.latency_s, "n": metrics.n, "split": split, "seed": seed,
     }

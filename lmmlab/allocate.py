@@ -12,7 +12,7 @@ import torch
 
 from lmmlab.calibrate import Stats
 from lmmlab.models import Loaded
-from lmmlab.prune import score
+from lmmlab.prune import CHUNK, score
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
@@ -22,16 +22,24 @@ def uniform(num_layers: int, target: float) -> list[float]:
     return [float(target)] * num_layers
 
 
-def outlier_ratios(loaded: Loaded, stats: Stats, m: float = OWL_M,
-                   weights: dict | None = None) -> list[float]:
-    """D_l: fraction of layer l's Wanda scores above m × their mean; of `weights` (by (layer, name)) when given,
-    such as a `DenseWeights` copy while the model is pruned, else of the model's current weights."""
+def outlier_ratios(loaded: Loaded, stats: Stats, m: float = OWL_M, weights=None) -> list[float]:
+    """D_l: fraction of layer l's Wanda scores above m × their mean; of `weights` (indexed by (layer, name)) when
+    given, such as the `DenseWeights` while the model is pruned, else of the model's current weights. Two passes over
+    the layer's linears (sum, then count), each a block of rows at a time, so no linear's scores exist whole."""
+    def blocks(i: int):
+        for name, lin in loaded.linears(i).items():
+            W = lin.weight.detach() if weights is None else weights[(i, name)]
+            x_norm = stats.norm((i, name))
+            rows = max(1, CHUNK // W.shape[1])
+            for r0 in range(0, W.shape[0], rows):
+                yield score("wanda", W[r0:r0 + rows], x_norm)
+
     ratios = []
     for i in range(loaded.num_layers):
-        W = {name: lin.weight.detach() if weights is None else weights[(i, name)]
-             for name, lin in loaded.linears(i).items()}
-        S = torch.cat([score("wanda", W[name], stats.norm((i, name))).flatten() for name in W])
-        ratios.append((S > m * S.mean()).float().mean().item())
+        total = sum(S.sum(dtype=torch.float64).item() for S in blocks(i))
+        count = sum(lin.weight.numel() for lin in loaded.linears(i).values())
+        threshold = m * total / count
+        ratios.append(sum(int((S > threshold).sum()) for S in blocks(i)) / count)
     return ratios
 
 

@@ -16,7 +16,7 @@ from lmmlab.calibrate import calibrate
 from lmmlab.kvcache import KVCache, kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
-from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, scores, sparsity_of
+from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, sparsity_of
 from lmmlab.tasks import Task
 
 
@@ -44,16 +44,16 @@ def bench_prune(loaded: Loaded, task: Task, sparsity: float = 0.5, repeat: int =
     result: dict = {}
 
     def wanda_from_scratch():
-        result["scores"] = scores("wanda", loaded, calibrate(loaded, batches))
-        apply_plan(loaded, uniform, result["scores"], dense)
+        result["stats"] = calibrate(loaded, batches)
+        apply_plan(loaded, uniform, dense, result["stats"])
 
     try:
         calib_forward_s = _seconds(lambda: [loaded.model(**b, use_cache=False) for b in batches], repeat)
         restore = lambda: dense.restore(loaded)  # noqa: E731
         wanda_s = _seconds(wanda_from_scratch, repeat, setup=restore)
         achieved = sparsity_of(loaded)
-        remask_s = _seconds(lambda: apply_plan(loaded, other, result["scores"], dense), repeat)
-        eval_s = _seconds(lambda: task.evaluate(loaded, split="validation"), 1)
+        remask_s = _seconds(lambda: apply_plan(loaded, other, dense, result["stats"]), repeat)
+        eval_s = _seconds(lambda: task.evaluate(loaded, split="validation"), repeat)
         sparsegpt_plan = CompressionPlan.uniform(loaded.num_layers, sparsity, method="sparsegpt")
         sparsegpt_s = _seconds(lambda: apply_sparsegpt(loaded, sparsegpt_plan, batches), repeat, setup=restore)
     finally:
@@ -156,10 +156,10 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
                         pruner=pruner)
         wall = time.perf_counter() - start
         table = trials_table(result.study)
-    overhead, eval_s = float(table.overhead_s.mean()), float(table.eval_s.mean())
+    overhead, eval_s = float(table.overhead_s.median()), float(table.eval_s.median())  # medians over the trials
     return {"model": loaded.name, "task": task.describe(), "device": str(loaded.device),
             "threads": torch.get_num_threads(), "n_trials": n_trials,
             "trial_overhead_s": overhead, "trial_eval_s": eval_s, "overhead_over_eval": overhead / eval_s,
-            "trial_sample_s": float(table.sample_s.mean()),
+            "trial_sample_s": float(table.sample_s.median()), "timing": "median over trials",
             "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
             "minutes_per_100_trials": 100 * wall / n_trials / 60}

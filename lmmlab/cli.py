@@ -126,7 +126,7 @@ def cmd_demo(args) -> None:
     print(format_metrics(f"\ndense model on the test split ({dense.n} items)", dense))
     write_json(tables / f"{tag}_dense.json", dense.to_dict())
 
-    print(f"\npruning the decoder's linears (one calibration pass; scores cached) — test {task.primary_metric}:")
+    print(f"\npruning the decoder's linears (one calibration pass; input norms cached) — test {task.primary_metric}:")
     pruner = calibrated_pruner(args, loaded, task)
     prune_rows = ablate.ablate_prune(loaded, task, sparsities=args.sparsities, patterns=("2:4",), n=args.n,
                                      pruner=pruner)
@@ -188,12 +188,46 @@ def cmd_prune(args) -> None:
     if args.allocation != "uniform" and not args.plan:
         plan = dataclasses.replace(plan, sparsity=pruner.allocation(args.allocation, sparsity))
     pruner.apply(plan)
-    models.save_atomic(loaded.model, loaded.processor, out, extra={"compression_plan.json": json.loads(plan.to_json())})
+    if args.export:
+        print_export(loaded, plan, out)
+    else:
+        models.save_atomic(loaded.model, loaded.processor, out,
+                           extra={"compression_plan.json": json.loads(plan.to_json())})
     per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
     summary = plan.weight_summary(per_layer, loaded.model.dtype.itemsize)
     print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); "
           f"achieved {sparsity_of(loaded):.3f}; decoder linears keep {summary['kept_bytes'] / 2**20:.2f} of "
           f"{summary['dense_bytes'] / 2**20:.2f} MiB as non-zeros; saved to {out}")
+
+
+def cmd_export(args) -> None:
+    """Prune --model to --plan (calibrating as `prune` does) and write it as a compressed-tensors checkpoint."""
+    from lmmlab.export import check_out
+    from lmmlab.plan import CompressionPlan
+
+    out = Path(args.out)
+    check_out(out)
+    plan = CompressionPlan.load(args.plan)
+    task = task_from_args(args)
+    loaded = load(args, task)
+    plan.check_layers(loaded.num_layers)
+    pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
+    if plan.vision_sparsity and not pruner.has_vision_stats:
+        raise ValueError(f"the plan's vision_sparsity needs a task with images; {task.name!r} calibrates the language "
+                         "model only")
+    pruner.apply(plan)
+    print_export(loaded, plan, out)
+
+
+def print_export(loaded, plan, out: Path) -> None:
+    """Export the pruned model to `out` and print its format and bytes."""
+    from lmmlab.export import FORMATS, disk_bytes, export, weight_format_bytes
+
+    config = export(loaded, plan, out)
+    mib = {fmt: weight_format_bytes(loaded, fmt, pattern=plan.pattern) / 2**20 for fmt in FORMATS}
+    print(f"exported {config['format']} ({config['sparsity_structure']}, {len(config['ignore'])} linears left dense) "
+          f"to {out}: {disk_bytes(out) / 2**20:.2f} MiB of safetensors; weights dense {mib['dense']:.2f} MiB, "
+          f"bitmask {mib['bitmask']:.2f} MiB, non-zeros only {mib['nonzeros']:.2f} MiB")
 
 
 def cmd_ablate_prune(args) -> None:
@@ -230,7 +264,11 @@ def cmd_ablate_kv(args) -> None:
 
 def cmd_search(args) -> None:
     from lmmlab import search as tpe
+    from lmmlab.storage import check_heartbeat, check_storage, safe_url
 
+    check_heartbeat(args.heartbeat)
+    check_storage(args.storage)  # a missing driver or an unreachable database: one line, before the model loads
+    worker = args.worker or tpe.default_worker()
     task = task_from_args(args)
     loaded = load(args, task)
     result = tpe.search(loaded, task, target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
@@ -238,7 +276,7 @@ def cmd_search(args) -> None:
                         objective=args.objective, multi_objective=args.multi_objective, method=args.method,
                         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
                         kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
-                        context_tokens=args.context_tokens, seed=args.seed,
+                        context_tokens=args.context_tokens, seed=args.seed, worker=worker, heartbeat=args.heartbeat,
                         pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
     name = result.study.study_name
     table = tpe.trials_table(result.study)
@@ -249,7 +287,8 @@ def cmd_search(args) -> None:
     best = table.nlargest if task.direction == "maximize" else table.nsmallest
     rows = table[table.on_front] if args.multi_objective else best(5, "primary")
     print(rows[shown].rename(columns={"primary": task.primary_metric}).to_string(index=False))
-    print(f"study {name!r} in {args.storage}: {len(table)} finished trials")
+    print(f"study {name!r} in {safe_url(args.storage)}: {len(table)} finished trials "
+          f"(worker {worker}, sampler seed {tpe.worker_seed(args.seed, worker)})")
     print(f"best plan: sparsity {[round(x, 3) for x in result.best_plan.sparsity]}, KV bits {result.best_plan.kv_bits}")
     print(f"wrote {trials_csv} and {plan_json}")
 
@@ -257,9 +296,10 @@ def cmd_search(args) -> None:
 def cmd_dashboard(args) -> None:
     import optuna_dashboard
 
-    from lmmlab.search import storage_for
+    from lmmlab.storage import safe_url, storage_for
 
-    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    print(f"optuna-dashboard for {safe_url(args.storage)} on http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+          flush=True)
     optuna_dashboard.run_server(storage_for(args.storage), host=args.host, port=args.port)
 
 
@@ -303,12 +343,18 @@ def print_comparison(rows: list[dict], task, out: Path) -> None:
 def cmd_bench(args) -> None:
     from lmmlab.bench import bench_kv, bench_prune, bench_search
 
-    task = task_from_args(args)
-    loaded = load(args, task)
-    if args.what == "kv":
-        result = bench_kv(loaded)
+    if args.what == "memory":
+        from lmmlab.bench_memory import bench_memory, check_shape
+
+        check_shape(args.shape, args.layers)  # before anything is built
+        result = bench_memory(args.shape, layers=args.layers, dtype=args.dtype or "float16")
     else:
-        result = {"prune": bench_prune, "search": bench_search}[args.what](loaded, task)
+        task = task_from_args(args)
+        loaded = load(args, task)
+        if args.what == "kv":
+            result = bench_kv(loaded)
+        else:
+            result = {"prune": bench_prune, "search": bench_search}[args.what](loaded, task)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)
@@ -399,7 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the five above)")
     p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
     p.add_argument("--out", type=Path, required=True, help="new folder for the pruned model (save_pretrained)")
+    p.add_argument("--export", action="store_true",
+                   help="write a compressed-tensors checkpoint (sparse-bitmask; sparse-24-bitmask for 2:4) instead")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="prune a model to a plan and write it as a compressed-tensors checkpoint")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--plan", type=Path, required=True, help="a CompressionPlan JSON (per-layer sparsity, KV widths)")
+    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the checkpoint (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ablate-prune", help="accuracy of every method x sparsity x allocation (and 2:4, 4:8) as CSV")
     add_model_args(p)
@@ -423,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate_kv)
 
     from lmmlab.search import DEFAULT_STORAGE
+    from lmmlab.storage import HEARTBEAT_S
+
+    storage_help = ("Optuna storage URL: sqlite:///FILE, postgresql://USER:PASS@HOST:PORT/DB (pip install "
+                    "'lmmlab[postgres]') or journal:///FILE (one host, no server)")
 
     p = sub.add_parser("search", help="joint TPE search over per-layer sparsity and KV bits (resumable Optuna study)")
     add_model_args(p)
@@ -430,8 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=float, default=0.5, help="parameter-weighted mean sparsity, in [0, 1)")
     p.add_argument("--kv-budget", type=float, default=16.0, help="mean KV bits per layer at most this")
     p.add_argument("--n-trials", type=int, default=100, help="finished trials the study should hold (resumes)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help + "; workers naming one storage and "
+                   "study share it")
     p.add_argument("--study-name", default=None, help="default: derived from the model, method and budgets")
+    p.add_argument("--worker", default=None, help="this worker's name, recorded on its trials; with --seed it seeds "
+                                                  "the sampler (default: hostname-pid)")
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_S,
+                   help="seconds between a running trial's heartbeats; a trial that missed 3 is a killed worker's and "
+                        "is run again (a study keeps its creator's)")
     p.add_argument("--objective", default=None,
                    help="the task's primary metric (default; accuracy, perplexity, ...) or 'loss'")
     p.add_argument("--multi-objective", action="store_true",
@@ -448,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 for a study database")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
@@ -471,9 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
-    p.add_argument("what", choices=["prune", "kv", "search"], help="what to measure")
+    p.add_argument("what", choices=["prune", "kv", "search", "memory"], help="what to measure")
     add_model_args(p)
     add_task_args(p)
+    p.add_argument("--shape", default="llava-1.5-7b",
+                   help="memory: the widths to build at random: llava-1.5-7b, llava-1.5-13b or tiny")
+    p.add_argument("--layers", type=int, default=2,
+                   help="memory: decoder layers built (measured at layers // 2 and layers, extrapolated to full depth)")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

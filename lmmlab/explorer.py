@@ -1,5 +1,5 @@
 """An ipywidgets explorer: sliders for target sparsity, method, allocation and KV bits per group of layers; each
-change re-masks from the cached scores, evaluates the task and shows its metric, memory and a few predictions."""
+change re-masks from the dense weights and cached input norms, evaluates the task and shows its metric, memory and a few predictions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ def group_bits(num_layers: int, bits_per_group: Sequence[int]) -> list[int]:
 def preview(pruner: Pruner, task: Task, method: str, allocation: str, target: float,
             bits_per_group: Sequence[int], kv_group_size: int = 8, kv_residual: int = 8,
             context_tokens: int = 1024, split: str = "validation", n: int | None = None) -> Preview:
-    """Apply the plan these settings describe (re-masking from cached scores) and evaluate it."""
+    """Apply the plan these settings describe (re-masking from the dense weights) and evaluate it."""
     loaded = pruner.loaded
     plan = pruner.plan(method, allocation, target, group_bits(loaded.num_layers, bits_per_group),
                        kv_group_size=kv_group_size, kv_residual=kv_residual)

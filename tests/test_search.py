@@ -120,7 +120,7 @@ def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_
     storage = f"sqlite:///{tmp_path / 's.db'}"
     args = ["search", "--target-sparsity", "0.5", "--kv-budget", "6", "--n-trials", "200", "--storage", storage,
             "--study-name", "k", "--n-eval", "32", "--kv-group-size", "8", "--kv-residual", "8",
-            "--out-dir", str(tmp_path)]
+            "--out-dir", str(tmp_path), "--heartbeat", "1"]  # the study's heartbeat: a killed trial is stale after 3 s
     proc = subprocess.Popen([sys.executable, "-m", "lmmlab", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

@@ -161,11 +161,18 @@ def load_model(
         config = AutoConfig.from_pretrained(source)
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {err}") from None
+    from lmmlab.export import exported_model
+
+    model = exported_model(source, config, dtype)  # a compressed-tensors export (lmmlab.export), decompressed
+    # straight onto an accelerator (no full copy in host memory on the way); on the CPU the weights stay mapped
+    placement = {"device_map": device} if device.startswith("cuda") else {}
     if hasattr(config, "vision_config"):
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        if model is None:
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement)
         processor = AutoProcessor.from_pretrained(source)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         processor = AutoTokenizer.from_pretrained(source)
     model.to(device).eval()
     return Loaded(name=str(name_or_path), model=model, processor=processor, layers=decoder_layers(model))

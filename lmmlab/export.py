@@ -1,0 +1,310 @@
+"""Export: a pruned model as a compressed-tensors checkpoint, and what its weights cost in each storage format.
+
+`export(loaded, plan, out)` writes a new folder holding the model's config.json, whose `quantization_config` carries
+compressed-tensors' `sparsity_config`; its weights in safetensors, every compressed linear in the sparse format below
+and every other tensor dense under its usual name; the processor (or tokenizer); and `compression_plan.json` (the
+plan, per-layer KV widths included). `lmmlab.models.load_model(folder)` decompresses it back to the dense pruned
+weights (`exported_model`), so the reloaded model gives the in-memory pruned model's logits exactly.
+
+The formats are compressed-tensors' sparse ones, laid out as vLLM and compressed-tensors <= 0.14 read them.
+compressed-tensors 0.20 keeps their configs (`BitmaskConfig`, `Sparse24BitMaskConfig`) and the bit packing
+(`pack_bitmasks`, `unpack_bitmasks`) but no longer ships their compressors, and transformers 5 (which needs
+compressed-tensors >= 0.15) no longer decompresses them: a plain `from_pretrained(folder)` reports the compressed
+linears' weights as missing and leaves them randomly initialised. So lmmlab writes and reads the tensors itself.
+A compressed linear at checkpoint path P, with weight W [R, C] of e bytes per element and Z non-zeros, is stored as
+
+  sparse-bitmask (unstructured, and N:M patterns other than 2:4; sparsity_structure "unstructured" or "N:M")
+    P.compressed   [Z]         W's non-zeros, row by row, W's dtype               Z·e bytes
+    P.bitmask      [R, ⌈C/8⌉]  uint8; bit (j mod 8) of byte (j div 8) of row i     R·⌈C/8⌉
+                               is W_ij ≠ 0
+    P.row_offsets  [R]         int64, where row i starts in `compressed`         8·R
+    P.shape        [2]         int64, (R, C)                                     16
+  sparse-24-bitmask (the 2:4 pattern; sparsity_structure "2:4")
+    P.compressed   [R, C/2]    the 2 weights kept in every group of 4            R·C/2·e
+    P.bitmask      [R, ⌈C/8⌉]  uint8, as above                                   R·⌈C/8⌉
+    P.shape        [2, 1]      int64, (R, C)                                     16
+
+Compressed are the prunable linears (the decoder's q/k/v/o/gate/up/down, the vision tower's and the projector's)
+whose compressed bytes are below their dense R·C·e, and, for sparse-24-bitmask, that hold at most 2 non-zeros in
+every group of 4 along a row. So the layers a plan prunes are compressed, and the ones it leaves dense (a layer at
+sparsity 0, the vision side unless `vision_sparsity` > 0) are stored dense and listed in the config's `ignore`, as are
+every other linear (lm_head). The config's `targets` is ["Linear"].
+
+Weight bytes (`weight_format_bytes`), every parameter and persistent buffer counted once (tied weights once):
+  dense     Σ numel·e over everything
+  bitmask   the compressed linears at their bytes above, everything else dense: exactly the bytes of the tensors in
+            the export's safetensors
+  nonzeros  the prunable linears' non-zeros only, Z·e with no index (a lower bound no real format reaches; the
+            `ablate.weight_bytes` figure), everything else dense
+On disk (`disk_bytes`): the sizes of the folder's *.safetensors files, i.e. the tensor bytes plus each file's header.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmmlab.models import Loaded
+from lmmlab.plan import CompressionPlan
+
+FORMATS = ("dense", "bitmask", "nonzeros")
+BITMASK, BITMASK_24 = "sparse-bitmask", "sparse-24-bitmask"
+PLAN_FILE = "compression_plan.json"
+# The tensors each sparse format stores per compressed linear, under P.<name>.
+PARAMS = {BITMASK: ("compressed", "bitmask", "row_offsets", "shape"), BITMASK_24: ("compressed", "bitmask", "shape")}
+
+
+def sparse_format(pattern: str) -> str:
+    """The compressed-tensors format of a plan's pattern: sparse-24-bitmask for 2:4, sparse-bitmask otherwise."""
+    return BITMASK_24 if pattern == "2:4" else BITMASK
+
+
+# ---------------------------------------------------------------------------------------------------- one weight
+
+def follows_24(W: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every group of 4 consecutive weights of a row (what sparse-24-bitmask can hold)."""
+    R, C = W.shape
+    return C % 4 == 0 and bool(((W.reshape(R, C // 4, 4) != 0).sum(-1) <= 2).all())
+
+
+def compressed_bytes(W: torch.Tensor, fmt: str) -> int | None:
+    """Bytes of W [R, C] in `fmt` (the table in the module docstring); None when W cannot take the format."""
+    R, C = W.shape
+    e, mask = W.element_size(), R * math.ceil(C / 8)
+    if fmt == BITMASK:
+        return int((W != 0).sum()) * e + mask + 8 * R + 16
+    if fmt == BITMASK_24:
+        return R * (C // 2) * e + mask + 16 if follows_24(W) else None
+    raise ValueError(f"unknown sparse format {fmt!r}; allowed: {BITMASK}, {BITMASK_24}")
+
+
+def is_compressed(W: torch.Tensor, fmt: str) -> bool:
+    """Whether the export stores W (a prunable linear's weight) compressed: W takes the format, in fewer bytes."""
+    size = compressed_bytes(W, fmt)
+    return size is not None and size < W.numel() * W.element_size()
+
+
+def stored_bytes(W: torch.Tensor, fmt: str) -> int:
+    """Bytes of a prunable linear's weight W in an export in `fmt`: compressed when `is_compressed`, else dense."""
+    dense, size = W.numel() * W.element_size(), compressed_bytes(W, fmt)
+    return dense if size is None else min(size, dense)
+
+
+def compress_weight(W: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """W [R, C] -> its tensors in `fmt`, by local name (compressed, bitmask, shape, and row_offsets for bitmask)."""
+    from compressed_tensors.utils import pack_bitmasks
+
+    W = W.detach().cpu()
+    R, C = W.shape
+    shape = torch.tensor([R, C], dtype=torch.int64)
+    if fmt == BITMASK_24:
+        if not follows_24(W):
+            raise ValueError("sparse-24-bitmask needs at most 2 non-zeros in every group of 4 weights of a row")
+        groups = W.reshape(-1, 4)  # the 2 largest |w| of each group of 4: every non-zero, padded with zeros
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+        keep = keep.reshape(R, C)
+        return {"compressed": W[keep].reshape(R, C // 2).contiguous(), "bitmask": pack_bitmasks(keep),
+                "shape": shape.reshape(2, 1)}
+    keep = W != 0
+    counts = keep.sum(-1)
+    return {"compressed": W[keep].contiguous(), "bitmask": pack_bitmasks(keep),
+            "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64), "shape": shape}
+
+
+def decompress_weight(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense W from its tensors in either format (by local name): zeros where the bitmask is 0."""
+    from compressed_tensors.utils import unpack_bitmasks
+
+    shape = [int(x) for x in tensors["shape"].flatten()]
+    keep = unpack_bitmasks(tensors["bitmask"], shape)
+    W = torch.zeros(shape, dtype=tensors["compressed"].dtype)
+    W[keep] = tensors["compressed"].flatten()
+    return W
+
+
+# ---------------------------------------------------------------------------------------------------- bytes
+
+def _tensors(loaded: Loaded) -> list[torch.Tensor]:
+    """Every parameter and persistent buffer once (tied weights once): what save_pretrained stores."""
+    seen, found = set(), []
+    for tensor in loaded.model.state_dict().values():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            found.append(tensor)
+    return found
+
+
+def weight_format_bytes(loaded: Loaded, fmt: str, *, pattern: str = "unstructured") -> int:
+    """Bytes of the model's weights with its prunable linears stored as `fmt` ("dense", "bitmask" or "nonzeros", the
+    formulas in the module docstring); `pattern` picks the bitmask layout (sparse-24-bitmask for 2:4)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    prunable = {lin.weight.data_ptr() for lin in loaded.prunable(vision=True).values()}
+    sparse = sparse_format(pattern)
+    total = 0
+    for W in _tensors(loaded):
+        dense = W.numel() * W.element_size()
+        if fmt == "dense" or W.data_ptr() not in prunable:
+            total += dense
+        elif fmt == "nonzeros":
+            total += int((W != 0).sum()) * W.element_size()
+        else:
+            total += stored_bytes(W, sparse)
+    return total
+
+
+def disk_bytes(folder: str | Path) -> int:
+    """Size on disk of a model folder's *.safetensors files (tensors plus headers)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def tensor_bytes(folder: str | Path, suffixes: tuple[str, ...] | None = None) -> int:
+    """Bytes of the tensors in a folder's *.safetensors (only names ending in one of `suffixes` when given)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                if suffixes is None or name.endswith(suffixes):
+                    t = handle.get_slice(name)
+                    numel = math.prod(t.get_shape())
+                    total += numel * _DTYPE_BYTES[t.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """{parameter name in the model: its name in the model's save_pretrained checkpoint}. transformers renames some
+    modules on save (a LLaVA's `model.language_model.layers.0...` is saved as `language_model.model.layers.0...`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tokens = {name: torch.empty(0) for name in names}
+    by_token = {id(token): name for name, token in tokens.items()}
+    return {by_token[id(token)]: saved for saved, token in revert_weight_conversion(model, tokens).items()}
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
+
+
+def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
+    """Write the model, which must hold `plan`'s pruned weights (`Pruner.apply(plan)`), as a compressed-tensors
+    checkpoint in the new folder `out`, atomically: into a temporary sibling folder, then renamed. The format is
+    `sparse_format(plan.pattern)`; the prunable linears that `is_compressed` are compressed, every other linear is
+    stored dense and listed in `ignore` (module docstring). Refuses an `out` that exists and is not empty, and a plan
+    for another number of decoder layers. Returns the sparsity_config written to config.json."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    out = Path(out)
+    check_out(out)
+    plan.check_layers(loaded.num_layers)
+    fmt = sparse_format(plan.pattern)
+    linears = {name: m for name, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    saved = checkpoint_names(loaded.model, [f"{name}.weight" for name in linears])
+    prunable = {id(lin) for lin in loaded.prunable(vision=True).values()}
+    compressed, ignore = set(), []
+    for name, linear in linears.items():
+        if id(linear) in prunable and is_compressed(linear.weight, fmt):
+            compressed.add(saved[f"{name}.weight"])
+        else:
+            ignore.append(saved[f"{name}.weight"][:-len(".weight")])
+    zeros = sum(int((t == 0).sum()) for t in _tensors(loaded) if t.is_floating_point())
+    params = sum(t.numel() for t in _tensors(loaded) if t.is_floating_point())
+    config = SparsityCompressionConfig.load_from_registry(
+        fmt, targets=["Linear"], ignore=ignore, global_sparsity=zeros / params,
+        sparsity_structure=plan.pattern).model_dump()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        loaded.model.save_pretrained(tmp)
+        _compress_files(tmp, compressed, fmt)
+        _add_sparsity_config(tmp / "config.json", config)
+        loaded.processor.save_pretrained(tmp)
+        (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return config
+
+
+def _compress_files(folder: Path, names: set[str], fmt: str) -> None:
+    """Replace each tensor `P.weight` named in `names` by its P.<param> tensors in `fmt`, in every *.safetensors of
+    `folder` (and its shard index)."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name in [n for n in tensors if n in names]:
+            prefix = name[:-len(".weight")]
+            parts = compress_weight(tensors.pop(name), fmt)
+            tensors.update({f"{prefix}.{part}": value for part, value in parts.items()})
+            if index is not None:
+                del index["weight_map"][name]
+                index["weight_map"].update({f"{prefix}.{part}": file.name for part in parts})
+        save_file(tensors, file, metadata={"format": "pt"})
+    if index is not None:
+        index.setdefault("metadata", {})["total_size"] = tensor_bytes(folder)
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _add_sparsity_config(config_file: Path, sparsity_config: dict) -> None:
+    """config.json's quantization_config as compressed-tensors writes it for a sparse-only model."""
+    import compressed_tensors
+
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
+                                     "sparsity_config": sparsity_config}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+def sparsity_config(config) -> dict | None:
+    """The sparse compressed-tensors config of a transformers config (None for an ordinary checkpoint)."""
+    quant = getattr(config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    sparse = (quant or {}).get("sparsity_config") or None
+    return sparse if sparse and sparse.get("format") in PARAMS else None
+
+
+def exported_model(folder: str | Path, config, dtype: torch.dtype | None = None):
+    """The dense model of an export (a config whose quantization_config holds a sparse compressed-tensors
+    sparsity_config), its compressed linears decompressed; None for any other checkpoint. transformers >= 5 no longer
+    decompresses these formats itself, so the weights are decompressed here and handed to from_pretrained."""
+    import copy
+
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    sparse = sparsity_config(config)
+    if sparse is None:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(file))
+    for prefix in [n[:-len(".compressed")] for n in state if n.endswith(".compressed")]:
+        parts = {part: state.pop(f"{prefix}.{part}") for part in PARAMS[sparse["format"]]}
+        state[f"{prefix}.weight"] = decompress_weight(parts)
+    config = copy.deepcopy(config)
+    del config.quantization_config  # dense once loaded; transformers would otherwise look for a quantizer
+    multimodal = hasattr(config, "vision_config")
+    cls = LlavaForConditionalGeneration if multimodal else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
