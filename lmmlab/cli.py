@@ -116,7 +116,7 @@ def cmd_demo(args) -> None:
     task = task_from_args(args)
     loaded = load(args, task)
     layout = {"kv_group_size": args.kv_group_size, "kv_residual": args.kv_residual}
-    tag = f"demo-{Path(args.model).name}-{task.name}"
+    tag = args.tag or f"demo-{Path(args.model).name}-{task.name}"
     tables, figures = RESULTS / "tables", RESULTS / "figures"
     print(f"{args.model}: {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f} M parameters, "
           f"{loaded.num_layers} decoder layers, {loaded.num_kv_heads} KV heads × {loaded.head_dim}; "
@@ -410,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
     p.add_argument("--trials", type=int, default=20, help="TPE trials per budget")
+    p.add_argument("--tag", default=None, help="prefix of the tables and figures (default: demo-<model>-<task>)")
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's studies")
