@@ -161,12 +161,12 @@ def cmd_demo(args) -> None:
 
 def cmd_prune(args) -> None:
     from lmmlab import models
+    from lmmlab.export import check_out
     from lmmlab.plan import CompressionPlan, parse_pattern
     from lmmlab.prune import sparsity_of
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
+    check_out(out)
     nm = parse_pattern(args.pattern)
     sparsity = 1 - nm[0] / nm[1] if nm else args.sparsity  # N:M fixes the ratio
     if not 0 <= sparsity < 1:
@@ -184,7 +184,8 @@ def cmd_prune(args) -> None:
     plan.check_layers(loaded.num_layers)
     pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
     if plan.vision_sparsity and not pruner.has_vision_stats:
-        raise ValueError(f"--vision-sparsity needs a task with images; {task.name!r} calibrates the language model only")
+        raise ValueError(f"vision sparsity (--vision-sparsity, or the plan's vision_sparsity) needs a task with images; "
+                         f"{task.name!r} calibrates the language model only")
     if args.allocation != "uniform" and not args.plan:
         plan = dataclasses.replace(plan, sparsity=pruner.allocation(args.allocation, sparsity))
     pruner.apply(plan)
@@ -198,25 +199,6 @@ def cmd_prune(args) -> None:
     print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); "
           f"achieved {sparsity_of(loaded):.3f}; decoder linears keep {summary['kept_bytes'] / 2**20:.2f} of "
           f"{summary['dense_bytes'] / 2**20:.2f} MiB as non-zeros; saved to {out}")
-
-
-def cmd_export(args) -> None:
-    """Prune --model to --plan (calibrating as `prune` does) and write it as a compressed-tensors checkpoint."""
-    from lmmlab.export import check_out
-    from lmmlab.plan import CompressionPlan
-
-    out = Path(args.out)
-    check_out(out)
-    plan = CompressionPlan.load(args.plan)
-    task = task_from_args(args)
-    loaded = load(args, task)
-    plan.check_layers(loaded.num_layers)
-    pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
-    if plan.vision_sparsity and not pruner.has_vision_stats:
-        raise ValueError(f"the plan's vision_sparsity needs a task with images; {task.name!r} calibrates the language "
-                         "model only")
-    pruner.apply(plan)
-    print_export(loaded, plan, out)
 
 
 def print_export(loaded, plan, out: Path) -> None:
@@ -456,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, required=True, help="a CompressionPlan JSON (per-layer sparsity, KV widths)")
     p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
     p.add_argument("--out", type=Path, required=True, help="new folder for the checkpoint (must not exist or be empty)")
-    p.set_defaults(func=cmd_export)
+    # `prune --plan PLAN --export`: the prune-only options at their defaults, which a plan overrides anyway
+    p.set_defaults(func=cmd_prune, export=True, method="wanda", sparsity=0.5, pattern="unstructured",
+                   allocation="uniform", vision_sparsity=0.0)
 
     p = sub.add_parser("ablate-prune", help="accuracy of every method x sparsity x allocation (and 2:4, 4:8) as CSV")
     add_model_args(p)
