@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from lmmlab.models import Loaded
+from lmmlab.models import Loaded, saved_names
 from lmmlab.plan import CompressionPlan
 
 FORMATS = ("dense", "bitmask", "nonzeros")
@@ -184,16 +184,6 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 # ---------------------------------------------------------------------------------------------------- export
 
-def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
-    """{parameter name in the model: its name in the model's save_pretrained checkpoint}. transformers renames some
-    modules on save (a LLaVA's `model.language_model.layers.0...` is saved as `language_model.model.layers.0...`)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    tokens = {name: torch.empty(0) for name in names}
-    by_token = {id(token): name for name, token in tokens.items()}
-    return {by_token[id(token)]: saved for saved, token in revert_weight_conversion(model, tokens).items()}
-
-
 def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
@@ -212,7 +202,7 @@ def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
     plan.check_layers(loaded.num_layers)
     fmt = sparse_format(plan.pattern)
     linears = {name: m for name, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    saved = checkpoint_names(loaded.model, [f"{name}.weight" for name in linears])
+    saved = saved_names(loaded.model, [f"{name}.weight" for name in linears])
     prunable = {id(lin) for lin in loaded.prunable(vision=True).values()}
     compressed, ignore = set(), []
     for name, linear in linears.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmmlab.calibrate import Key, Stats
-from lmmlab.models import VISION, Loaded
+from lmmlab.models import VISION, Loaded, saved_names
 from lmmlab.plan import CompressionPlan
 
 SCORE_METHODS = ("magnitude", "wanda", "ria")
@@ -91,33 +91,23 @@ def make_mask(S: torch.Tensor, sparsity: float, method: str, nm: tuple[int, int]
 
 
 def checkpoint_names(loaded: Loaded, keys: list[Key]) -> dict[Key, tuple[str, str]] | None:
-    """Where each prunable weight lies in the model's safetensors checkpoint: {key: (file, tensor name)}, or None when
-    the model has no local checkpoint or a weight cannot be found in it unambiguously.
-
-    Names are matched after dropping the path parts `model` and `language_model`, which transformers moves around
-    between its checkpoint format and its modules (a LLaVA checkpoint's `language_model.model.layers.0...` is the
-    module `model.language_model.layers.0...`)."""
+    """Where each prunable weight lies in the model's local safetensors checkpoint: {key: (file, tensor name)}, or
+    None when the model has no local checkpoint or one of the weights is not in it under its saved name
+    (`models.saved_names`: transformers' own renaming between modules and checkpoint)."""
     from safetensors import safe_open
 
     folder = Path(str(getattr(loaded.model.config, "_name_or_path", "")))
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-
-    def normal(name: str) -> str:
-        return ".".join(part for part in name.split(".") if part not in ("model", "language_model"))
-
-    stored: dict[str, tuple[str, str]] = {}
+    stored: dict[str, str] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                if normal(name) in stored:
-                    return None
-                stored[normal(name)] = (str(file), name)
+            stored.update({name: str(file) for name in handle.keys()})
     names = {id(p): n for n, p in loaded.model.named_parameters()}
     linears = loaded.prunable(vision=True)
-    found = {key: stored.get(normal(names[id(linears[key].weight)])) for key in keys}
-    return None if None in found.values() else found
+    params = {key: names[id(linears[key].weight)] for key in keys}
+    saved = saved_names(loaded.model, list(params.values()))
+    found = {key: (stored[saved[name]], saved[name]) for key, name in params.items() if saved[name] in stored}
+    return found if len(found) == len(keys) else None
 
 
 class DenseWeights:

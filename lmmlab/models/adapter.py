@@ -42,6 +42,17 @@ def save_atomic(model, processor, out: Path, extra: dict[str, dict] | None = Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{parameter name in the model: its name in the model's save_pretrained checkpoint}. transformers renames some
+    modules on save (a LLaVA's `model.language_model.layers.0...` is saved as `language_model.model.layers.0...`);
+    this asks transformers itself for the reverse of the renaming it applies on load."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tokens = {name: torch.empty(0) for name in names}
+    by_token = {id(token): name for name, token in tokens.items()}
+    return {by_token[id(token)]: saved for saved, token in revert_weight_conversion(model, tokens).items()}
+
+
 # Embedded models: a short name -> a function that returns their cached folder (building it once). The toy and
 # SmolLM2 register themselves in lmmlab.models.__init__.
 EMBEDDED: dict[str, Callable[[], Path]] = {}
