@@ -182,20 +182,11 @@ def prune_into(weight: torch.Tensor, W: torch.Tensor, method: str, sparsity: flo
     if sparsity == 0:
         weight.copy_(W)
         return 0
-    if method == "magnitude" and nm is None:
-        A = W.abs()
-        k = int(A.numel() * sparsity)
-        kth = torch.kthvalue(A.flatten(), k).values if k else None
-        room = k - int((A < kth).sum()) if k else 0  # ties at the threshold go lowest index first, as in `lowest`
+    if method == "magnitude" and nm is None:  # one selection over the whole matrix, then written in blocks
+        k = int(W.numel() * sparsity)
+        drop = lowest(W.abs().flatten(), k).view_as(W) if k else torch.zeros_like(W, dtype=torch.bool)
         for r0 in range(0, d_out, rows):
-            a = A[r0:r0 + rows]
-            drop = a < kth if k else torch.zeros_like(a, dtype=torch.bool)
-            if room:
-                tied = (a == kth).flatten()
-                take = tied & (tied.cumsum(0) <= room)
-                room -= int(take.sum())
-                drop |= take.view_as(a)
-            weight[r0:r0 + rows].copy_(W[r0:r0 + rows].masked_fill(drop, 0))
+            weight[r0:r0 + rows].copy_(W[r0:r0 + rows].masked_fill(drop[r0:r0 + rows], 0))
         return k
     col_sum = W.abs().sum(dim=0, dtype=torch.float32) if method == "ria" else None
     removed = 0
@@ -226,9 +217,9 @@ def apply_plan(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights, stats
     if plan.method != "magnitude":
         missing = [key for key, s in ratios.items() if s and (stats is None or key not in stats.sq_norm)]
         if missing:
-            side = "the vision side" if missing[0][0] == VISION else f"layer {missing[0][0]}"
-            raise ValueError(f"method {plan.method!r} needs calibration statistics (input norms) of {side}: "
-                             "calibrate on a task with images to prune the vision side")
+            side = ("the vision side: calibrate on a task with images to prune it" if missing[0][0] == VISION
+                    else f"layer {missing[0][0]}")
+            raise ValueError(f"method {plan.method!r} needs calibration statistics (input norms) of {side}")
     achieved = {}
     linears = loaded.prunable(vision=True)
     for key in dense.keys:

@@ -310,3 +310,21 @@ def test_a_model_that_no_longer_matches_its_checkpoint_keeps_a_host_copy(tiny_ll
     assert torch.equal(dense[(1, "up_proj")], loaded.linears(1)["up_proj"].weight)
     with pytest.raises(ValueError, match="not in a local safetensors checkpoint"):
         DenseWeights(loaded, source="checkpoint")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method, nm", [("magnitude", None), ("wanda", None), ("ria", None), ("magnitude", (2, 4))])
+def test_block_wise_pruning_equals_the_whole_matrix_mask_with_ties(monkeypatch, dtype, method, nm):
+    """`prune_into` works a block of rows at a time (here 8 rows of 24); its result is W times the mask of the
+    whole matrix, ties and all, in the weight's own dtype."""
+    import lmmlab.prune as prune
+
+    monkeypatch.setattr(prune, "CHUNK", 8 * 24)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randint(-3, 4, (40, 24), generator=g).to(dtype)  # few values: ties at every threshold
+    x_norm = torch.randint(1, 3, (24,), generator=g).float()
+    out = torch.empty_like(W)
+    removed = prune.prune_into(out, W, method, 0.5, nm, x_norm)
+    keep = make_mask(score(method, W, x_norm), 0.5, method, nm)
+    assert torch.equal(out, W * keep)
+    assert removed == int((~keep).sum())
