@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # `make demo`: the whole story on SmolLM2-135M at a small size (16 test windows, sparsity 0.5 / 0.7, KV <= 4 bits,
-# 8 TPE trials; 11 min on 2 CPU cores, converting SmolLM2 included). `make demo-full`: the README's numbers (~1 h).
+# 8 TPE trials; 13 min on 2 CPU cores once SmolLM2 is converted). `make demo-full`: the README's numbers (~1 h).
 demo: venv
 	$(VENV)/bin/lmmlab demo --model smollm2-135m --sparsities 0.5 0.7 --kv-budgets 4 --trials 8 --n 16 --n-eval 8 \
 	  --storage sqlite:///results/demo-quick.db --tag quick-demo-smollm2-135m-text

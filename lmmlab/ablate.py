@@ -18,8 +18,9 @@ from lmmlab.calibrate import Stats, calibrate
 from lmmlab.export import weight_format_bytes
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
 from lmmlab.models import VISION, Loaded
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
-from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, sparsity_of
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_CONTEXT, CompressionPlan
+from lmmlab.stats import annotate
+from lmmlab.prune import DenseWeights, apply_plan, apply_sequential, apply_sparsegpt, sparsity_of
 from lmmlab.tasks import Metrics, Task
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,22 @@ class Pruner:
         """Calibrate on `n` calibration items of `task` (its default count when None)."""
         return cls.calibrated(loaded, task.calibration_batches(loaded, n=n, seed=seed))
 
-    def apply(self, plan: CompressionPlan) -> None:
-        """Prune the model to `plan` (from the dense weights; SparseGPT re-solves, the others re-mask). A plan whose
-        weights are the ones the model already holds (it differs in KV widths only) costs nothing."""
-        weights = weight_part(plan)
+    def apply(self, plan: CompressionPlan, *, sequential: bool = False) -> None:
+        """Prune the model to `plan` from the dense weights: SparseGPT re-solves; magnitude, Wanda and RIA re-mask
+        from the cached one-pass statistics, or, with `sequential` (Wanda and RIA only), recalibrate layer by layer
+        as their reference code does (`prune.apply_sequential`). A plan whose weights are the ones the model already
+        holds (it differs in KV widths only) costs nothing."""
+        weights = weight_part(plan, sequential)
         if weights == self.applied:
             return
         self.applied = None  # until this plan is fully in place
         if plan.method == "sparsegpt":
             self.dense.restore(self.loaded)
             apply_sparsegpt(self.loaded, plan, self.batches)
-            self.applied = weights
-            return
-        apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
+        elif sequential and plan.method in SEQUENTIAL_METHODS:
+            apply_sequential(self.loaded, plan, self.dense, self.batches, self.stats)
+        else:
+            apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
 
     def allocation(self, name: str, target: float) -> list[float]:
@@ -104,9 +108,21 @@ class Pruner:
         return pd.DataFrame(rows)
 
 
-def weight_part(plan: CompressionPlan) -> tuple:
-    """What of a plan decides the weights: method, pattern, per-layer and vision sparsity (not the KV cache)."""
-    return plan.method, plan.pattern, tuple(plan.sparsity), plan.vision_sparsity
+def weight_part(plan: CompressionPlan, sequential: bool = False) -> tuple:
+    """What of a plan decides the weights: method, pattern, per-layer and vision sparsity (not the KV cache), and how
+    it was calibrated."""
+    return plan.method, plan.pattern, tuple(plan.sparsity), plan.vision_sparsity, calibration_of(plan.method, sequential)
+
+
+SEQUENTIAL_METHODS = ("wanda", "ria")
+
+
+def calibration_of(method: str, sequential: bool) -> str:
+    """How a method's weights were calibrated: "none" (magnitude), "sequential" (layer by layer on the pruned
+    layers' outputs: SparseGPT always, Wanda and RIA when asked), or "one-pass" (statistics of the dense model)."""
+    if method == "magnitude":
+        return "none"
+    return "sequential" if method == "sparsegpt" or (sequential and method in SEQUENTIAL_METHODS) else "one-pass"
 
 
 def weight_bytes(loaded: Loaded, pattern: str = "unstructured") -> dict[str, int]:
@@ -118,23 +134,30 @@ def weight_bytes(loaded: Loaded, pattern: str = "unstructured") -> dict[str, int
 
 
 def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, metrics: Metrics, task: Task,
-        split: str, seed: int) -> dict:
-    """One tidy results row: the plan, what it achieved, and the task's metrics (primary first, then by name)."""
+        split: str, seed: int, *, sequential: bool = False, kv_context: int = KV_CONTEXT) -> dict:
+    """One tidy results row: the plan, what it achieved, and the task's metrics (primary first, then by name), with
+    the per-item values (`per_item`, kept out of the CSVs) that intervals and paired tests are computed from. KV
+    widths are shown nominal and effective (bits per element stored at `kv_context` tokens, fp16 for 16 bits)."""
     return {
         "task": task.name, "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
-        "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 4),
+        "calibration": calibration_of(plan.method, sequential),
+        "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 6),
         "kv_bits": "-".join(map(str, plan.kv_bits)), "mean_kv_bits": plan.mean_kv_bits,
-        **weight_bytes(loaded, plan.pattern), "kv_bytes": metrics.kv_bytes,
+        "mean_kv_bits_effective": round(plan.mean_effective_kv_bits(loaded.head_dim, kv_context), 4),
+        "kv_context": kv_context, **weight_bytes(loaded, plan.pattern), "kv_bytes": metrics.kv_bytes,
         "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
         "loss": metrics.loss, "latency_s": metrics.latency_s, "n": metrics.n, "split": split, "seed": seed,
+        "per_item_metric": metrics.per_item_metric, "per_item": metrics.per_item,
     }
 
 
 def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
                  sparsities: Sequence[float] = SPARSITIES, allocations: Sequence[str] = ALLOCATIONS,
                  patterns: Sequence[str] = PATTERNS, split: str = "test", n: int | None = None, seed: int = 0,
-                 pruner: Pruner | None = None) -> list[dict]:
-    """Evaluate every method × sparsity × allocation, plus every method at each N:M pattern; the dense model first."""
+                 pruner: Pruner | None = None, sequential: bool = True) -> list[dict]:
+    """Evaluate every method × sparsity × allocation, plus every method at each N:M pattern; the dense model first.
+    The methods run as published (`sequential`: Wanda and RIA calibrate layer by layer, as SparseGPT does). Each row
+    carries its interval and a paired test against the best row at its (pattern, sparsity) (`stats.annotate`)."""
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     pruner.restore()
     dense_plan = CompressionPlan.uniform(loaded.num_layers, 0.0, method="magnitude")
@@ -144,13 +167,44 @@ def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
     try:
         for method, alloc, target, pattern in runs:
             plan = pruner.plan(method, alloc, target, pattern=pattern)
-            pruner.apply(plan)
-            rows.append(row(plan, alloc, target, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed))
+            pruner.apply(plan, sequential=sequential)
+            rows.append(row(plan, alloc, target, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed,
+                            sequential=sequential))
             log.info("%s %s %s %.2f: %s %.4f", method, alloc, pattern, target, task.primary_metric,
                      rows[-1]["primary"])
     finally:
         pruner.restore()
-    return rows
+    return annotate(rows, direction=task.direction, group_by=("pattern", "target_sparsity"), label=label)
+
+
+def label(r: dict) -> str:
+    """A row's name in tables and tests: method-allocation[-pattern]."""
+    return f"{r['method']}-{r['allocation']}" + ("" if r.get("pattern", "unstructured") == "unstructured"
+                                                 else f"-{r['pattern']}")
+
+
+def ablate_calibration(loaded: Loaded, task: Task, methods: Sequence[str] = SEQUENTIAL_METHODS,
+                       sparsities: Sequence[float] = (0.5, 0.7), split: str = "test", n: int | None = None,
+                       seed: int = 0, pruner: Pruner | None = None) -> list[dict]:
+    """Sequential against one-pass calibration: every method × sparsity (uniform) pruned both ways and evaluated on
+    the same items; each sequential row carries its paired test against the one-pass row of its method and sparsity."""
+    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
+    rows = []
+    try:
+        for method in methods:
+            for target in sparsities:
+                plan = pruner.plan(method, "uniform", target)
+                for sequential in (False, True):
+                    pruner.apply(plan, sequential=sequential)
+                    rows.append(row(plan, "uniform", target, loaded, task.evaluate(loaded, split=split, n=n), task,
+                                    split, seed, sequential=sequential))
+                    log.info("%s %.2f %s: %s %.4f", method, target, rows[-1]["calibration"], task.primary_metric,
+                             rows[-1]["primary"])
+    finally:
+        pruner.restore()
+    return annotate(rows, direction=task.direction, group_by=("method", "target_sparsity"),
+                    is_baseline=lambda r: r["calibration"] == "one-pass",
+                    label=lambda r: f"{r['method']}-{r['calibration']}")
 
 
 KV_WIDTHS = (16, 8, 6, 4, 3, 2)
@@ -192,4 +246,4 @@ def ablate_kv(loaded: Loaded, task: Task, widths: Sequence[int] = KV_WIDTHS, mix
                      "kv_group_size": group_size, "kv_residual": residual_length,
                      "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})
         log.info("kv %s: %s %.4f, %.0f bytes/item", name, metrics.primary_metric, metrics.primary, metrics.kv_bytes)
-    return rows
+    return annotate(rows, direction=task.direction, group_by=(), label=lambda r: r["kv_plan"])

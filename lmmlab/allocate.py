@@ -84,17 +84,22 @@ def project(raw: list[float], target: float, low: float = 0.0, high: float = 0.9
     return (x + (lo + hi) / 2).clamp(low, high).tolist()
 
 
-def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...]) -> list[int]:
-    """Per-layer KV widths whose mean is at most `budget`: while the mean is over it, the widest layer (the deepest
-    of equals) steps down to the next allowed width. A plan already within the budget is returned unchanged."""
+def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...], cost: dict[int, float] | None = None
+                ) -> list[int]:
+    """Per-layer KV widths whose mean cost is at most `budget`: while it is over, the widest layer (the deepest of
+    equals) steps down to the next allowed width. `cost[b]` is what a width costs in the budget's unit: the nominal
+    width (default), or the effective bits per element it really stores at a stated context
+    (`kvcache.effective_bits`). A plan already within the budget is returned unchanged."""
     widths = tuple(sorted(set(widths)))
-    if budget < widths[0]:
-        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]}")
+    cost = cost or {b: float(b) for b in widths}
+    if budget < cost[widths[0]]:
+        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]} "
+                         f"({cost[widths[0]]:.4g} bits)")
     bad = [b for b in raw if b not in widths]
     if bad:
         raise ValueError(f"kv width {bad[0]} is not among the allowed {', '.join(map(str, widths))}")
     bits = list(raw)
-    while sum(bits) > budget * len(bits) + 1e-9:
+    while sum(cost[b] for b in bits) > budget * len(bits) + 1e-9:
         widest = max(range(len(bits)), key=lambda i: (bits[i], i))
         bits[widest] = widths[widths.index(bits[widest]) - 1]
     return bits

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmmlab.files import write_json, write_text_atomic
+from lmmlab.files import write_json, write_table, write_text_atomic
 
 RESULTS = Path("results")
 
@@ -129,9 +129,9 @@ def cmd_demo(args) -> None:
     print(f"\npruning the decoder's linears (one calibration pass; input norms cached) — test {task.primary_metric}:")
     pruner = calibrated_pruner(args, loaded, task)
     prune_rows = ablate.ablate_prune(loaded, task, sparsities=args.sparsities, patterns=("2:4",), n=args.n,
-                                     pruner=pruner)
+                                     pruner=pruner, sequential=not args.one_pass_baselines)
     prune = pd.DataFrame(prune_rows)
-    write_text_atomic(tables / f"{tag}_prune.csv", prune.to_csv(index=False))
+    write_table(tables / f"{tag}_prune.csv", prune_rows)
     runs = prune[prune.allocation != "dense"]
     wide = runs.assign(run=runs.allocation + " " + runs.pattern).pivot_table(
         index=["run", "target_sparsity"], columns="method", values="primary", sort=False)
@@ -140,17 +140,20 @@ def cmd_demo(args) -> None:
 
     print(f"\nKV cache at uniform widths (KIVI layout, groups of {args.kv_group_size}, "
           f"{args.kv_residual}-token window) — test {task.primary_metric}:")
-    kv = pd.DataFrame(ablate.ablate_kv(loaded, task, mixed=False, group_size=args.kv_group_size,
-                                       residual_length=args.kv_residual, n=args.n))
-    write_text_atomic(tables / f"{tag}_kv.csv", kv.to_csv(index=False))
-    print(kv[["kv_plan", "kv_bytes", "kv_ratio", "primary", "loss"]].rename(
+    kv_rows = ablate.ablate_kv(loaded, task, mixed=False, group_size=args.kv_group_size,
+                               residual_length=args.kv_residual, n=args.n)
+    kv = pd.DataFrame(kv_rows)
+    write_table(tables / f"{tag}_kv.csv", kv_rows)
+    print(kv[["kv_plan", "mean_kv_bits_effective", "kv_bytes", "kv_ratio", "primary", "ci_low", "ci_high",
+              "p_value", "verdict"]].rename(
         columns={"primary": task.primary_metric, "kv_bytes": "kv_bytes_per_item"}).round(4).to_string(index=False))
 
     print(f"\nTPE joint plan ({args.trials} trials each on validation, study in {args.storage}) vs the baselines "
           f"at the same budgets — test {task.primary_metric}:")
     versus = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.trials,
                      storage=args.storage, study_prefix=f"demo-{Path(args.model).name}", pruner=pruner, n=args.n,
-                     n_eval=args.n_eval, **layout)
+                     n_eval=args.n_eval, sequential=not args.one_pass_baselines,
+                     kv_budget_unit=args.kv_budget_unit, kv_context=args.context_tokens, **layout)
     print_comparison(versus, task, tables / f"{tag}_compare.csv")
 
     paths = [plots.save(plots.ablation_figure(prune, dense.primary), f"{tag}_prune", figures),
@@ -220,11 +223,29 @@ def cmd_ablate_prune(args) -> None:
     task = task_from_args(args)
     loaded = load(args, task)
     rows = ablate.ablate_prune(loaded, task, methods=args.methods, sparsities=args.sparsities, split=args.split,
-                               n=args.n, pruner=calibrated_pruner(args, loaded, task))
+                               n=args.n, pruner=calibrated_pruner(args, loaded, task),
+                               sequential=not args.one_pass_baselines)
     table = pd.DataFrame(rows)
-    write_text_atomic(args.out, table.to_csv(index=False))
-    print(table[["method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "primary"]]
+    write_table(args.out, rows)
+    print(table[["method", "allocation", "pattern", "calibration", "target_sparsity", "achieved_sparsity", "primary",
+                 "ci_low", "ci_high", "p_value", "verdict"]]
           .rename(columns={"primary": task.primary_metric}).to_string(index=False))
+    print(f"wrote {args.out}")
+
+
+def cmd_ablate_calibration(args) -> None:
+    import pandas as pd
+
+    from lmmlab import ablate
+
+    task = task_from_args(args)
+    loaded = load(args, task)
+    rows = ablate.ablate_calibration(loaded, task, methods=args.methods, sparsities=args.sparsities,
+                                     split=args.split, n=args.n, pruner=calibrated_pruner(args, loaded, task))
+    write_table(args.out, rows)
+    print(pd.DataFrame(rows)[["method", "target_sparsity", "calibration", "achieved_sparsity", "primary", "ci_low",
+                              "ci_high", "versus", "p_value", "verdict"]]
+          .rename(columns={"primary": task.primary_metric}).round(4).to_string(index=False))
     print(f"wrote {args.out}")
 
 
@@ -238,8 +259,9 @@ def cmd_ablate_kv(args) -> None:
     rows = ablate.ablate_kv(loaded, task, widths=args.widths, mixed=not args.no_mixed, group_size=args.kv_group_size,
                             residual_length=args.kv_residual, split=args.split, n=args.n)
     table = pd.DataFrame(rows)
-    write_text_atomic(args.out, table.to_csv(index=False))
-    print(table[["kv_plan", "kv_bits", "mean_kv_bits", "kv_bytes", "kv_ratio", "primary", "loss"]]
+    write_table(args.out, rows)
+    print(table[["kv_plan", "mean_kv_bits", "mean_kv_bits_effective", "kv_bytes", "kv_ratio", "primary",
+                 "ci_low", "ci_high", "p_value", "verdict"]]
           .rename(columns={"primary": task.primary_metric}).to_string(index=False))
     print(f"wrote {args.out}")
 
@@ -259,13 +281,14 @@ def cmd_search(args) -> None:
                         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
                         kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
                         context_tokens=args.context_tokens, seed=args.seed, worker=worker, heartbeat=args.heartbeat,
-                        pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
+                        kv_budget_unit=args.kv_budget_unit, pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
     name = result.study.study_name
     table = tpe.trials_table(result.study)
     trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
     write_text_atomic(trials_csv, table.to_csv(index=False))
     result.best_plan.save(plan_json)
-    shown = ["trial", "source", "primary", "loss", "mean_sparsity", "mean_kv_bits", "memory_bytes", "kv_bits"]
+    shown = ["trial", "source", "primary", "loss", "mean_sparsity", "mean_kv_bits", "mean_kv_bits_effective",
+             "memory_bytes", "kv_bits"]
     best = table.nlargest if task.direction == "maximize" else table.nsmallest
     rows = table[table.on_front] if args.multi_objective else best(5, "primary")
     print(rows[shown].rename(columns={"primary": task.primary_metric}).to_string(index=False))
@@ -294,30 +317,35 @@ def cmd_compare(args) -> None:
                    method=args.method, storage=args.storage, study_prefix=args.study_prefix,
                    kv_group_size=args.kv_group_size,
                    kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed,
-                   pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
+                   pruner=calibrated_pruner(args, loaded, task, seed=args.seed),
+                   sequential=not args.one_pass_baselines, kv_budget_unit=args.kv_budget_unit,
+                   kv_context=args.context_tokens)
     print(f"test {task.primary_metric} ({task.direction}):")
     print_comparison(rows, task, args.out)
 
 
 def print_comparison(rows: list[dict], task, out: Path) -> None:
-    """Write a comparison's table, its per-item values and its paired tests (TPE vs each baseline); print both."""
+    """Write a comparison's table (with each row's interval and its paired test against the strongest baseline), its
+    per-item values and its pairwise tests (TPE vs each baseline); print them."""
     import pandas as pd
 
-    from lmmlab.compare import paired_table
+    from lmmlab.compare import claims, paired_table
 
     table = pd.DataFrame(rows)
     items = pd.DataFrame({f"{r['method']}-{r['allocation']}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}":
                           r["per_item"] for r in rows})
     tests = pd.DataFrame(paired_table(rows, task.direction))
     out = Path(out)
-    write_text_atomic(out, table.drop(columns="per_item").to_csv(index=False))
+    write_table(out, rows)
     write_text_atomic(out.with_name(out.stem + "_items.csv"), items.to_csv(index=False))
     write_text_atomic(out.with_name(out.stem + "_paired.csv"), tests.to_csv(index=False))
-    wide = table.assign(run=table.method + "-" + table.allocation).pivot_table(
-        index=["kv_budget_bits", "target_sparsity"], columns="run", values="primary")
-    print(wide.round(3).to_string())
-    print("\nTPE vs each baseline on the same items (mean per-item difference, 95 % bootstrap interval, paired "
-          "permutation p):")
+    shown = ["kv_budget_bits", "target_sparsity", "method", "allocation", "calibration", "achieved_sparsity",
+             "mean_kv_bits", "mean_kv_bits_effective", "primary", "ci_low", "ci_high", "versus", "p_value", "verdict"]
+    print(table[shown].rename(columns={"primary": task.primary_metric}).round(4).to_string(index=False))
+    print("(ci: 95 % interval; p_value: paired test against the strongest baseline at the same budget on the same "
+          "items — exact McNemar for accuracy, paired bootstrap otherwise; a win is claimed only at p < 0.05)")
+    print("\n".join(claims(rows)))
+    print("\nTPE vs each baseline on the same items (mean per-item difference, 95 % bootstrap interval, paired p):")
     print(tests.round(4).to_string(index=False))
     print(f"wrote {out} and its _items.csv / _paired.csv")
 
@@ -380,6 +408,20 @@ def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
                    help=f"newest tokens kept in full precision, a multiple of the group size (default {KIVI_RESIDUAL})")
 
 
+def add_budget_args(p: argparse.ArgumentParser, search: bool = False) -> None:
+    """How a KV budget is counted, and (comparisons) how the baselines calibrate."""
+    p.add_argument("--kv-budget-unit", default="nominal", choices=["nominal", "effective"],
+                   help="KV budgets count mean nominal widths, or effective bits per element stored at "
+                        "--context-tokens (codes + fp16 scales and zero points + full-precision windows; 16 bits as "
+                        "fp16)")
+    p.add_argument("--context-tokens", type=int, default=1024,
+                   help="context at which KV memory and effective bits are counted")
+    if not search:
+        p.add_argument("--one-pass-baselines", action="store_true",
+                       help="calibrate the Wanda/RIA baselines on one pass of the dense model (default: layer by "
+                            "layer on the pruned layers' outputs, as their reference code does)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmmlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -396,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage for the demo's studies")
+    add_budget_args(p)
     p.set_defaults(model="smollm2-135m")  # the real-model story; --model lmmlab-default tells it on the toy LLaVA
     p.set_defaults(func=cmd_demo)
 
@@ -448,8 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     add_split_args(p)
+    p.add_argument("--one-pass-baselines", action="store_true",
+                   help="calibrate Wanda/RIA on one pass of the dense model (default: layer by layer, as published)")
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_prune.csv")
     p.set_defaults(func=cmd_ablate_prune)
+
+    p = sub.add_parser("ablate-calibration",
+                       help="Wanda/RIA calibrated layer by layer (as published) vs on one pass of the dense model")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--methods", nargs="+", default=["wanda", "ria"], choices=["wanda", "ria"])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    add_split_args(p)
+    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_calibration.csv")
+    p.set_defaults(func=cmd_ablate_calibration)
 
     from lmmlab.ablate import KV_WIDTHS
 
@@ -473,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_task_args(p)
     p.add_argument("--target-sparsity", type=float, default=0.5, help="parameter-weighted mean sparsity, in [0, 1)")
-    p.add_argument("--kv-budget", type=float, default=16.0, help="mean KV bits per layer at most this")
+    p.add_argument("--kv-budget", type=float, default=16.0,
+                   help="mean KV bits per layer at most this (nominal, or effective: --kv-budget-unit)")
     p.add_argument("--n-trials", type=int, default=100, help="finished trials the study should hold (resumes)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help + "; workers naming one storage and "
                    "study share it")
@@ -493,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, default=None, help="bins of consecutive layers sharing one choice")
     add_kv_layout_args(p)
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
-    p.add_argument("--context-tokens", type=int, default=1024, help="context at which KV memory is counted")
+    add_budget_args(p, search=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS / "tables", help="where the trials CSV and best plan go")
     p.set_defaults(func=cmd_search)
@@ -518,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
+    add_budget_args(p)
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
     p.set_defaults(func=cmd_compare)
 

@@ -2,62 +2,97 @@
 
 For every (target sparsity, KV budget) pair, a TPE study searches on the task's validation split; its best plan and the
 baselines (uniform magnitude, Wanda and SparseGPT, OWL-Wanda; uniform KV at the widest width within the budget) are
-then evaluated once on the test split.
+then evaluated once on the test split. The baselines are the methods as published: Wanda calibrated layer by layer on
+the pruned layers' outputs, as its reference code does (`sequential`); the search re-masks from one pass of the dense
+model (its cached statistics), and so does its TPE row.
+
+Same budget, same zeros: every method removes ⌊numel · s⌋ weights of each linear, and plans whose achieved sparsity
+differs by more than `SPARSITY_TOLERANCE` are not ranked. Every row carries a 95 % interval and a paired test against
+the strongest baseline at its budget on the same test items (`stats.annotate`).
 """
 from __future__ import annotations
 
 import logging
 from typing import Sequence
 
-from lmmlab.ablate import Pruner, row, weight_part
+from lmmlab.ablate import Pruner, calibration_of, label, row, weight_part
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, CompressionPlan
-from lmmlab.search import DEFAULT_STORAGE, memory_bytes, search
+from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, KV_CONTEXT, CompressionPlan
+from lmmlab.search import DEFAULT_STORAGE, KV_UNITS, effective_costs, memory_bytes, search
+from lmmlab.stats import annotate
 from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
 
 BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))
+SPARSITY_TOLERANCE = 0.0005  # 0.05 %: plans further apart in achieved mean sparsity are not compared
+
+
+def check_same_sparsity(rows: Sequence[dict], tolerance: float = SPARSITY_TOLERANCE) -> None:
+    """Refuse to rank plans at one budget whose achieved mean sparsity differs by more than `tolerance`."""
+    low = min(rows, key=lambda r: r["achieved_sparsity"])
+    high = max(rows, key=lambda r: r["achieved_sparsity"])
+    if high["achieved_sparsity"] - low["achieved_sparsity"] > tolerance:
+        raise ValueError(f"refusing to rank plans at target sparsity {low['target_sparsity']:g}: achieved sparsity "
+                         f"ranges from {low['achieved_sparsity']:.6f} ({low['method']}-{low['allocation']}) to "
+                         f"{high['achieved_sparsity']:.6f} ({high['method']}-{high['allocation']}), more than "
+                         f"{tolerance:.2%} apart; plans compared must remove the same number of weights")
 
 
 def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
             n_trials: int = 100, method: str = "wanda", storage: str = DEFAULT_STORAGE, study_prefix: str = "compare",
             kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
             split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0,
-            pruner: Pruner | None = None) -> list[dict]:
-    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`. Each row
-    keeps its per-item values (`per_item`) for `paired_table`."""
+            pruner: Pruner | None = None, sequential: bool = True, kv_budget_unit: str = "nominal",
+            kv_context: int = KV_CONTEXT) -> list[dict]:
+    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`, with
+    `ci_low`/`ci_high`, and `p_value`/`verdict` against the strongest baseline at the same budget. Each row keeps its
+    per-item values (`per_item`) for `paired_table`. `sequential`: the Wanda baselines calibrate layer by layer.
+    `kv_budget_unit`: the KV budgets count nominal widths or effective bits per element at `kv_context` tokens."""
+    if kv_budget_unit not in KV_UNITS:
+        raise ValueError(f"unknown KV budget unit {kv_budget_unit!r}; allowed: {', '.join(KV_UNITS)}")
+    cost = (effective_costs(loaded, kv_widths, kv_context, kv_group_size, kv_residual)
+            if kv_budget_unit == "effective" else {b: float(b) for b in kv_widths})
+    for budget in kv_budgets:
+        if not any(c <= budget + 1e-9 for c in cost.values()):
+            raise ValueError(f"KV budget {budget:g} {kv_budget_unit} bits is below every allowed width's "
+                             f"(narrowest: {min(cost.values()):.4g})")
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
         for target in sparsities:
-            runs = []  # (budget, label, plan), in table order
+            runs = []  # (budget, label, plan, sequential), in table order
             for budget in kv_budgets:
-                kv = max(b for b in kv_widths if b <= budget)
+                kv = max(b for b in kv_widths if cost[b] <= budget + 1e-9)  # uniform: the widest in budget
                 runs += [(budget, allocation, pruner.plan(m, allocation, target, kv, kv_group_size=kv_group_size,
-                                                          kv_residual=kv_residual)) for m, allocation in BASELINES]
+                                                          kv_residual=kv_residual), sequential)
+                         for m, allocation in BASELINES]
                 result = search(loaded, task, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
-                                storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}",
+                                storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}"
+                                           + ("e" if kv_budget_unit == "effective" else ""),
                                 method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
-                                kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner)
-                runs.append((budget, "tpe", result.best_plan))
+                                kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner,
+                                kv_budget_unit=kv_budget_unit, context_tokens=kv_context)
+                runs.append((budget, "tpe", result.best_plan, False))
             # Evaluate plans with the same weights one after another, so each is pruned (SparseGPT: solved) once.
-            order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2]))
+            order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2], runs[r][3]))
             scored = {}
             for r in order:
-                budget, allocation, plan = runs[r]
-                pruner.apply(plan)
+                budget, allocation, plan, seq = runs[r]
+                pruner.apply(plan, sequential=seq)
                 metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
-                scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed),
-                             "kv_budget_bits": budget, "trials": n_trials if allocation == "tpe" else 0,
-                             "per_item_metric": metrics.per_item_metric, "per_item": metrics.per_item}
+                scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed, sequential=seq,
+                                   kv_context=kv_context),
+                             "kv_budget_bits": budget, "kv_budget_unit": kv_budget_unit, "trials": n_trials if allocation == "tpe" else 0}
                 log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation,
                          task.primary_metric, metrics.primary)
+            check_same_sparsity(list(scored.values()))
             rows += [scored[r] for r in range(len(runs))]
     finally:
         pruner.restore()
-    return rows
+    return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
+                    is_baseline=lambda r: r["allocation"] != "tpe", label=label)
 
 
 def pareto_points(loaded: Loaded, task: Task, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
@@ -73,29 +108,40 @@ def pareto_points(loaded: Loaded, task: Task, pruner: Pruner, sparsities: Sequen
 
 
 def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequence[tuple[str, CompressionPlan]],
-                   context_tokens: int = 1024, split: str = "test", n: int | None = None) -> list[dict]:
-    """The primary metric (and the task's other metrics) and memory of (allocation label, plan) pairs, a search's Pareto front
-    say, on `split`."""
+                   context_tokens: int = 1024, split: str = "test", n: int | None = None,
+                   baselines: Sequence[str] = ("uniform", "owl"), sequential: bool = True,
+                   group_by: Sequence[str] = ("target_sparsity", "mean_kv_bits")) -> list[dict]:
+    """The primary metric (and the task's other metrics) and memory of (allocation label, plan) pairs, a search's
+    Pareto front say, on `split`, each with its 95 % interval and a paired test against the strongest plan labelled
+    one of `baselines` in its `group_by` group (default: the same mean sparsity and mean KV bits; NaN where no
+    baseline shares it). Baselines run as
+    published (`sequential`: Wanda and RIA calibrate layer by layer); searched plans re-mask as the search did."""
     rows = []
     try:
         for allocation, plan in labelled:
-            pruner.apply(plan)
+            seq = sequential and allocation in baselines
+            pruner.apply(plan, sequential=seq)
             metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded),
                                     with_loss=False)
-            rows.append({"method": plan.method, "allocation": allocation, "target_sparsity": plan.mean_sparsity,
-                         "mean_kv_bits": plan.mean_kv_bits, "primary_metric": metrics.primary_metric,
-                         "primary": metrics.primary, **metrics.values, **memory_bytes(loaded, plan, context_tokens)})
+            rows.append({"method": plan.method, "allocation": allocation,
+                         "calibration": calibration_of(plan.method, seq), "target_sparsity": round(plan.mean_sparsity, 6), "mean_kv_bits": plan.mean_kv_bits,
+                         "mean_kv_bits_effective": round(plan.mean_effective_kv_bits(loaded.head_dim, context_tokens), 4),
+                         "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
+                         **memory_bytes(loaded, plan, context_tokens), "per_item_metric": metrics.per_item_metric,
+                         "per_item": metrics.per_item})
     finally:
         pruner.restore()
-    return rows
+    return annotate(rows, direction=task.direction, group_by=tuple(group_by),
+                    is_baseline=lambda r: r["allocation"] in baselines, label=label)
 
 
 def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -> list[dict]:
     """The `reference` plan against every other plan at the same (sparsity, KV budget), on the same items: the mean
     per-item difference (per_item_metric: correctness, window NLL, ...), its 95 % bootstrap interval, a paired
-    permutation p-value, and who is better in the task's direction ("tie" when the interval covers 0). For
-    perplexity the per-item values are window NLLs, so exp(mean difference) is the perplexity ratio."""
-    from lmmlab.stats import paired
+    p-value (exact McNemar for correctness, paired bootstrap otherwise: `stats.paired_p`), and who is better in the
+    task's direction — "tie" unless p < 0.05. For perplexity the per-item values are window NLLs, so
+    exp(mean difference) is the perplexity ratio."""
+    from lmmlab.stats import paired, paired_p
 
     out = []
     keyed = {}
@@ -106,12 +152,28 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -
         for ref in ours:
             for other in (r for r in group if r is not ref):
                 test = paired(ref["per_item"], other["per_item"])
+                p = paired_p(ref["per_item"], other["per_item"], ref["per_item_metric"])
+                ours_higher = test.mean_diff > 0
                 higher_is_better = direction == "maximize"
-                winner = {"tie": "tie", "a higher": reference if higher_is_better else "baseline",
-                          "b higher": "baseline" if higher_is_better else reference}[test.verdict]
+                winner = "tie" if p >= 0.05 or test.mean_diff == 0 else (
+                    reference if ours_higher == higher_is_better else "baseline")
                 out.append({"target_sparsity": target, "kv_budget_bits": budget,
                             "baseline": f"{other['method']}-{other['allocation']}",
                             "per_item_metric": ref["per_item_metric"], "mean_diff": test.mean_diff,
-                            "ci_low": test.low, "ci_high": test.high, "p_value": test.p_value, "n": test.n,
+                            "ci_low": test.low, "ci_high": test.high, "p_value": p, "n": test.n,
                             "better": winner})
+    return out
+
+
+def claims(rows: Sequence[dict], reference: str = "tpe") -> list[str]:
+    """One sentence per `reference` row of an annotated table: its value and interval, the strongest baseline at its
+    budget, and the verdict of the paired test — "better"/"worse" only at p < 0.05, else "tie"."""
+    out = []
+    for r in rows:
+        if r["allocation"] != reference:
+            continue
+        budget = f", KV ≤ {r['kv_budget_bits']:g} bits" if "kv_budget_bits" in r else ""
+        out.append(f"sparsity {r['target_sparsity']:g}{budget}: {label(r)} {r['primary']:.4g} "
+                   f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] vs {r['versus']}: {r['verdict']} "
+                   f"(paired p = {r['p_value']:.3g}, n = {len(r['per_item'])})")
     return out

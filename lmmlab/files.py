@@ -32,3 +32,12 @@ def results_root(start: str | Path | None = None) -> Path:
         if (folder / "lmmlab" / "__init__.py").exists() and (folder / "pyproject.toml").exists():
             return folder / "results"
     return here / "results"
+
+
+def write_table(path: str | Path, rows) -> None:
+    """Results rows (dicts) as a CSV, atomically, without their per-item values (`per_item`: a list per row, which
+    `*_items.csv` files carry where a table needs them)."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows))
+    write_text_atomic(path, table.drop(columns=["per_item"], errors="ignore").to_csv(index=False))

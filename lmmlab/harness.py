@@ -2,11 +2,14 @@
 
 `HarnessLM` is an `lm_eval.api.model.LM` (EleutherAI's lm-evaluation-harness, Gao et al., 2023) over a model already
 in memory. Every request reads its context from the cache: the context, all but its last token, is prefilled into a
-fresh cache from `make_cache`; the context's last token and the continuation then run against it in chunks that end
-where the cache's residual window flushes (KIVI's `residual_length`), so each scored token sees exactly what it would
-see when decoded one token at a time — earlier tokens as the cache stores them, quantized or not. Requests that share
-a context share one prefill; their continuations run as one right-padded batch (causal attention keeps the padding
-out of every scored position, and quantization groups never span batch rows).
+fresh cache from `make_cache`; the context's last token and the continuation then run against it as token-by-token
+decoding reads it: in one pass until the cache's residual window (KIVI's `residual_length`) first fills, since nothing
+is read back quantized before that, then one token per pass, since KIVI's value window slides by one token per
+decoded token (a longer pass would let its later tokens read full-precision values that decoding reads quantized).
+So each scored token sees exactly what it would see when decoded one token at a time — earlier tokens as the cache
+stores them, quantized or not. Requests that share a context share one prefill; their continuations run as one
+right-padded batch (causal attention keeps the padding out of every scored position, and quantization groups never
+span batch rows; see `_score_group`).
 
 Log-likelihoods and `is_greedy` follow lm-eval's HFLM: the sum of log-softmax over the continuation tokens, and
 whether every one of them is the argmax. `loglikelihood_rolling` scores a text after `prefix_token_id` (BOS) in
@@ -107,14 +110,15 @@ class HarnessLM(TemplateLM):
         return self.loaded.model(input_ids=ids.to(self.device), cache=cache, use_cache=True).logits
 
     def _read_through(self, tail: torch.Tensor, cache) -> torch.Tensor:
-        """Logits [B, T, V] of `tail` [B, T] run against `cache`, in chunks that end where the cache's residual
-        window flushes, so each position reads what token-by-token decoding would read."""
+        """Logits [B, T, V] of `tail` [B, T] run against `cache` so that each position reads what token-by-token
+        decoding would read: one pass up to the cache's first `residual_length` tokens (the first key flush; no
+        value is quantized before it), then one token per pass (values slide out of the window token by token)."""
         window = getattr(cache, "residual_length", None)
         if not window:
             return self._forward(tail, cache)
         out, start = [], 0
         while start < tail.shape[1]:
-            stop = min(tail.shape[1], start + window - cache.get_seq_length() % window)
+            stop = min(tail.shape[1], start + max(1, window - cache.get_seq_length()))
             out.append(self._forward(tail[:, start:stop], cache))
             start = stop
         return torch.cat(out, dim=1)
@@ -127,6 +131,12 @@ class HarnessLM(TemplateLM):
             self._forward(torch.tensor([context[:-1]]), cache)
         if len(continuations) > 1:
             cache.batch_repeat_interleave(len(continuations))
+        # Right padding is safe under a quantized cache, so it stays: rows never share a quantization group, and a
+        # row's pads come after all of its scored positions. A key group that holds pads of row r is quantized when
+        # the pass holding them ends (`_read_through`), after that pass's queries have read its keys in full
+        # precision; only later positions read it back, and in row r those are all pads, never scored. Value groups
+        # hold one token each. Pass ends fall at the same cache lengths whatever the widest row, so a continuation
+        # scores the same alone or beside longer ones. (No byte count is kept here.)
         width = max(len(c) for c in continuations)
         tail = torch.full((len(continuations), width), self.pad_id, dtype=torch.long)
         for row, cont in enumerate(continuations):

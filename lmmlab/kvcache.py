@@ -3,17 +3,22 @@
 KIVI (Liu et al., 2024) observes that keys have outlier *channels* and values do not, so it quantizes
   keys   per channel: each group is one channel over `group_size` consecutive tokens,
   values per token:   each group is `group_size` consecutive channels of one token,
-asymmetrically (x ≈ zero + code · scale, code in [0, 2^b − 1]). The newest tokens wait in full precision in a residual
-window; when `residual_length` of them have gathered they are quantized together (`residual_length / group_size`
-whole key groups) and the window empties. Keys and values share the window, so both cover the same tokens. A prefill
-of T tokens quantizes its first T − T mod residual_length tokens at once.
+asymmetrically (x ≈ zero + code · scale, code in [0, 2^b − 1]). The newest tokens wait in full precision, as in
+KIVI's reference (`LlamaAttention_KIVI`), in two windows of different lengths:
+  keys   flush in chunks: when `residual_length` (R) of them have gathered they are quantized together (R / G whole
+         key groups) and the key window empties; a prefill of T tokens quantizes its first T − T mod R keys;
+  values slide: the newest R values stay in full precision, and each value older than that is quantized on its own
+         (a value group never spans tokens); a prefill of T > R tokens quantizes its first T − R values.
+So after T tokens q_k = T − T mod R keys and q_v = max(0, T − R) values are quantized, and T − q_k keys and
+min(T, R) values are held as they come.
 
 Storage is real: codes are bit-packed along the channel axis (four 2-bit codes per byte, eight 3-bit codes per three
 bytes, ...), scales and zero points are fp16, and `nbytes()` counts exactly the tensors held. A layer at 16 bits is
 transformers' own `DynamicLayer`, storing the states as they come.
 
-Attention always sees the tokens of the current forward pass in full precision, as in KIVI; earlier tokens are read
-back from the quantized store.
+Attention always sees the tokens of the current forward pass in full precision, as in KIVI (they are quantized only
+after it has read them); earlier tokens are read back from the quantized stores. `kv_nbytes` is the same count in
+closed form and `effective_bits` the bits per stored element it implies.
 """
 from __future__ import annotations
 
@@ -159,7 +164,8 @@ def check_settings(bits: int, group_size: int, residual_length: int, head_dim: i
 # --- the cache ---------------------------------------------------------------------------------------------------
 
 class KiviLayer(BaseQuantizedLayer):
-    """One decoder layer's cache: a quantized store of whole groups plus a full-precision residual window."""
+    """One decoder layer's cache: quantized key and value stores, a key window that flushes every `residual_length`
+    tokens (`self.keys`) and a value window sliding over the newest `residual_length` tokens (`self.values`)."""
 
     def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL):
         check_settings(bits, group_size, residual_length)
@@ -178,32 +184,54 @@ class KiviLayer(BaseQuantizedLayer):
 
     @property
     def quantized_tokens(self) -> int:
+        """Keys held quantized: whole chunks of `residual_length` tokens."""
         return 0 if self._quantized_keys is None else self._quantized_keys.num_tokens
 
     @property
+    def quantized_value_tokens(self) -> int:
+        """Values held quantized: every token but the newest `residual_length`."""
+        return 0 if self._quantized_values is None else self._quantized_values.num_tokens
+
+    @property
     def residual_tokens(self) -> int:
+        """Keys in the full-precision window (0 .. residual_length − 1 between passes)."""
         return self.cumulative_length - self.quantized_tokens
 
+    @property
+    def residual_value_tokens(self) -> int:
+        """Values in the full-precision window: min(tokens so far, residual_length) between passes."""
+        return self.cumulative_length - self.quantized_value_tokens
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store the new states [B, H, t, D]; return all keys and values so far, the stored ones dequantized."""
+        """Store the new states [B, H, t, D]; return all keys and values so far (stored ones dequantized, then the
+        window, then the new states, in token order). The new states are read before any of them is quantized."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        keys_out, values_out = self._read(key_states), self._read(value_states, values=True)
+        keys_out = self._read(self._quantized_keys, self.keys, key_states)
+        values_out = self._read(self._quantized_values, self.values, value_states)
 
-        window_k = torch.cat([self.keys, key_states], dim=-2)
-        window_v = torch.cat([self.values, value_states], dim=-2)
-        flush = window_k.shape[-2] - window_k.shape[-2] % self.residual_length
+        window_k = self._extend(self.keys, key_states)
+        flush = window_k.shape[-2] - window_k.shape[-2] % self.residual_length  # keys: whole chunks of R
         if flush:
-            self._store(self._quantize(window_k[..., :flush, :].contiguous(), KEY_AXIS),
-                        self._quantize(window_v[..., :flush, :].contiguous(), VALUE_AXIS))
-        self.keys, self.values = window_k[..., flush:, :].clone(), window_v[..., flush:, :].clone()
+            self._quantized_keys = self._append(self._quantized_keys,
+                                                self._quantize(window_k[..., :flush, :].contiguous(), KEY_AXIS))
+        self.keys = window_k[..., flush:, :].clone()
+
+        window_v = self._extend(self.values, value_states)
+        old = max(0, window_v.shape[-2] - self.residual_length)  # values: all but the newest R
+        if old:
+            self._quantized_values = self._append(self._quantized_values,
+                                                  self._quantize(window_v[..., :old, :].contiguous(), VALUE_AXIS))
+        self.values = window_v[..., old:, :].clone()
         return keys_out, values_out
 
-    def _read(self, new: torch.Tensor, values: bool = False) -> torch.Tensor:
+    @staticmethod
+    def _extend(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.cat([window, new], dim=-2) if window.dim() == 4 else new
+
+    def _read(self, stored: Quantized | None, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """[stored (dequantized), window, new] along tokens, assembled in one buffer."""
-        stored = self._quantized_values if values else self._quantized_keys
-        window = self.values if values else self.keys
         B, H, t, D = new.shape
         q = 0 if stored is None else stored.num_tokens
         w = window.shape[-2] if window.dim() == 4 else 0
@@ -215,20 +243,18 @@ class KiviLayer(BaseQuantizedLayer):
         out[:, :, q + w :] = new
         return out
 
-    def _store(self, q_keys: Quantized, q_values: Quantized) -> None:
-        if self._quantized_keys is None:
-            self._quantized_keys, self._quantized_values = q_keys, q_values
-        else:
-            self._quantized_keys = self._quantized_keys.append(q_keys)
-            self._quantized_values = self._quantized_values.append(q_values)
+    @staticmethod
+    def _append(store: Quantized | None, new: Quantized) -> Quantized:
+        return new if store is None else store.append(new)
 
     def nbytes(self) -> int:
-        """Bytes held: packed codes, fp16 scales and zero points, and the full-precision residual window."""
+        """Bytes held: packed codes, fp16 scales and zero points, and both full-precision windows."""
         if not self.is_initialized:
             return 0
         held = _tensor_bytes(self.keys, self.values)
-        if self._quantized_keys is not None:
-            held += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
+        for store in (self._quantized_keys, self._quantized_values):
+            if store is not None:
+                held += store.nbytes()
         return held
 
     def _map_batch(self, fn) -> None:
@@ -237,6 +263,7 @@ class KiviLayer(BaseQuantizedLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self._quantized_keys is not None:
             self._quantized_keys = self._quantized_keys.map(fn)
+        if self._quantized_values is not None:
             self._quantized_values = self._quantized_values.map(fn)
 
     # Beam search and multiple return sequences move whole batch rows: exact on the packed store as well.
@@ -292,8 +319,12 @@ class KVCache(Cache):
         return total
 
     def quantized_tokens(self) -> list[int]:
-        """Tokens per layer held in quantized form (0 for 16-bit layers)."""
+        """Keys per layer held in quantized form (0 for 16-bit layers): whole chunks of the residual length."""
         return [layer.quantized_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
+
+    def quantized_value_tokens(self) -> list[int]:
+        """Values per layer held in quantized form (0 for 16-bit layers): all but the newest residual length."""
+        return [layer.quantized_value_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
 
 
 def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
@@ -304,22 +335,44 @@ def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
     return KVCache(plan.kv_bits, plan.kv_group_size, plan.kv_residual)
 
 
+def quantized_counts(context: int, residual_length: int) -> tuple[int, int]:
+    """(keys, values) a KIVI layer holds quantized after T = `context` tokens: T − T mod R and max(0, T − R)."""
+    return context - context % residual_length, max(0, context - residual_length)
+
+
 def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: int,
               group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL, dtype_bytes: int = 2,
               batch: int = 1) -> int:
     """What a `KVCache` with these widths holds after `context` tokens, without building it (same count as
-    `nbytes()`): packed codes, fp16 scale + zero per group, and the full-precision window."""
+    `nbytes()` of a cache filled with `dtype_bytes`-byte states). Per layer at b < 16 bits, with T = context,
+    q_k = T − T mod R quantized keys and q_v = max(0, T − R) quantized values, per batch row and KV head:
+      codes   (q_k + q_v) · ceil(D·b/8) bytes              (bit-packed along channels, one row per token)
+      scales  (q_k/G · D + q_v · D/G) groups · 2 · 2 bytes   (an fp16 scale and zero point per group)
+      windows ((T − q_k) + (T − q_v)) · D · dtype_bytes      (the full-precision key and value windows)
+    and at 16 bits 2 · T · D · dtype_bytes (a `DynamicLayer`)."""
     total = 0
     for b in bits:
-        full = 2 * batch * num_kv_heads * head_dim * dtype_bytes  # one token's K and V as they come
         if b == 16:
-            total += context * full
+            total += batch * num_kv_heads * 2 * context * head_dim * dtype_bytes
             continue
-        q = context - context % residual_length
-        codes = 2 * batch * num_kv_heads * q * math.ceil(head_dim * b / 8)
-        groups = batch * num_kv_heads * (q // group_size * head_dim + q * (head_dim // group_size))
-        total += codes + groups * 2 * 2 + (context - q) * full
+        q_k, q_v = quantized_counts(context, residual_length)
+        codes = (q_k + q_v) * math.ceil(head_dim * b / 8)
+        groups = q_k // group_size * head_dim + q_v * (head_dim // group_size)
+        windows = (2 * context - q_k - q_v) * head_dim * dtype_bytes
+        total += batch * num_kv_heads * (codes + groups * 2 * 2 + windows)
     return total
+
+
+def effective_bits(bits: int, *, head_dim: int, context: int, group_size: int = KIVI_GROUP_SIZE,
+                   residual_length: int = KIVI_RESIDUAL) -> float:
+    """Bits per stored K/V element after `context` tokens with fp16 states: codes, fp16 scales and zero points and
+    the full-precision windows, over 2 · context · head_dim elements (per head; 16 bits -> exactly 16.0).
+    = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, dtype_bytes=2) · 8 / (2 · T · D)."""
+    if context < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
+    check_settings(bits, group_size, residual_length, None if bits == 16 else head_dim)
+    nbytes = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, dtype_bytes=2)
+    return nbytes * 8 / (2 * context * head_dim)
 
 
 class KVCacheFactory:
@@ -335,7 +388,8 @@ class KVCacheFactory:
 
 
 def window_warning(cache: KVCache) -> str | None:
-    """Why quantized layers hold no quantized token (the residual window outlasted every prompt), or None."""
+    """Why quantized layers hold no quantized token (the prompts never filled the residual window: keys flush once R
+    tokens have gathered, values once more than R have), or None."""
     idle = [i for i, (b, q) in enumerate(zip(cache.bits, cache.quantized_tokens())) if b < 16 and q == 0]
     if not idle:
         return None

@@ -16,6 +16,7 @@ KV_BITS = (2, 3, 4, 6, 8, 16)
 # KIVI's group size and full-precision window, sized for LLaVA's ~600-token prompts; the default model's ~20-token
 # prompts need 8 / 8.
 KIVI_GROUP_SIZE, KIVI_RESIDUAL = 32, 128
+KV_CONTEXT = 1024  # the context at which KV bytes and effective bits are stated unless another is given
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -58,7 +59,7 @@ class CompressionPlan:
     pattern: str = "unstructured"  # or "N:M"
     vision_sparsity: float = 0.0  # the vision tower's and projector's linears; 0 leaves them dense
     kv_group_size: int = KIVI_GROUP_SIZE  # tokens per key group (per channel), channels per value group (per token)
-    kv_residual: int = KIVI_RESIDUAL  # newest tokens kept in full precision, quantized together when the window fills
+    kv_residual: int = KIVI_RESIDUAL  # keys: quantized R at a time when the window fills; values: the newest R kept
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -103,7 +104,19 @@ class CompressionPlan:
 
     @property
     def mean_kv_bits(self) -> float:
+        """The mean nominal width (16 = as the model's states come)."""
         return sum(self.kv_bits) / self.num_layers
+
+    def effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT) -> list[float]:
+        """Per layer, the bits per stored K/V element after `context` tokens: packed codes, fp16 scales and zero
+        points and the full-precision windows; a 16-bit layer as fp16 storage (`kvcache.effective_bits`)."""
+        from lmmlab.kvcache import effective_bits
+
+        return [effective_bits(b, head_dim=head_dim, context=context, group_size=self.kv_group_size,
+                               residual_length=self.kv_residual) for b in self.kv_bits]
+
+    def mean_effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT) -> float:
+        return sum(self.effective_kv_bits(head_dim, context)) / self.num_layers
 
     def weight_summary(self, weights_per_layer: list[int], bytes_per_weight: int) -> dict:
         """What the plan means for the prunable weights: kept (non-zero) weights and their bytes, dense vs pruned."""

@@ -130,6 +130,15 @@ def importances_figure(importances: dict[str, float]) -> plt.Figure:
     return fig
 
 
+def _interval_bars(ax, x, part: pd.DataFrame, color=None) -> None:
+    """Each point's 95 % interval (the table's ci_low / ci_high, where it has them) as a vertical bar."""
+    if not {"ci_low", "ci_high"} <= set(part.columns):
+        return
+    low, high = part.primary - part.ci_low, part.ci_high - part.primary
+    ax.errorbar(x, part.primary, yerr=[low.clip(lower=0), high.clip(lower=0)], fmt="none", ecolor=color,
+                elinewidth=0.8, capsize=2, alpha=0.6)
+
+
 def ablation_figure(table: pd.DataFrame, dense_value: float) -> plt.Figure:
     """The test metric vs target sparsity: one colour per method, one line style per allocation."""
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
@@ -139,12 +148,13 @@ def ablation_figure(table: pd.DataFrame, dense_value: float) -> plt.Figure:
         ax.plot(part.target_sparsity, part.primary, ALLOCATION_STYLES.get(allocation, "-"), marker="o",
                 markersize=3, color=METHOD_COLOURS.get(method), label=f"{method} · {allocation}",
                 linewidth=2.4 if allocation == "tpe" else 1.2)
+        _interval_bars(ax, part.target_sparsity, part, METHOD_COLOURS.get(method))
     ax.axhline(dense_value, color="black", linewidth=1, label=f"dense {dense_value:.4g}")
     ax.set_xlabel("mean sparsity of the decoder's linears (fraction removed)")
     ax.set_ylabel(metric_label(table))
     if not _is_fraction(table):
         ax.set_yscale("log")
-    ax.set_title("Pruning methods × allocations")
+    ax.set_title("Pruning methods × allocations (bars: 95 % intervals)")
     ax.legend(fontsize=7, ncol=2, loc="best")
     return fig
 
@@ -156,6 +166,8 @@ def kv_figure(table: pd.DataFrame) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, column, label in ((left, "primary", metric_label(table)), (right, "loss", "loss (nats)")):
         ax.plot(uniform.kv_bytes / 1024, uniform[column], "o-", label="uniform width")
+        if column == "primary":
+            _interval_bars(ax, uniform.kv_bytes / 1024, uniform, "tab:blue")
         for _, r in uniform.iterrows():
             ax.annotate(f"{int(r.mean_kv_bits)}b", (r.kv_bytes / 1024, r[column]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
@@ -177,16 +189,18 @@ def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int
     for (method, allocation), part in points.groupby(["method", "allocation"]):
         ax.scatter(part.memory_bytes / 2**20, part.primary, s=20, alpha=0.7, color=METHOD_COLOURS.get(method),
                    marker="o" if allocation == "uniform" else "^", label=f"{method} · {allocation}")
+        _interval_bars(ax, part.memory_bytes / 2**20, part, METHOD_COLOURS.get(method))
     for (method, part), marker in zip(front.groupby("method"), "*Ps"):
         part = part.sort_values("memory_bytes")
         ax.plot(part.memory_bytes / 2**20, part.primary, "-", marker=marker, markersize=8, linewidth=2,
                 color="crimson" if method == "wanda" else "darkred", label=f"TPE front · {method}")
+        _interval_bars(ax, part.memory_bytes / 2**20, part, "crimson" if method == "wanda" else "darkred")
     ax.set_xlabel(f"memory: non-zero weights + KV cache at {context_tokens} tokens (MiB)")
     ax.set_ylabel(metric_label(points))
     if _is_fraction(points):
         ax.set_ylim(max(0.0, front.primary.min() - 0.15), 1.0)
     else:
         ax.set_yscale("log")
-    ax.set_title("Quality vs memory")
+    ax.set_title("Quality vs memory (bars: 95 % intervals)")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     return fig

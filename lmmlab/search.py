@@ -6,7 +6,9 @@ recorded, so every trial meets the budget and none is thrown away:
   - sparsity: s_l = clip(target + offset_l + ν, 0, max_sparsity), with the one shift ν that makes the
     parameter-weighted mean exactly the target (the weighted least-squares projection, `allocate.project`);
   - KV bits: while the mean width is over the budget, the widest layer steps down to the next allowed width
-    (`allocate.fit_kv_bits`); a suggestion within budget is kept as is.
+    (`allocate.fit_kv_bits`); a suggestion within budget is kept as is. The budget counts nominal widths, or
+    (`kv_budget_unit="effective"`) the bits per element a layer really stores at `context_tokens`: packed codes,
+    fp16 scales and zero points and the full-precision windows, a 16-bit layer as fp16 (`kvcache.effective_bits`).
 TPE models the raw suggestions; projecting them is a deterministic repair, so equal suggestions give equal plans.
 
 A trial is cheap: the calibration and the pruning scores are computed once (`ablate.Pruner`), so it re-masks, builds
@@ -48,7 +50,7 @@ import optuna
 from lmmlab import allocate
 from lmmlab.ablate import Pruner
 from lmmlab.export import weight_format_bytes
-from lmmlab.kvcache import KVCacheFactory, kv_cache_for, kv_nbytes, window_warning
+from lmmlab.kvcache import KVCacheFactory, effective_bits, kv_cache_for, kv_nbytes, window_warning
 from lmmlab.storage import HEARTBEAT_S, check_heartbeat, check_storage, safe_url, storage_for
 from lmmlab.models import Loaded
 from lmmlab.tasks import Task
@@ -58,6 +60,7 @@ from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, Compr
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///results/studies.db"
+KV_UNITS = ("nominal", "effective")
 LOSS = "loss"  # the objective that optimises the task's loss instead of its primary metric
 
 
@@ -75,6 +78,8 @@ class SearchSpace:
     groups: int | None = None  # bins of consecutive layers sharing one choice; None = every layer its own
     multi_objective: bool = False
     target_range: tuple[float, float] = (0.3, 0.8)
+    kv_unit: str = "nominal"  # what kv_budget_bits counts: "nominal" widths, or "effective" bits per element stored
+    kv_cost: tuple[float, ...] = ()  # "effective": each width's bits per element at the stated context (kv_widths order)
 
     def __post_init__(self) -> None:
         if not 0 <= self.target_sparsity < 1:
@@ -82,9 +87,14 @@ class SearchSpace:
         if not self.kv_widths:
             raise ValueError(f"the set of KV widths is empty; choose from {', '.join(map(str, KV_BITS))}")
         check_kv_bits(self.kv_widths, name="kv width")
-        if self.kv_budget_bits < min(self.kv_widths):
-            raise ValueError(f"KV budget {self.kv_budget_bits} bits is below the narrowest allowed width "
-                             f"{min(self.kv_widths)}")
+        if self.kv_unit not in KV_UNITS:
+            raise ValueError(f"unknown KV budget unit {self.kv_unit!r}; allowed: {', '.join(KV_UNITS)}")
+        if self.kv_unit == "effective" and len(self.kv_cost) != len(self.kv_widths):
+            raise ValueError("an effective-bits KV budget needs each width's effective bits (kv_cost)")
+        narrowest = min(self.kv_widths)
+        if self.kv_budget_bits < self.cost[narrowest] - 1e-9:
+            raise ValueError(f"KV budget {self.kv_budget_bits:g} {self.kv_unit} bits is below the narrowest allowed "
+                             f"width {narrowest} ({self.cost[narrowest]:.4g} {self.kv_unit} bits)")
         if not 0 < self.max_sparsity < 1 or self.target_sparsity > self.max_sparsity:
             raise ValueError(f"max sparsity must be in (0, 1) and at least the target; got {self.max_sparsity}")
         if self.spread < 0:
@@ -103,8 +113,15 @@ class SearchSpace:
         return [i * n // self.num_layers for i in range(self.num_layers)]
 
     @property
+    def cost(self) -> dict[int, float]:
+        """What each width costs in the budget's unit."""
+        if self.kv_unit == "effective":
+            return dict(zip(self.kv_widths, self.kv_cost))
+        return {b: float(b) for b in self.kv_widths}
+
+    @property
     def widest_in_budget(self) -> int:
-        return max(b for b in self.kv_widths if b <= self.kv_budget_bits)
+        return max(b for b in self.kv_widths if self.cost[b] <= self.kv_budget_bits + 1e-9)
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace, weights: list[float], method: str = "wanda",
@@ -113,14 +130,14 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, weights: list[float], 
     n_bins = max(space.bins) + 1
     if space.multi_objective:
         target = trial.suggest_float("target_sparsity", *space.target_range)
-        budget = float(trial.suggest_categorical("kv_budget", sorted(space.kv_widths)))
+        budget = space.cost[trial.suggest_categorical("kv_budget", sorted(space.kv_widths))]
     else:
         target, budget = space.target_sparsity, space.kv_budget_bits
     offsets = [trial.suggest_float(f"s{b}", -space.spread, space.spread) for b in range(n_bins)]
     widths = [trial.suggest_categorical(f"kv{b}", sorted(space.kv_widths)) for b in range(n_bins)]
     raw = [target + offsets[b] for b in space.bins]
     sparsity = allocate.project(raw, target, 0.0, space.max_sparsity, weights)
-    kv_bits = allocate.fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths)
+    kv_bits = allocate.fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths, space.cost)
     return CompressionPlan(sparsity, kv_bits, method=method, **plan_options)
 
 
@@ -263,11 +280,13 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
            spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
            target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
            kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
-           pruner: Pruner | None = None, worker: str = "main", heartbeat: int = HEARTBEAT_S) -> SearchResult:
+           pruner: Pruner | None = None, worker: str = "main", heartbeat: int = HEARTBEAT_S,
+           kv_budget_unit: str = "nominal") -> SearchResult:
     """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring.
     `objective`: the task's primary metric (default) or "loss". `worker`: this worker's name (give each concurrent
     worker its own; the CLI uses hostname-pid); `seed` seeds the calibration, and with `worker` the sampler.
-    `heartbeat`: seconds between a running trial's heartbeats (a killed worker's trial is retried after 3 missed)."""
+    `heartbeat`: seconds between a running trial's heartbeats (a killed worker's trial is retried after 3 missed).
+    `kv_budget_unit`: "nominal" (mean width) or "effective" (mean bits per element stored at `context_tokens`)."""
     objective = objective or task.primary_metric
     if objective not in (task.primary_metric, LOSS):
         raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
@@ -280,8 +299,12 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
     if n_trials < 1:
         raise ValueError(f"n_trials must be at least 1; got {n_trials}")
     check_kv_layout(kv_group_size, kv_residual)
-    space = SearchSpace(loaded.num_layers, target_sparsity, kv_budget_bits, tuple(sorted(set(kv_widths))), spread,
-                        max_sparsity, groups, multi_objective, tuple(target_range))
+    widths = tuple(sorted(set(kv_widths)))
+    check_kv_bits(widths, name="kv width")
+    effective = effective_costs(loaded, widths, context_tokens, kv_group_size, kv_residual)
+    space = SearchSpace(loaded.num_layers, target_sparsity, kv_budget_bits, widths, spread, max_sparsity, groups,
+                        multi_objective, tuple(target_range), kv_unit=kv_budget_unit,
+                        kv_cost=tuple(effective[b] for b in widths) if kv_budget_unit == "effective" else ())
     kv_cache_for(CompressionPlan.uniform(loaded.num_layers, kv_group_size=kv_group_size, kv_residual=kv_residual),
                  loaded)  # a layout the model cannot hold fails here, before any study is written
     task.check_model(loaded)
@@ -320,6 +343,7 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
         for key, value in {"plan": asdict(plan), "primary_metric": metrics.primary_metric, "primary": metrics.primary,
                            "values": metrics.values, "loss": metrics.loss, "kv_bytes_per_item": metrics.kv_bytes,
                            "mean_sparsity": plan.mean_sparsity, "mean_kv_bits": plan.mean_kv_bits,
+                           "mean_kv_bits_effective": sum(effective[b] for b in plan.kv_bits) / plan.num_layers,
                            "sample_s": suggested - start, "overhead_s": overhead,
                            "eval_s": evaluated - suggested - overhead,
                            **memory}.items():
@@ -337,11 +361,18 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
     return result_of(study)
 
 
+def effective_costs(loaded: Loaded, widths, context: int, group_size: int, residual: int) -> dict[int, float]:
+    """Each width's effective bits per element on `loaded`'s heads at `context` tokens (`kvcache.effective_bits`)."""
+    return {b: effective_bits(b, head_dim=loaded.head_dim, context=context, group_size=group_size,
+                              residual_length=residual) for b in widths}
+
+
 def default_study_name(loaded: Loaded, task: Task, space: SearchSpace, method: str) -> str:
     model = f"{Path(loaded.name).name}-{task.name}"
     if space.multi_objective:
         return f"{model}-{method}-pareto"
-    return f"{model}-{method}-s{space.target_sparsity:g}-kv{space.kv_budget_bits:g}"
+    unit = "e" if space.kv_unit == "effective" else ""
+    return f"{model}-{method}-s{space.target_sparsity:g}-kv{space.kv_budget_bits:g}{unit}"
 
 
 def result_of(study: optuna.Study) -> SearchResult:
@@ -368,7 +399,8 @@ def trials_table(study: optuna.Study):
             "trial": t.number, "source": a.get("source", "tpe"), "on_front": t.number in front,
             "primary_metric": a["primary_metric"], "primary": a["primary"], **a.get("values", {}),
             "loss": a["loss"], "mean_sparsity": a["mean_sparsity"],
-            "mean_kv_bits": a["mean_kv_bits"], "weight_bytes": a["weight_bytes"],
+            "mean_kv_bits": a["mean_kv_bits"], "mean_kv_bits_effective": a.get("mean_kv_bits_effective"),
+            "weight_bytes": a["weight_bytes"],
             "kv_bytes_at_context": a["kv_bytes_at_context"], "memory_bytes": a["memory_bytes"],
             "sparsity": "-".join(f"{s:.3f}" for s in plan["sparsity"]), "kv_bits": "-".join(map(str, plan["kv_bits"])),
             "method": plan["method"], "sample_s": a.get("sample_s", 0.0), "overhead_s": a["overhead_s"],

@@ -109,13 +109,40 @@ def test_ablate_prune_writes_a_tidy_csv(default, tmp_path):
                  "--out", str(out)]) == 0
     table = pd.read_csv(out)
     assert len(table) == 1 + 2 * 2 * 2 + 2 * 2  # dense, method x allocation x sparsity, method x N:M pattern
-    assert {"method", "allocation", "pattern", "target_sparsity", "achieved_sparsity", "mean_kv_bits",
-            "weight_bytes", "kv_bytes", "accuracy", "accuracy_count", "loss", "split", "seed"} <= set(table.columns)
+    assert {"method", "allocation", "pattern", "calibration", "target_sparsity", "achieved_sparsity", "mean_kv_bits",
+            "mean_kv_bits_effective", "weight_bytes", "kv_bytes", "accuracy", "accuracy_count", "loss", "split", "seed",
+            "ci_low", "ci_high", "versus", "p_value", "verdict"} <= set(table.columns)
+    assert "per_item" not in table.columns
     pruned = table[table.allocation != "dense"]
-    assert (abs(pruned.achieved_sparsity - pruned.target_sparsity) < 0.01).all()
+    assert (abs(pruned.achieved_sparsity - pruned.target_sparsity) < 0.0005).all()  # the same zeros for all
+    assert set(pruned[pruned.method == "wanda"].calibration) == {"sequential"}  # as published
+    assert set(pruned[pruned.method == "magnitude"].calibration) == {"none"}
+    assert ((table.ci_low <= table.accuracy) & (table.accuracy <= table.ci_high)).all()
+    for _, group in pruned.groupby(["pattern", "target_sparsity"]):  # one reference per group: its best row
+        assert (group.verdict == "reference").sum() == 1
+        assert group[group.verdict == "reference"].accuracy.item() == group.accuracy.max()
+        assert set(group.verdict) <= {"reference", "better", "worse", "tie"}
+        assert (group[group.verdict.isin(["better", "worse"])].p_value < 0.05).all()
+        assert (group[group.verdict == "tie"].p_value >= 0.05).all()
     dense_bytes = table[table.allocation == "dense"].weight_bytes.item()
     assert (pruned.weight_bytes < dense_bytes).all()
     assert (table[table.target_sparsity == 0.8].accuracy < table[table.allocation == "dense"].accuracy.item()).all()
+
+
+def test_ablate_calibration_pairs_sequential_with_one_pass_on_the_same_items(default, tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "calibration.csv"
+    assert main(["ablate-calibration", "--methods", "wanda", "--sparsities", "0.6", "--n", "48",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out).set_index("calibration")
+    assert list(table.index) == ["one-pass", "sequential"]
+    assert table.loc["one-pass", "verdict"] == "reference" and table.loc["sequential", "versus"] == "wanda-one-pass"
+    assert 0 < table.loc["sequential", "p_value"] <= 1
+    assert table.loc["sequential", "verdict"] == ("tie" if table.loc["sequential", "p_value"] >= 0.05 else
+                                                  "better" if table.accuracy.diff().iloc[-1] > 0 else "worse")
+    assert table.achieved_sparsity.nunique() == 1
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_bench_prune_prints_json(default, tmp_path, capsys):
@@ -175,9 +202,11 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
     assert main(["bench", "kv", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["context"] == 1024 and result["group_size"] == 32 and result["residual_length"] == 128
-    # 1024 tokens fill the 128-token window exactly 8 times: all quantized; b-bit codes + two fp16 per 32 elements
+    # 1024 tokens: all 1024 keys and 896 values quantized (b-bit codes + two fp16 per 32 elements), 128 values in fp16
     for bits in (2, 4, 8):
-        assert result[f"ratio_{bits}bit"] == pytest.approx((bits + 32 / 32) / 16)
+        assert result[f"ratio_{bits}bit"] == pytest.approx(((1024 + 896) * (bits + 1) + 128 * 16) / (2048 * 16))
+        assert result["ratio_by_context"]["1024"][str(bits)] == result[f"ratio_{bits}bit"]
+    assert set(result["ratio_by_context"]) == {"1000", "1024", "4096"}
     for key in ("decode_tokens_per_s_16bit", "decode_tokens_per_s_4bit", "decode_tokens_per_s_2bit"):
         assert result["lmmlab-default"][key] > 0
     assert result["llava-1.5-7b"]["shape"] == [32, 32, 128]
@@ -206,6 +235,10 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
     tpe = versus[versus.allocation == "tpe"].iloc[0]
     assert tpe.target_sparsity == pytest.approx(0.7) and tpe.mean_kv_bits <= 4
     assert {"uniform", "owl", "tpe"} <= set(versus.allocation)
+    assert {"ci_low", "ci_high", "versus", "p_value", "verdict", "achieved_sparsity", "calibration",
+            "mean_kv_bits_effective"} <= set(versus.columns)
+    assert versus.achieved_sparsity.max() - versus.achieved_sparsity.min() <= 0.0005
+    assert "paired p =" in out.stdout  # the TPE row's claim, with its test
     items = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare_items.csv")
     assert len(items) == 64 and set(items.stack().unique()) <= {0.0, 1.0}  # each question's correctness, per plan
     assert items.mean().round(6).tolist() == versus.primary.round(6).tolist()

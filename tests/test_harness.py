@@ -213,6 +213,20 @@ def test_batching_does_not_change_quantized_scores(runs):
     assert len(one["samples"]["toy_mc"]) == 3
 
 
+def test_a_right_padded_continuation_scores_as_it_does_alone_under_a_2bit_cache(loaded):
+    """A short continuation beside a long one is right-padded; pads quantized in the long one's chunks (the window
+    flushes mid-padding) are read only by later pads, so the short one scores as alone, as decoded token by token."""
+    lm = HarnessLM(loaded, make_cache=_quantized_2bit)
+    ctx, short = _pair(loaded, MC[0][0], " top")
+    long = _ids(loaded, " top or the bottom ? is there a red circle at the top or the bottom", special=False)
+    assert len(long) >= 2 * WINDOW and len(short) < WINDOW
+    (alone, _), = lm._loglikelihood_tokens([(None, ctx, short)], disable_tqdm=True)
+    (beside, _), (long_ll, _) = lm._loglikelihood_tokens([(None, ctx, short), (None, ctx, long)], disable_tqdm=True)
+    assert beside == pytest.approx(alone, rel=1e-6, abs=1e-6)  # a 2-row product may round apart from a 1-row one
+    assert alone == pytest.approx(decoded_loglikelihood(loaded, ctx, short, _quantized_2bit()), abs=1e-4)
+    assert long_ll == pytest.approx(decoded_loglikelihood(loaded, ctx, long, _quantized_2bit()), abs=1e-4)
+
+
 @torch.no_grad()
 def _greedy(loaded, question: str, max_new: int, stop: str) -> str:
     ids = _ids(loaded, question)

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from lmmlab.tasks import shapes as data
 from lmmlab.tasks.shapes import answer_loss, evaluate
-from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, kv_cache_for, pack, quantize,
-                            unpack)
+from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, effective_bits, kv_cache_for,
+                            kv_nbytes, pack, quantize, unpack, window_warning)
 from lmmlab.plan import CompressionPlan
 
 WIDTHS = (2, 3, 4, 6, 8)
@@ -67,24 +67,69 @@ def test_keys_are_grouped_per_channel_and_values_per_token():
     assert err(outlier_channel, VALUE_AXIS)[..., others].max() > 10 * err(x, VALUE_AXIS)[..., others].max()
 
 
-def test_residual_window_moves_tokens_exactly_when_it_fills():
+def _counts(layer):
+    return (layer.quantized_tokens, layer.residual_tokens, layer.quantized_value_tokens, layer.residual_value_tokens)
+
+
+def _check_windows(layer, keys_in, values_in, T):
+    """After T tokens: keys flushed in chunks of R, the newest min(T, R) values in full precision, and both stores
+    exactly the quantization of those tokens (keys in whole chunks of groups, values token by token)."""
+    R = layer.residual_length
+    q_k, q_v = T - T % R, T - min(T, R)
+    assert _counts(layer) == (q_k, T - q_k, q_v, min(T, R))
+    assert torch.equal(layer.keys, keys_in[:, :, q_k:T]) and torch.equal(layer.values, values_in[:, :, q_v:T])
+    for store, states, q, axis in ((layer._quantized_keys, keys_in, q_k, KEY_AXIS),
+                                   (layer._quantized_values, values_in, q_v, VALUE_AXIS)):
+        if q == 0:
+            assert store is None
+            continue
+        expected = quantize(states[:, :, :q].contiguous(), layer.bits, layer.group_size, axis)
+        assert torch.equal(store.codes, expected.codes) and torch.equal(store.scale, expected.scale)
+        assert torch.equal(store.zero, expected.zero)
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 8, 13, 16, 21])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_value_window_slides_while_keys_flush_in_chunks(prefill, chunk):
     layer = KiviLayer(bits=4, group_size=4, residual_length=8)
-    g = torch.Generator().manual_seed(1)
-    states = torch.randn(1, 2, 30, 8, generator=g)
-    keys, _ = layer.update(states[:, :, :13], states[:, :, :13])  # prefill: 8 quantized, 5 in full precision
-    assert torch.equal(keys, states[:, :, :13])  # the current pass always sees its own tokens exactly
-    assert (layer.quantized_tokens, layer.residual_tokens) == (8, 5)
-    seen = [(layer.quantized_tokens, layer.residual_tokens)]
+    g = torch.Generator().manual_seed(prefill * 10 + chunk)
+    keys_in, values_in = torch.randn(2, 1, 2, 40, 8, generator=g)
+    T = prefill
+    keys, values = layer.update(keys_in[:, :, :T], values_in[:, :, :T])
+    # the prefill reads itself exactly, then keeps T mod 8 keys and min(T, 8) values in full precision
+    assert torch.equal(keys, keys_in[:, :, :T]) and torch.equal(values, values_in[:, :, :T])
+    k_counts = []
+    while True:
+        _check_windows(layer, keys_in, values_in, T)
+        k_counts.append(layer.quantized_tokens)
+        if T + chunk > 40:
+            break
+        before_k, before_v = layer.quantized_tokens, layer.quantized_value_tokens
+        keys, values = layer.update(keys_in[:, :, T:T + chunk], values_in[:, :, T:T + chunk])
+        T += chunk
+        assert keys.shape[-2] == values.shape[-2] == T == layer.get_seq_length()
+        # everything not yet quantized before this pass (its own tokens included) is read bit-exact...
+        assert torch.equal(keys[:, :, before_k:], keys_in[:, :, before_k:T])
+        assert torch.equal(values[:, :, before_v:], values_in[:, :, before_v:T])
+        # ...and the stored tokens come back quantized
+        if before_k:
+            assert not torch.equal(keys[:, :, :before_k], keys_in[:, :, :before_k])
+        if before_v:
+            assert not torch.equal(values[:, :, :before_v], values_in[:, :, :before_v])
+    assert all(q % 8 == 0 for q in k_counts) and k_counts[-1] == T - T % 8
+
+
+def test_decoding_one_token_at_a_time_follows_kivi_step_by_step():
+    layer = KiviLayer(bits=4, group_size=4, residual_length=8)
+    states = torch.randn(1, 2, 30, 8, generator=torch.Generator().manual_seed(1))
+    layer.update(states[:, :, :13], states[:, :, :13])  # prefill: 8 keys and 5 values quantized
+    seen = [_counts(layer)]
     for t in range(13, 30):
-        keys, values = layer.update(states[:, :, t : t + 1], states[:, :, t : t + 1])
-        seen.append((layer.quantized_tokens, layer.residual_tokens))
-        assert keys.shape[-2] == t + 1 and layer.get_seq_length() == t + 1
-        stored = layer.quantized_tokens if layer.residual_tokens else layer.quantized_tokens - 8
-        # tokens still in the window come back bit-exact, quantized ones only approximately
-        assert torch.equal(keys[..., stored:t, :], states[:, :, stored:t])
-        assert not torch.equal(keys[..., :stored, :], states[:, :, :stored])
-    assert seen[:5] == [(8, 5), (8, 6), (8, 7), (16, 0), (16, 1)]
-    assert seen[-1] == (24, 6)
+        layer.update(states[:, :, t : t + 1], states[:, :, t : t + 1])
+        seen.append(_counts(layer))
+    # keys: the window fills to 8 and empties; values: always the newest 8, one more quantized per step
+    assert seen[:5] == [(8, 5, 5, 8), (8, 6, 6, 8), (8, 7, 7, 8), (16, 0, 8, 8), (16, 1, 9, 8)]
+    assert seen[-1] == (24, 6, 22, 8)
 
 
 def _stored_tensors(layer):
@@ -104,15 +149,16 @@ def test_nbytes_is_the_size_of_the_tensors_held():
     per_layer = cache.nbytes_per_layer()
     for layer, nbytes in zip(cache.layers, per_layer):
         assert nbytes == sum(t.numel() * t.element_size() for t in _stored_tensors(layer) if t is not None)
-    # the same by hand: 32 tokens quantized, 13 fp32 in the window; codes packed, fp16 scale + zero per group
-    residual = 2 * B * H * 13 * D * 4
-    scales = 2 * 2 * (B * H * (32 // 8) * D + B * H * 32 * (D // 8))
+    # the same by hand: 32 keys and 29 values quantized; 13 keys and 16 values fp32 in the windows; codes packed,
+    # fp16 scale + zero per group (keys: 32/8 groups per channel; values: 32/8 groups per token)
+    windows = B * H * (13 + 16) * D * 4
+    scales = 2 * 2 * (B * H * (32 // 8) * D + B * H * 29 * (D // 8))
     for bits, nbytes in zip([2, 3, 6], per_layer):
-        assert nbytes == 2 * B * H * 32 * D * bits // 8 + scales + residual
+        assert nbytes == B * H * (32 + 29) * D * bits // 8 + scales + windows
     assert per_layer[3] == 2 * B * H * T * D * 4
     assert cache.nbytes() == sum(per_layer)
     assert cache.fp16_nbytes() == 4 * 2 * B * H * T * D * 2
-    assert cache.quantized_tokens() == [32, 32, 32, 0]
+    assert cache.quantized_tokens() == [32, 32, 32, 0] and cache.quantized_value_tokens() == [29, 29, 29, 0]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +196,10 @@ def test_quantized_cache_plugs_into_generate_and_beam_search(tiny_llama):
     cache = KVCache([4] * n, group_size=8, residual_length=8)
     out = _generate(tiny_llama, ids, cache=cache, max_new_tokens=12, min_new_tokens=12)
     assert out.shape == (2, 49)
-    # 37 + 11 tokens stored (the last one is never fed back): six whole windows of 8, all quantized
+    # 37 + 11 tokens stored (the last one is never fed back): six whole key windows of 8, all quantized; the newest
+    # 8 values in full precision
     assert cache.quantized_tokens() == [48] * n and cache.get_seq_length() == 48
+    assert cache.quantized_value_tokens() == [40] * n
     beams = _generate(tiny_llama, ids, cache=KVCache([8] * n, group_size=8, residual_length=8), num_beams=3,
                       max_new_tokens=6, min_new_tokens=6)
     assert beams.shape == (2, 43)
@@ -232,13 +280,145 @@ def test_group_size_must_divide_the_head_dimension(default):
         kv_cache_for(CompressionPlan([0.0, 0.0]), default)
 
 
-@pytest.mark.parametrize("context", [5, 16, 45, 64])
-def test_kv_nbytes_counts_what_a_filled_cache_holds(context):
-    from lmmlab.kvcache import kv_nbytes
+def _filled(bits, context, *, heads=3, head_dim=32, batch=1, group_size=8, residual_length=16, chunks=(), seed=0):
+    """A KVCache filled with fp16 random states: a prefill of `context` − sum(chunks) tokens, then the chunks."""
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(bits, group_size=group_size, residual_length=residual_length)
+    sizes = [context - sum(chunks), *chunks]
+    for size in sizes:
+        for i in range(len(bits)):
+            k, v = (torch.randn(batch, heads, size, head_dim, generator=g).half() for _ in range(2))
+            cache.update(k, v, i)
+    return cache
 
+
+def _closed_form(bits, T, D, G, R):
+    """Bytes per batch row and head, written out: q_k = T − T mod R keys, q_v = max(0, T − R) values quantized."""
+    if bits == 16:
+        return 2 * T * D * 2
+    q_k, q_v = T - T % R, max(0, T - R)
+    return ((q_k + q_v) * math.ceil(D * bits / 8) + (q_k // G * D + q_v * D // G) * 2 * 2
+            + (2 * T - q_k - q_v) * D * 2)
+
+
+@pytest.mark.parametrize("context, chunks", [(1, ()), (5, ()), (16, ()), (17, ()), (45, ()), (64, ()),
+                                             (45, (1,) * 9), (40, (3, 3, 1, 5))])
+def test_kv_nbytes_counts_what_a_filled_cache_holds(context, chunks):
     bits = [2, 3, 4, 6, 8, 16]
-    cache = KVCache(bits, group_size=8, residual_length=16)
-    for i in range(len(bits)):
-        states = torch.randn(1, 3, context, 32, dtype=torch.float16)
-        cache.update(states, states, i)
-    assert kv_nbytes(bits, 3, 32, context, 8, 16, dtype_bytes=2) == cache.nbytes()
+    cache = _filled(bits, context, batch=2, chunks=chunks)  # however the tokens arrived
+    assert kv_nbytes(bits, 3, 32, context, 8, 16, dtype_bytes=2, batch=2) == cache.nbytes()
+    assert cache.nbytes_per_layer() == [2 * 3 * _closed_form(b, context, 32, 8, 16) for b in bits]
+    for layer, nbytes in zip(cache.layers, cache.nbytes_per_layer()):
+        assert nbytes == sum(t.numel() * t.element_size() for t in _stored_tensors(layer))
+
+
+@pytest.mark.parametrize("context", [1000, 1024])
+def test_bytes_and_effective_bits_at_kivi_defaults_match_the_stored_tensors(context):
+    """KIVI's group 32 / window 128 at head dim 128: 1,000 tokens leave 104 keys and 128 values in fp16, 1,024 only
+    the 128 values."""
+    bits = [2, 3, 4, 6, 8, 16]
+    B, H, D = 1, 2, 128
+    cache = _filled(bits, context, heads=H, head_dim=D, batch=B, group_size=32, residual_length=128, chunks=(1, 1))
+    layers = cache.layers[:-1]
+    assert [(layer.residual_tokens, layer.residual_value_tokens) for layer in layers] == [(context % 128, 128)] * 5
+    assert kv_nbytes(bits, H, D, context, 32, 128, dtype_bytes=2, batch=B) == cache.nbytes()
+    for b, layer, nbytes in zip(bits, cache.layers, cache.nbytes_per_layer()):
+        held = sum(t.numel() * t.element_size() for t in _stored_tensors(layer))
+        assert nbytes == held == B * H * _closed_form(b, context, D, 32, 128)
+        assert effective_bits(b, head_dim=D, context=context) == held * 8 / (2 * B * H * context * D)
+    assert effective_bits(16, head_dim=D, context=context) == 16.0
+    # at 1,024 tokens every key is quantized: b + 1 bits (two fp16 per 32 elements) over 1,024 keys and 896 values,
+    # 16 bits over the 128 values in the window
+    if context == 1024:
+        assert effective_bits(2, head_dim=D, context=context) == ((1024 + 896) * 3 + 128 * 16) / 2048
+
+
+def test_effective_bits_rejects_what_the_cache_cannot_store():
+    with pytest.raises(ValueError, match="group size 32 must divide the head dimension 16"):
+        effective_bits(4, head_dim=16, context=100)
+    assert effective_bits(16, head_dim=16, context=100) == 16.0
+    with pytest.raises(ValueError, match="kv bit-width 5"):
+        effective_bits(5, head_dim=128, context=100)
+
+
+@pytest.mark.parametrize("op", ["select", "repeat", "reorder"])
+def test_batch_operations_act_as_if_the_rows_had_been_cached_alone(op):
+    """Moving batch rows of a filled cache (packed stores and both windows) is exact: the next read equals that of a
+    cache fed the moved rows from the start."""
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(3, 2, 23, 8, generator=g)
+    rows = {"select": torch.tensor([2, 0]), "repeat": torch.tensor([0, 0, 1, 1, 2, 2]),
+            "reorder": torch.tensor([1, 2, 0])}[op]
+
+    def fed(x, layer):
+        layer.update(x[:, :, :13], -x[:, :, :13])
+        for t in range(13, 22):
+            layer.update(x[:, :, t : t + 1], -x[:, :, t : t + 1])
+        return layer
+
+    moved = fed(states, KiviLayer(bits=3, group_size=4, residual_length=8))
+    {"select": lambda: moved.batch_select_indices(rows), "repeat": lambda: moved.batch_repeat_interleave(2),
+     "reorder": lambda: moved.reorder_cache(rows)}[op]()
+    alone = fed(states[rows], KiviLayer(bits=3, group_size=4, residual_length=8))
+    assert _counts(moved) == _counts(alone) == (16, 6, 14, 8)
+    last = states[rows][:, :, 22:23]
+    for got, expected in zip(moved.update(last, -last), alone.update(last, -last)):
+        assert torch.equal(got, expected)
+    assert moved.nbytes() == alone.nbytes()
+
+
+def test_window_warning_names_layers_that_quantized_nothing():
+    short = _filled([2, 16, 4], 15)  # residual 16: no key flushed, no value quantized
+    assert "KV layers [0, 2] quantized nothing" in window_warning(short)
+    exact = _filled([2, 16, 4], 16)  # the key window flushes at 16 tokens; values wait for the 17th
+    assert window_warning(exact) is None
+    assert exact.quantized_tokens() == [16, 0, 16] and exact.quantized_value_tokens() == [0, 0, 0]
+
+
+def test_bench_ratio_by_context_is_what_filled_caches_hold():
+    """`bench kv`'s `ratio_by_context` (closed form, at any shape) equals bytes held ÷ fp16 bytes of caches really
+    filled with fp16 states, depends on the context and not on layers or heads, and is effective bits / 16."""
+    from lmmlab.bench import kv_ratio_by_context, kv_ratios
+
+    by_context = kv_ratio_by_context(2, 2, 128)
+    assert list(by_context) == ["1000", "1024", "4096"]
+    assert all(list(ratios) == ["2", "3", "4", "6", "8"] for ratios in by_context.values())
+    assert kv_ratio_by_context(32, 32, 128) == by_context
+    for context in (1000, 1024):
+        filled = kv_ratios(2, 2, 128, context)
+        assert [filled[f"ratio_{b}bit"] for b in (2, 4, 8)] == [by_context[str(context)][str(b)] for b in (2, 4, 8)]
+    for context, ratios in by_context.items():
+        for bits, ratio in ratios.items():
+            assert ratio == pytest.approx(effective_bits(int(bits), head_dim=128, context=int(context)) / 16,
+                                          rel=1e-12)
+    # a context that is not a multiple of the window holds 104 fp16 keys more: the worst case is not 1,024
+    assert all(by_context["1000"][b] > by_context["1024"][b] > by_context["4096"][b] for b in by_context["1000"])
+
+
+def test_aligned_chunks_read_keys_exactly_as_token_by_token_and_values_only_fresher():
+    """What tasks/text.py's chunked protocol relies on. A chunk of c tokens whose key flushes fall on chunk boundaries
+    (c divides R and prefill mod R) reads, for each of its tokens p, exactly the keys token-by-token decoding reads at
+    p; its values differ only in rows [s − R, p − R) (s = the chunk's first token), which the chunk reads in full
+    precision where token by token they are already quantized: up to c − 1 rows per token, never the other way."""
+    R, c, prefill = 8, 4, 12
+    states = torch.randn(2, 1, 2, 36, 8, generator=torch.Generator().manual_seed(7))
+    keys_in, values_in = states
+    token, chunked = (KiviLayer(bits=2, group_size=4, residual_length=R) for _ in range(2))
+    token.update(keys_in[:, :, :prefill], values_in[:, :, :prefill])
+    reads = {p: token.update(keys_in[:, :, p:p + 1], values_in[:, :, p:p + 1]) for p in range(prefill, 36)}
+    chunked.update(keys_in[:, :, :prefill], values_in[:, :, :prefill])
+    quantized_values = dequantize(quantize(values_in, 2, 4, VALUE_AXIS), values_in.dtype)
+    fresher = 0
+    for s in range(prefill, 36, c):
+        keys, values = chunked.update(keys_in[:, :, s:s + c], values_in[:, :, s:s + c])
+        for p in range(s, s + c):
+            token_keys, token_values = reads[p]
+            assert torch.equal(keys[:, :, :p + 1], token_keys)
+            full = range(max(0, s - R), max(0, p - R))  # full precision in the chunk, quantized token by token
+            others = [i for i in range(p + 1) if i not in full]
+            assert torch.equal(values[:, :, others], token_values[:, :, others])
+            assert torch.equal(values[:, :, list(full)], values_in[:, :, list(full)])
+            assert torch.equal(token_values[:, :, list(full)], quantized_values[:, :, list(full)])
+            fresher += len(full)
+    assert fresher == (36 - prefill) // c * sum(range(c))  # 0 + 1 + ... + (c − 1) rows per chunk
+    assert token.nbytes() == chunked.nbytes() and _counts(token) == _counts(chunked)

@@ -17,6 +17,7 @@ from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
 from lmmlab.ablate import Pruner
 from lmmlab.cli import main
+from lmmlab.plan import CompressionPlan
 from lmmlab.search import SearchSpace, search, suggest_plan, trials_table, warm_start_params
 
 SHAPES = get_task("shapes")
@@ -263,5 +264,38 @@ def test_search_on_the_text_task_minimises_perplexity_on_a_tiny_llama(tiny_llama
     assert result.study.best_value == min(t.value for t in trials)
     assert result.best_plan.kv_bits == result.study.best_trial.user_attrs["plan"]["kv_bits"]
     assert all(t.user_attrs["mean_kv_bits"] <= 4 for t in trials)
+    effective = search(loaded, task, target_sparsity=0.5, kv_budget_bits=9, n_trials=3, n_eval=4,
+                       storage=f"sqlite:///{tmp_path / 't.db'}", kv_group_size=8, kv_residual=8,
+                       kv_budget_unit="effective", context_tokens=100)  # a study of its own: the budget differs
+    assert effective.study.study_name.endswith("kv9e")  # 9 effective bits: 4-bit costs 8.48 at 100 tokens
+    for t in effective.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        plan = CompressionPlan(**t.user_attrs["plan"])
+        assert t.user_attrs["mean_kv_bits_effective"] == pytest.approx(plan.mean_effective_kv_bits(loaded.head_dim, 100))
+        assert t.user_attrs["mean_kv_bits_effective"] <= 9 + 1e-9
     table = trials_table(result.study)
     assert (table.best_so_far == table.objective.cummin()).all() and "perplexity" in table
+
+
+def test_kv_projection_in_effective_bits_meets_the_budget_in_that_unit():
+    """A budget in effective bits (what a width really stores at a context: codes, scales, zero points, windows)
+    is met in that unit; a budget a nominal width meets may not be met effectively."""
+    from lmmlab.kvcache import effective_bits
+
+    widths = (2, 3, 4, 6, 8, 16)
+    cost = {b: effective_bits(b, head_dim=64, context=1000, group_size=32, residual_length=128) for b in widths}
+    assert cost[16] == 16.0 and all(cost[b] > b for b in widths if b < 16)  # overheads on every quantized width
+    g = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        n = int(torch.randint(1, 33, (1,), generator=g))
+        raw = [widths[int(i)] for i in torch.randint(0, 6, (n,), generator=g)]
+        budget = float(torch.rand(1, generator=g)) * 12 + cost[2]
+        bits = allocate.fit_kv_bits(raw, budget, widths, cost)
+        assert sum(cost[b] for b in bits) / n <= budget + 1e-9 and all(b <= r for b, r in zip(bits, raw))
+    assert allocate.fit_kv_bits([4, 4], 6.0, widths) == [4, 4]  # nominal: 4 bits meet a 6-bit budget
+    assert allocate.fit_kv_bits([4, 4], 6.0, widths, cost) == [4, 3]  # effectively 4 bits cost 6.28 here
+    space = SearchSpace(4, kv_budget_bits=6.0, kv_unit="effective", kv_cost=tuple(cost[b] for b in widths))
+    assert space.widest_in_budget == 3 and SearchSpace(4, kv_budget_bits=6.0).widest_in_budget == 6
+    with pytest.raises(ValueError, match="unknown KV budget unit 'bytes'; allowed: nominal, effective"):
+        SearchSpace(4, kv_unit="bytes")
+    with pytest.raises(ValueError, match="below the narrowest allowed width 2"):
+        SearchSpace(4, kv_budget_bits=2.0, kv_unit="effective", kv_cost=tuple(cost[b] for b in widths))

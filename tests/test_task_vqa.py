@@ -231,7 +231,7 @@ def test_evaluate_scores_greedy_answers_as_the_benchmark_does(tiny, data, name):
     assert 0.0 <= m.primary <= 1.0 and m.primary == m.values[task.primary_metric]
     assert m.primary == pytest.approx(statistics.fmean(m.per_item))
     assert m.per_item == [task.score(p, i) for p, i in zip(m.predictions, items)]
-    assert m.predictions == [plain_greedy(tiny, item, 3) for item in items]  # batched, padded, cached = direct
+    assert m.predictions == [plain_greedy(tiny, item, 3) for item in items]  # bucketed, cached = direct
     assert m.loss == pytest.approx(statistics.fmean(plain_loss(tiny, item) for item in items), rel=1e-4)
     assert m.kv_bytes > 0 and m.latency_s > 0 and m.peak_mem_bytes > 0
     expected = {"scienceqa": {"accuracy"}, "textvqa": {"vqa_accuracy"},
@@ -248,6 +248,58 @@ def test_evaluate_scores_greedy_answers_as_the_benchmark_does(tiny, data, name):
         assert (b["attention_mask"][:, -1] == 1).all()  # left padding
     same = task.calibration_batches(tiny, n=3, seed=1, batch_size=2)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, same))
+
+
+def _with_image(item, size: tuple[int, int]):
+    """The item with its image resized to `size` (width, height), as PNG bytes."""
+    import dataclasses
+    import io
+
+    buffer = io.BytesIO()
+    item.pil_image().resize(size).save(buffer, format="PNG")
+    return dataclasses.replace(item, image=buffer.getvalue())
+
+
+def test_item_lengths_are_what_the_processor_builds(tiny, data):
+    task = get_task("scienceqa", data=data["scienceqa"]["parquet"])
+    items = task.items("test", 8)
+    items += [_with_image(items[0], (64, 80)), _with_image(items[1], (30, 20))]  # other sizes: measured per size
+    for with_answers in (False, True):
+        built = [vqa.collate(tiny, [item], with_answers=with_answers)["input_ids"].shape[1] for item in items]
+        assert vqa.item_lengths(tiny, items, with_answers=with_answers) == built
+    assert len(set(vqa.item_lengths(tiny, items))) > 1  # hints and choices make the prompts differ in length
+
+
+def test_a_2bit_cache_gives_each_item_what_it_gives_alone(tiny, data):
+    """Batches hold one token length (no pads in the key groups): answers and bytes as each item alone, losses
+    up to the float rounding of a batched matrix product (kernels round a 1-row product differently)."""
+    from lmmlab.kvcache import kv_cache_for
+    from lmmlab.plan import CompressionPlan
+
+    plan = CompressionPlan.uniform(tiny.num_layers, 0.0, kv_bits=2, kv_group_size=4, kv_residual=8)
+    task = get_task("scienceqa", data=data["scienceqa"]["parquet"], batch_size=8, max_new_tokens=2)
+    items = task.items("test")
+    lengths = vqa.item_lengths(tiny, items)
+    assert len(set(lengths)) > 1 and len(lengths) > len(set(lengths))  # several lengths, some shared
+    together = task.evaluate(tiny, split="test", make_cache=lambda: kv_cache_for(plan, tiny))
+    alone = []
+    for item in items:
+        one = get_task("scienceqa", data=data["scienceqa"]["parquet"], batch_size=1, max_new_tokens=2)
+        one._items = [item]
+        alone.append(one.evaluate(tiny, split=item.split, make_cache=lambda: kv_cache_for(plan, tiny)))
+    assert together.predictions == [m.predictions[0] for m in alone]
+    assert together.kv_bytes * len(items) == sum(m.kv_bytes for m in alone)
+    assert together.per_item_loss == pytest.approx([m.per_item_loss[0] for m in alone], rel=1e-5, abs=1e-7)
+
+
+def test_repeated_image_questions_are_kept_and_counted(tmp_path, data, caplog):
+    rows = data["pope"]["rows"][:6]
+    rows = rows + [{**rows[0], "question_id": "900", "category": "popular"}]  # POPE repeats its "yes" questions
+    task = get_task("pope", data=fx.write_parquet(rows, tmp_path / "pope.parquet"))
+    with caplog.at_level("INFO", logger="lmmlab.tasks.vqa"):
+        assert len(task.load()) == 7
+    assert vqa.repeated_items(task.load()) == 1
+    assert "1 items repeat an (image, prompt) pair" in caplog.text
 
 
 def test_pope_values_are_its_metrics_of_the_predictions(tiny, data):

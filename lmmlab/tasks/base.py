@@ -16,11 +16,12 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Hashable, Sequence, TypeVar
 
 import torch
 
 CacheFactory = Callable[[], object]
+T = TypeVar("T")
 SPLITS = ("calibration", "validation", "test")  # calibration: scores; validation: the search; test: final reports
 DIRECTIONS = ("maximize", "minimize")
 
@@ -42,6 +43,7 @@ class Metrics:
     per_item: list[float] = field(default_factory=list, repr=False)  # one value per item, in the task's item order
     per_item_metric: str = ""  # what per_item holds: "correct" (0/1), "nll" (mean NLL of a window), "vqa_score"...
     predictions: list[str] = field(default_factory=list, repr=False)
+    per_item_loss: list[float] = field(default_factory=list, repr=False)  # each item's `loss`, item order (if kept)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -60,6 +62,7 @@ class Metrics:
         if not with_items:
             d.pop("per_item")
             d.pop("predictions")
+            d.pop("per_item_loss")
         return {"primary_metric": d.pop("primary_metric"), "primary": d.pop("primary"),
                 "direction": d.pop("direction"), **values, **d}
 
@@ -202,6 +205,61 @@ def peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+# --- unpadded batches ----------------------------------------------------------------------------------------------
+# A quantized cache groups keys per channel over G consecutive tokens: a left-padded row would put its pad tokens into
+# its first key groups, their scales and the byte count, so an item's answer would depend on which items share its
+# batch. Evaluation therefore batches only items of exactly the same token length (no padding at all).
+
+def buckets(lengths: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+    """Item indices grouped by equal `lengths[i]` (any hashable key: a token count, or a (prompt, answer) pair of
+    counts), groups in order of their first item, each group cut into batches of at most `batch_size` indices in
+    ascending order. Items of one batch have equal token lengths, so the batch needs no padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(lengths):
+        groups.setdefault(key, []).append(i)
+    return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+def in_item_order(batches: Sequence[Sequence[int]], results: Sequence[Sequence[T]]) -> list[T]:
+    """Per-batch results put back in item order: out[batches[b][j]] = results[b][j] (the inverse of `buckets`)."""
+    out: list = [None] * sum(len(b) for b in batches)
+    for idx, values in zip(batches, results, strict=True):
+        if len(idx) != len(values):
+            raise ValueError(f"a batch of {len(idx)} items returned {len(values)} results")
+        for i, value in zip(idx, values):
+            out[i] = value
+    return out
+
+
+def token_lengths(processor, texts: Sequence[str], image_sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """Exact number of tokens the processor makes of each text with its one image (the image token expanded), as in
+    a batch: the text's tokens plus what the image token expands to, which depends only on the image's (width,
+    height) and is measured once per size by the processor itself on a blank image of that size. Fast: one
+    tokenizer call for all texts, no image decoded or preprocessed per item."""
+    from PIL import Image
+
+    ids = processor.tokenizer(list(texts))["input_ids"]
+    extra: dict[tuple[int, int], int] = {}
+    lengths = []
+    for text, size, row in zip(texts, image_sizes, ids, strict=True):
+        size = tuple(size)
+        if size not in extra:
+            built = processor(images=[Image.new("RGB", size)], text=[text], return_tensors="pt")["input_ids"]
+            extra[size] = built.shape[1] - len(row)
+        lengths.append(len(row) + extra[size])
+    return lengths
+
+
+def check_unpadded(inputs: dict) -> None:
+    """Fail loudly if a batch that `buckets` built has padding: its token lengths were not exact."""
+    mask = inputs["attention_mask"]
+    if not bool(mask.all()):
+        raise RuntimeError(f"a bucketed batch is padded ({int((mask == 0).sum())} pad tokens): the token lengths "
+                           "used to bucket it differ from the processor's")
+
+
 def prefill_then_read(model, inputs: dict, cache, tail: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill all but the last `tail` tokens (any image among them) into `cache`, then run those `tail` tokens
     against it, so that every one of them reads the stored (possibly quantized) states. Left-padded batches get
@@ -220,21 +278,31 @@ def prefill_then_read(model, inputs: dict, cache, tail: int) -> tuple[torch.Tens
 @torch.no_grad()
 def greedy_answers(loaded, inputs: dict, make_cache: CacheFactory | None = None,
                    max_new_tokens: int = 3) -> tuple[list[str], int]:
-    """Greedy answers for a left-padded batch of prompts: prefill all but the prompt's last token into a fresh
-    cache, then produce every answer token, the first included, by a decode step that reads the cache (so whatever
-    the cache does to what it stores shows in the answers). Returns the answers and the bytes the cache holds."""
+    """Greedy answers for a batch of prompts (left-padded, or unpadded as `buckets` builds them): prefill all but the
+    prompt's last token into a fresh cache, then produce every answer token, the first included, by a decode step
+    that reads the cache (so whatever the cache does to what it stores shows in the answers). Returns the answers
+    and the bytes the cache holds per row summed over the rows, each row's counted when its answer ends (EOS or
+    `max_new_tokens`): the filler tokens that rows already done feed while others decode are not counted, so in an
+    unpadded batch a row's bytes are what it holds evaluated alone."""
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cache = new_cache(loaded, make_cache)
     logits, mask, position_ids = prefill_then_read(model, inputs, cache, tail=1)
     logits = logits[:, -1]
-    generated, done = [], torch.zeros(len(mask), dtype=torch.bool, device=device)
+    rows = len(mask)
+    generated, done = [], torch.zeros(rows, dtype=torch.bool, device=device)
+    row_bytes = [0.0] * rows
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)
         next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
         generated.append(next_token)
-        done |= next_token == tok.eos_token_id
-        if done.all() or step == max_new_tokens - 1:
+        ended = ~done & (next_token == tok.eos_token_id) if step < max_new_tokens - 1 else ~done
+        if ended.any():  # every row stores the same number of tokens: a row's share is an equal part of the total
+            share = cache_bytes(cache) / rows
+            for r in ended.nonzero().flatten().tolist():
+                row_bytes[r] = share
+        done |= ended
+        if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
@@ -244,14 +312,17 @@ def greedy_answers(loaded, inputs: dict, make_cache: CacheFactory | None = None,
     for row in torch.stack(generated, 1).tolist():
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
         answers.append(tok.decode([t for t in row if t != pad], skip_special_tokens=True).strip())
-    return answers, cache_bytes(cache)
+    total = sum(row_bytes)
+    return answers, int(total) if total == int(total) else total
 
 
 @torch.no_grad()
 def answer_nll(loaded, inputs: dict, answer_lengths: list[int], make_cache: CacheFactory | None = None) -> list[float]:
-    """Teacher-forced cross-entropy per row of a left-padded batch whose rows end with their answer's tokens
-    (`answer_lengths[i]` of them), averaged over those tokens; the answers and the prompt's last token read the
-    cache, as in `greedy_answers`."""
+    """Teacher-forced cross-entropy per row of a batch whose rows end with their answer's tokens (`answer_lengths[i]`
+    of them), averaged over those tokens; the last max(answer_lengths) + 1 tokens read the cache, as in
+    `greedy_answers`. A row's value is independent of its batch only when the batch is unpadded and every row has
+    the same answer length (so the prefill / read split is the row's own): evaluation buckets by (prompt length,
+    answer length) for that; a left-padded batch still works, with pads in the cache."""
     ids = inputs["input_ids"]
     tail = max(answer_lengths) + 1
     logits = prefill_then_read(loaded.model, inputs, new_cache(loaded, make_cache), tail)[0].float()

@@ -14,11 +14,15 @@ Question kinds (all answers are one word):
                                                     -> left / right / top / bottom
 
 Splits are disjoint by construction: a scene belongs to the split its content hash falls in, so no image of the test
-split can appear in training, whatever the seeds.
+split can appear in training, whatever the seeds. Within the calibration, validation and test splits every item is
+distinct: a (scene, kind, question) already yielded is skipped (a scene as a set of shapes), so each question counts
+once in an interval or a paired test. The train split is an endless stream and keeps its repeats.
 
 Evaluation protocol: the image and the question, all but the prompt's last token, are prefilled into the cache; every
 answer token, the first included, is then produced by a decode step whose query reads the cache, so whatever the cache
-does to the keys and values it stores (quantization, say) shows in the answers.
+does to the keys and values it stores (quantization, say) shows in the answers. Batches hold questions of one token
+length only (`base.buckets`): no pad token enters a quantization group, a scale or the byte count, so a question's
+answer and loss do not depend on which questions share its batch.
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ from typing import Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, check_split, greedy_answers, peak_memory,
-                               register, reset_peak_memory, synchronize)
+from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, buckets, check_split, check_unpadded,
+                               greedy_answers, in_item_order, peak_memory, register, reset_peak_memory, synchronize,
+                               token_lengths)
 
 TASK_VERSION = 1  # bump when scenes, questions or splits change: the cached default model is retrained
 GRID = 3
@@ -154,20 +159,27 @@ def ask(scene: Sequence[Shape], kind: str, rng: random.Random) -> tuple[str, str
 
 
 def samples(split: str, n: int | None = None, seed: int | None = None) -> Iterator[Sample]:
-    """Yield `n` samples of a split (endless if n is None), kinds in turn, deterministic from `seed`."""
+    """Yield `n` samples of a split (endless if n is None), kinds in turn, deterministic from `seed`. Every split but
+    train yields distinct items: a (scene as a set of shapes, kind, question) already yielded is skipped."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed * 7919 + SPLIT_SEEDS[split])
-    buckets = SPLITS[split]
+    hash_buckets = SPLITS[split]
+    seen: set | None = None if split == "train" else set()  # train stays as the cached default model saw it
     i = 0
     while n is None or i < n:
         kind = KINDS[i % len(KINDS)]
         scene = random_scene(rng)
-        if scene_bucket(scene) not in buckets:
+        if scene_bucket(scene) not in hash_buckets:
             continue
         qa = ask(scene, kind, rng)
         if qa is None:
             continue
+        if seen is not None:
+            key = (frozenset(scene), kind, qa[0])
+            if key in seen:
+                continue
+            seen.add(key)
         yield Sample(scene, kind, *qa)
         i += 1
 
@@ -194,10 +206,15 @@ def vocabulary() -> list[str]:
     return sorted(words - {"<image>"})
 
 
+def texts(processor, batch: Sequence[Sample], with_answers: bool = False) -> list[str]:
+    """Each sample's prompt, with its answer and the end token appended when asked."""
+    return [s.prompt + (f" {s.answer}{processor.tokenizer.eos_token}" if with_answers else "") for s in batch]
+
+
 def collate(processor, batch: Sequence[Sample], with_answers: bool = False):
     """Processor inputs for a batch: prompts (left-padded) and images; with answers appended when asked."""
-    texts = [s.prompt + (f" {s.answer}{processor.tokenizer.eos_token}" if with_answers else "") for s in batch]
-    return processor(images=[s.image() for s in batch], text=texts, return_tensors="pt", padding=True)
+    return processor(images=[s.image() for s in batch], text=texts(processor, batch, with_answers), return_tensors="pt",
+                     padding=True)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -220,16 +237,27 @@ def generate_answers(loaded, batch: Sequence[Sample], make_cache: CacheFactory |
     return greedy_answers(loaded, model_inputs(loaded, batch), make_cache, max_new_tokens)
 
 
+def answer_lengths(tokenizer, batch: Sequence[Sample]) -> list[int]:
+    """Tokens of each sample's answer (answer word + end token)."""
+    return [len(tokenizer(f" {s.answer}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]) for s in batch]
+
+
 def answer_loss(loaded, batch: Sequence[Sample], make_cache: CacheFactory | None = None) -> list[float]:
     """Teacher-forced cross-entropy per sample, averaged over the answer's tokens (answer word + end token)."""
-    tok = loaded.tokenizer
-    lengths = [len(tok(f" {s.answer}{tok.eos_token}", add_special_tokens=False)["input_ids"]) for s in batch]
-    return answer_nll(loaded, model_inputs(loaded, batch, with_answers=True), lengths, make_cache)
+    return answer_nll(loaded, model_inputs(loaded, batch, with_answers=True), answer_lengths(loaded.tokenizer, batch),
+                      make_cache)
+
+
+def sample_lengths(processor, samples: Sequence[Sample], with_answers: bool = False) -> list[int]:
+    """Each sample's exact token count as the processor builds it (image tokens expanded), for `buckets`."""
+    return token_lengths(processor, texts(processor, samples, with_answers), [(IMAGE_SIZE, IMAGE_SIZE)] * len(samples))
 
 
 def evaluate(loaded, samples: Sequence[Sample], make_cache: CacheFactory | None = None, batch_size: int = 64,
              with_loss: bool = True, progress: bool = False, max_new_tokens: int = 3) -> Metrics:
-    """Exact-match accuracy (overall and per kind), answer loss, latency, peak memory and KV bytes on `samples`."""
+    """Exact-match accuracy (overall and per kind), answer loss, latency, peak memory and KV bytes on `samples`.
+    Answers come from batches of prompts of one token length, losses from batches of one (prompt, answer) length
+    (`base.buckets`: no padding, so no result depends on the batch); results are in the order of `samples`."""
     if not loaded.is_multimodal:
         raise ValueError(f"{loaded.name!r} is a text-only model; the shapes task needs a Llava model")
     if not samples:
@@ -237,17 +265,29 @@ def evaluate(loaded, samples: Sequence[Sample], make_cache: CacheFactory | None 
     from tqdm.auto import tqdm
 
     reset_peak_memory(loaded.device)
-    predictions, losses, kv, seconds = [], [], 0, 0.0
-    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    for batch in tqdm(batches, desc="evaluate", disable=not progress):
+    processor, answers_by_batch, kv, seconds = loaded.processor, [], 0, 0.0
+    order = buckets(sample_lengths(processor, samples), batch_size)
+    for idx in tqdm(order, desc="evaluate", disable=not progress):
+        inputs = model_inputs(loaded, [samples[i] for i in idx])
+        check_unpadded(inputs)
         start = time.perf_counter()
-        answers, nbytes = generate_answers(loaded, batch, make_cache, max_new_tokens)
+        answers, nbytes = greedy_answers(loaded, inputs, make_cache, max_new_tokens)
         synchronize(loaded.device)
         seconds += time.perf_counter() - start
-        predictions += answers
+        answers_by_batch.append(answers)
         kv += nbytes
-        if with_loss:
-            losses += answer_loss(loaded, batch, make_cache)
+    predictions = in_item_order(order, answers_by_batch)
+    losses = []
+    if with_loss:
+        keys = zip(sample_lengths(processor, samples, with_answers=True), answer_lengths(loaded.tokenizer, samples))
+        order = buckets(list(keys), batch_size)
+        by_batch = []
+        for idx in order:
+            batch = [samples[i] for i in idx]
+            inputs = model_inputs(loaded, batch, with_answers=True)
+            check_unpadded(inputs)
+            by_batch.append(answer_nll(loaded, inputs, answer_lengths(loaded.tokenizer, batch), make_cache))
+        losses = in_item_order(order, by_batch)
     correct = [float(p == s.answer) for p, s in zip(predictions, samples)]
     by_kind: dict[str, list[float]] = defaultdict(list)
     for ok, s in zip(correct, samples):
@@ -259,7 +299,7 @@ def evaluate(loaded, samples: Sequence[Sample], make_cache: CacheFactory | None 
         latency_s=seconds / len(samples), peak_mem_bytes=peak_memory(loaded.device), kv_bytes=kv / len(samples),
         n=len(samples),
         values={"accuracy": accuracy, **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}},
-        per_item=correct, per_item_metric="correct", predictions=predictions,
+        per_item=correct, per_item_metric="correct", predictions=predictions, per_item_loss=losses,
     )
 
 

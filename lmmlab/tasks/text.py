@@ -9,16 +9,19 @@ KV-aware protocol (why this task exists): a window's first `prefill` tokens are 
 the rest is fed `chunk` tokens at a time, each chunk attending to the earlier tokens through the cache (positions
 continue, no padding: every window is exactly `seqlen` tokens). The NLL is read from the prefill's logits and every
 chunk's logits, so a quantized cache changes the score; with a 16-bit cache it equals the plain full-window NLL.
-With lmmlab's KIVI cache the quantized store is read only after the residual window has filled once: with the
-defaults (seqlen 256, prefill 128, residual 128) the prefill itself is flushed into the store and all 128 decoded
-predictions read it; with seqlen 128 pass kv_residual 32 or 64 (kv_group_size 32), else the window first flushes
-on the last pass and the score equals the 16-bit one (`evaluate` logs a warning then: `unread_store`).
+With lmmlab's KIVI cache the quantized store is read only after the residual window has filled once (keys flush
+once R = residual tokens have gathered, values once more than R have): with the defaults (seqlen 256, prefill 128,
+residual 128) the prefill's keys are flushed into the store and all 128 decoded predictions read them (and the
+values older than the newest 128); with seqlen 128 pass kv_residual 32 or 64 (kv_group_size 32), else the window
+first flushes on the last pass and the score equals the 16-bit one (`evaluate` logs a warning then: `unread_store`).
 
 `chunk` defaults to 16, not 1: token-by-token decoding was ~4x slower on 2 CPU cores (SmolLM2-135M, 8 windows of
-256: 10.5 s against 2.8 s; 12.6 s against 2.8 s with a 2-bit cache) and gave the same perplexity. Both read a KIVI
-cache identically whenever every flush falls on a chunk boundary (`chunk` divides the residual length and prefill mod
-residual, as for the defaults and residual 32 / 64); `evaluate` logs a warning when it does not (`chunk_mismatch`).
-chunk=1 gives token-by-token decoding.
+256: 10.5 s against 2.8 s; 12.6 s against 2.8 s with a 2-bit cache) and gave the same perplexity. chunk=1 is exactly
+KIVI's decoding. With chunks, keys are read as token by token whenever every key flush falls on a chunk boundary
+(`chunk` divides the residual length and prefill mod residual, as for the defaults and residual 32 / 64); `evaluate`
+logs a warning when it does not (`chunk_mismatch`). Values cannot match exactly: KIVI's value window slides by one
+token per decoded token, while a chunk's tokens all read the window as it was before the chunk, so each token reads
+up to chunk − 1 of its oldest window values in full precision where token-by-token decoding reads them quantized.
 
 Data (`data=`):
   None          the offline default corpus: the Python reference documentation that ships with CPython as plain
@@ -188,8 +191,9 @@ def window_nll(model, ids: torch.Tensor, cache, *, prefill: int, chunk: int) -> 
 def unread_store(cache, *, seqlen: int, prefill: int, chunk: int) -> str | None:
     """Why no scored prediction reads this KIVI cache's quantized store, or None when some do.
 
-    The residual window first flushes in the pass whose end reaches `residual_length` tokens; only later passes read
-    the store, so when that pass is the window's last one the score equals the 16-bit score."""
+    The key window first flushes in the pass whose end reaches `residual_length` tokens (the value window one token
+    later); only later passes read the store, so when that pass is the window's last one the score equals the 16-bit
+    score."""
     residual = getattr(cache, "residual_length", None)
     if residual is None or all(b == 16 for b in getattr(cache, "bits", [16])):
         return None
@@ -202,11 +206,15 @@ def unread_store(cache, *, seqlen: int, prefill: int, chunk: int) -> str | None:
 
 
 def chunk_mismatch(cache, *, prefill: int, chunk: int) -> str | None:
-    """Why feeding `chunk` tokens at a time reads this KIVI cache differently from token-by-token decoding, or None.
+    """Why feeding `chunk` tokens at a time reads this KIVI cache's keys differently from token-by-token decoding,
+    or None.
 
-    Tokens of one forward pass see each other in full precision; token by token, they would read whatever the
-    residual window flushed into the quantized store in between. Both agree exactly when every flush falls on a chunk
-    boundary: `chunk` divides the residual length and the prefill's leftover in the window (prefill mod residual)."""
+    Tokens of one forward pass see each other in full precision; token by token, they would read whatever the key
+    window flushed into the quantized store in between. Both agree exactly when every key flush falls on a chunk
+    boundary: `chunk` divides the residual length and the prefill's leftover in the key window (prefill mod
+    residual). Values are not checked: their window slides every token, so any chunk > 1 past residual + 1 tokens
+    lets a token read up to chunk − 1 values in full precision that token-by-token decoding reads quantized (a
+    bounded, documented difference; chunk=1 is exact)."""
     residual = getattr(cache, "residual_length", None)
     if residual is None or chunk == 1 or all(b == 16 for b in getattr(cache, "bits", [16])):
         return None

@@ -32,9 +32,16 @@ Splits: the published files are one evaluation split. An item falls into calibra
 60 %) by a stable hash of its image's id where the benchmark has one (POPE's image_source, TextVQA's image_id) so no
 image is shared across splits, else of its question id (ScienceQA has none: its question, choices and hint). Within
 a split, items are ordered by a hash of their question id, so the first n are a fixed, category-mixed sample.
+Published items are taken as given, repeats included: POPE asks each image's "yes" questions once per negative-sampling
+category (random / popular / adversarial), so the same (image, question) recurs by design and its published numbers
+count every copy; dropping them would change the benchmark. `load` logs how many items repeat an (image, prompt) pair
+already seen, so a paired test on such a split can be read knowing that its items are not all distinct.
 
 Evaluation follows the protocol of the shapes task: the image and the prompt, all but its last token, are prefilled
-into a fresh cache from `make_cache`; every answer token is then decoded greedily from that cache.
+into a fresh cache from `make_cache`; every answer token is then decoded greedily from that cache. Batches hold items
+of one token length only (`base.buckets`, lengths exact as the processor builds them), so no pad token enters a
+quantization group, a scale or the byte count and no item's answer or loss depends on its batch. Calibration batches
+stay left-padded: calibration masks pads out.
 """
 from __future__ import annotations
 
@@ -52,8 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, check_data_path, check_split, greedy_answers,
-                               peak_memory, register, reset_peak_memory, synchronize)
+from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, buckets, check_data_path, check_split,
+                               check_unpadded, greedy_answers, in_item_order, peak_memory, register, reset_peak_memory,
+                               synchronize, token_lengths)
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +209,40 @@ class Item:
     def pil_image(self):
         from PIL import Image
 
-        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
         try:
-            with Image.open(source) as image:
+            with Image.open(self._source()) as image:
                 return image.convert("RGB")
         except OSError as err:
             raise ValueError(f"the image of item {self.uid} cannot be read: {err}") from None
 
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the image, read from its header without decoding it."""
+        from PIL import Image
+
+        try:
+            with Image.open(self._source()) as image:
+                return image.size
+        except OSError as err:
+            raise ValueError(f"the image of item {self.uid} cannot be read: {err}") from None
+
+    def _source(self):
+        return io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+
 
 def _digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def repeated_items(items: Sequence[Item]) -> int:
+    """How many items repeat an (image, prompt) pair of an earlier item (images compared by content, or by path)."""
+    seen, repeats = set(), 0
+    for item in items:
+        image = (hashlib.blake2b(item.image, digest_size=16).digest() if isinstance(item.image, bytes)
+                 else str(Path(item.image).resolve()))
+        key = (image, item.prompt)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 # --- reading records -------------------------------------------------------------------------------------------------
@@ -394,6 +426,12 @@ def collate(loaded, items: Sequence[Item], *, with_answers: bool = False) -> dic
     return inputs
 
 
+def item_lengths(loaded, items: Sequence[Item], *, with_answers: bool = False) -> list[int]:
+    """Each item's exact token count as `collate` builds it (image tokens expanded), for `buckets`."""
+    return token_lengths(loaded.processor, texts(loaded, items, with_answers=with_answers),
+                         [item.image_size() for item in items])
+
+
 def answer_lengths(loaded, items: Sequence[Item]) -> list[int]:
     """Tokens each item's reference answer (and the end token) adds to its prompt: the full text's tokens past the
     longest prefix they share with the prompt's (the image expands alike in both, so the count holds in the batch)."""
@@ -467,6 +505,10 @@ class VQATask(Task):
             sizes = Counter(item.split for item in self._items)
             log.info("%s: %d items from %s (calibration %d, validation %d, test %d)", self.name, len(self._items),
                      source.name, sizes["calibration"], sizes["validation"], sizes["test"])
+            repeats = repeated_items(self._items)
+            if repeats:
+                log.info("%s: %d items repeat an (image, prompt) pair already seen; kept, as published", self.name,
+                         repeats)
         return self._items
 
     def check_schema(self, source: Source) -> None:
@@ -518,26 +560,37 @@ class VQATask(Task):
         self.check_model(loaded)
         items = self.items(split, n)
         reset_peak_memory(loaded.device)
-        predictions, losses, seconds, kv = [], [], 0.0, 0
-        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        for batch in tqdm(batches, desc=f"{self.name} {split}", disable=not progress):
-            inputs = collate(loaded, batch)
+        answers_by_batch, seconds, kv = [], 0.0, 0
+        order = buckets(item_lengths(loaded, items), self.batch_size)  # unpadded batches, results in item order
+        for idx in tqdm(order, desc=f"{self.name} {split}", disable=not progress):
+            inputs = collate(loaded, [items[i] for i in idx])
+            check_unpadded(inputs)
             start = time.perf_counter()
             answers, nbytes = greedy_answers(loaded, inputs, make_cache, self.max_new_tokens)
             synchronize(loaded.device)
             seconds += time.perf_counter() - start
-            predictions += answers
+            answers_by_batch.append(answers)
             kv += nbytes
-            if with_loss:
-                losses += answer_nll(loaded, collate(loaded, batch, with_answers=True), answer_lengths(loaded, batch),
-                                     make_cache)
+        predictions = in_item_order(order, answers_by_batch)
+        losses = []
+        if with_loss:  # one (full length, answer length) per batch: the prefill / read split is every row's own
+            keys = zip(item_lengths(loaded, items, with_answers=True), answer_lengths(loaded, items))
+            order = buckets(list(keys), self.batch_size)
+            by_batch = []
+            for idx in order:
+                batch = [items[i] for i in idx]
+                inputs = collate(loaded, batch, with_answers=True)
+                check_unpadded(inputs)
+                by_batch.append(answer_nll(loaded, inputs, answer_lengths(loaded, batch), make_cache))
+            losses = in_item_order(order, by_batch)
         scores = [self.score(p, item) for p, item in zip(predictions, items)]
         values = self.summarize(predictions, items, scores)
         return Metrics(
             primary_metric=self.primary_metric, primary=values[self.primary_metric], direction=self.direction,
             loss=statistics.fmean(losses) if losses else float("nan"), latency_s=seconds / len(items),
             peak_mem_bytes=peak_memory(loaded.device), kv_bytes=kv / len(items), n=len(items), values=values,
-            per_item=scores, per_item_metric=self.per_item_metric, predictions=predictions)
+            per_item=scores, per_item_metric=self.per_item_metric, predictions=predictions,
+            per_item_loss=losses)
 
 
 def _benchmarks() -> list[type[VQATask]]:
