@@ -19,6 +19,7 @@ from lmmlab.ablate import Pruner, calibration_of, label, row, weight_part
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, KV_CONTEXT, CompressionPlan
+from lmmlab.prune import sparsity_of
 from lmmlab.search import DEFAULT_STORAGE, KV_UNITS, effective_costs, memory_bytes, search
 from lmmlab.stats import annotate
 from lmmlab.tasks import Task
@@ -124,7 +125,8 @@ def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequenc
             metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded),
                                     with_loss=False)
             rows.append({"method": plan.method, "allocation": allocation,
-                         "calibration": calibration_of(plan.method, seq), "target_sparsity": round(plan.mean_sparsity, 6), "mean_kv_bits": plan.mean_kv_bits,
+                         "calibration": calibration_of(plan.method, seq), "target_sparsity": round(plan.mean_sparsity, 6),
+                         "achieved_sparsity": round(sparsity_of(loaded), 6), "mean_kv_bits": plan.mean_kv_bits,
                          "mean_kv_bits_effective": round(plan.mean_effective_kv_bits(loaded.head_dim, context_tokens), 4),
                          "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
                          **memory_bytes(loaded, plan, context_tokens), "per_item_metric": metrics.per_item_metric,
