@@ -7,17 +7,22 @@ metrics by name, loss, split, seed).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from lmmlab import allocate
 from lmmlab.calibrate import Stats, calibrate
+from lmmlab.database import (MANIFEST, LayerDatabase, batches_fingerprint, build_database, check_levels,
+                             open_database, weights_fingerprint)
 from lmmlab.export import weight_format_bytes
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
-from lmmlab.models import VISION, Loaded
+from lmmlab.models import VISION, Loaded, cache_dir
 from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_CONTEXT, CompressionPlan
 from lmmlab.stats import annotate
 from lmmlab.prune import DenseWeights, apply_plan, apply_sequential, apply_sparsegpt, sparsity_of
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "atp", "alphapruning")
 PATTERNS = ("2:4", "4:8")
 
 
@@ -41,6 +46,9 @@ class Pruner:
     stats: Stats
     dense: DenseWeights
     applied: tuple | None = None  # the weight part of the plan the model holds now (None: dense or unknown)
+    task: Task | None = None  # the task calibrated on: ATP's slope is searched on its validation split
+    database: LayerDatabase | None = None  # SparseGPT solved at a grid of levels: sparsegpt plans stitch from it
+    found: dict = field(default_factory=dict)  # allocations that cost a search or SVDs, by (name, target)
 
     @classmethod
     def calibrated(cls, loaded: Loaded, batches: list[dict]) -> "Pruner":
@@ -51,18 +59,27 @@ class Pruner:
     @classmethod
     def for_task(cls, loaded: Loaded, task: Task, *, n: int | None = None, seed: int = 0) -> "Pruner":
         """Calibrate on `n` calibration items of `task` (its default count when None)."""
-        return cls.calibrated(loaded, task.calibration_batches(loaded, n=n, seed=seed))
+        pruner = cls.calibrated(loaded, task.calibration_batches(loaded, n=n, seed=seed))
+        pruner.task = task
+        return pruner
 
     def apply(self, plan: CompressionPlan, *, sequential: bool = False) -> None:
-        """Prune the model to `plan` from the dense weights: SparseGPT re-solves; magnitude, Wanda and RIA re-mask
+        """Prune the model to `plan` from the dense weights: SparseGPT re-solves layer by layer, or, with a layer
+        `database` and not `sequential`, stitches its stored solutions (inputs from the dense model, levels on the
+        database's grid); magnitude, Wanda and RIA re-mask
         from the cached one-pass statistics, or, with `sequential` (Wanda and RIA only), recalibrate layer by layer
         as their reference code does (`prune.apply_sequential`). A plan whose weights are the ones the model already
         holds (it differs in KV widths only) costs nothing."""
-        weights = weight_part(plan, sequential)
+        weights = weight_part(plan, sequential) + (self.calibration(plan.method, sequential),)
         if weights == self.applied:
             return
         self.applied = None  # until this plan is fully in place
-        if plan.method == "sparsegpt":
+        stitch = plan.method == "sparsegpt" and self.database is not None and not sequential
+        if self.database is not None and not stitch:
+            self.database.forget()  # the model's layers will no longer be what the database last wrote
+        if stitch:
+            self.database.apply(self.loaded, plan.sparsity, dense=self.dense)
+        elif plan.method == "sparsegpt":
             self.dense.restore(self.loaded)
             apply_sparsegpt(self.loaded, plan, self.batches)
         elif sequential and plan.method in SEQUENTIAL_METHODS:
@@ -71,12 +88,70 @@ class Pruner:
             apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
 
+    def attach_database(self, *, levels: Sequence[float], path: str | Path | None = None,
+                        progress: bool = True) -> LayerDatabase:
+        """Open the SparseGPT layer database of these calibration batches and `levels` at `path` (default: under the
+        model cache, named by the model, the batches' and weights' hashes and the grid), building it first if there
+        is none (from the dense weights: the model is restored)."""
+        levels = check_levels(levels)
+        if path is None:
+            key = hashlib.blake2b(json.dumps([batches_fingerprint(self.batches), weights_fingerprint(
+                self.loaded, self.dense), list(levels)]).encode(), digest_size=6).hexdigest()
+            path = cache_dir() / "databases" / f"{Path(self.loaded.name).name}-{key}"
+        path = Path(path)
+        if (path / MANIFEST).is_file():
+            self.database = open_database(path, self.loaded, dense=self.dense, batches=self.batches)
+            if self.database.levels != levels:
+                raise ValueError(f"the layer database at {path} has levels {list(self.database.levels)}, not "
+                                 f"{list(levels)}; choose another path")
+        else:
+            self.restore()
+            self.database = build_database(self.loaded, self.batches, levels=levels, path=path, progress=progress)
+            self.database.dense = self.dense
+        self.applied = None
+        return self.database
+
+    def calibration(self, method: str, sequential: bool) -> str:
+        """How `method`'s weights are calibrated here (`calibration_of`; SparseGPT stitched from the database:
+        one pass of the dense model)."""
+        if method == "sparsegpt" and self.database is not None and not sequential:
+            return "one-pass"
+        return calibration_of(method, sequential)
+
     def allocation(self, name: str, target: float) -> list[float]:
+        """Per-layer sparsities of allocation `name` with mean `target`, all from the dense weights whatever plan the
+        model holds now. ATP's slope is grid-searched on the task's validation split (one-pass Wanda, re-masked)
+        and AlphaPruning's per-layer α computed once; both are remembered."""
+        L = self.loaded.num_layers
         if name == "uniform":
-            return allocate.uniform(self.loaded.num_layers, target)
-        if name == "owl":  # always from the dense weights, whatever plan the model holds now
+            return allocate.uniform(L, target)
+        if name == "owl":
             return allocate.owl(self.loaded, self.stats, target, weights=self.dense)
+        if name == "atp":
+            return allocate.atp(L, target, self.atp_slope(target))
+        if name == "alphapruning":
+            if "alpha" not in self.found:
+                self.found["alpha"] = allocate.layer_alphas(self.loaded, weights=self.dense)
+            return allocate.alphapruning_from(self.found["alpha"], target)
         raise ValueError(f"unknown allocation {name!r}; allowed: {', '.join(ALLOCATIONS)}")
+
+    def atp_slope(self, target: float, *, n: int | None = None) -> float:
+        """ATP's one hyperparameter: the slope of sparsity in depth, the best of `allocate.atp_slopes` on the
+        validation split (`n` items) with one-pass Wanda at `target`. Leaves the model pruned to the last slope."""
+        if ("atp", target) in self.found:
+            return self.found[("atp", target)]
+        if self.task is None:
+            raise ValueError("ATP searches its slope on a task's validation split: make the pruner with "
+                             "Pruner.for_task")
+        best = None
+        for slope in allocate.atp_slopes(self.loaded.num_layers, target):
+            self.apply(CompressionPlan(allocate.atp(self.loaded.num_layers, target, slope), method="wanda"))
+            value = self.task.evaluate(self.loaded, split="validation", n=n, with_loss=False).primary
+            log.info("ATP at %.2f, slope %.4f: validation %s %.4f", target, slope, self.task.primary_metric, value)
+            if best is None or self.task.better(value, best[0]):
+                best = (value, slope)
+        self.found[("atp", target)] = best[1]
+        return best[1]
 
     def plan(self, method: str, allocation: str, target: float, kv_bits: int | Sequence[int] = 16,
              **options) -> CompressionPlan:
@@ -86,8 +161,11 @@ class Pruner:
         return CompressionPlan(self.allocation(allocation, target), bits, method=method, **options)
 
     def restore(self) -> None:
+        """Put the dense weights back (and tell the database its record of the layers no longer holds)."""
         self.dense.restore(self.loaded)
         self.applied = None
+        if self.database is not None:
+            self.database.forget()
 
     @property
     def has_vision_stats(self) -> bool:
@@ -134,15 +212,17 @@ def weight_bytes(loaded: Loaded, pattern: str = "unstructured") -> dict[str, int
 
 
 def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, metrics: Metrics, task: Task,
-        split: str, seed: int, *, sequential: bool = False, kv_context: int = KV_CONTEXT) -> dict:
+        split: str, seed: int, *, sequential: bool = False, kv_context: int = KV_CONTEXT,
+        calibration: str | None = None) -> dict:
     """One tidy results row: the plan, what it achieved, and the task's metrics (primary first, then by name), with
     the per-item values (`per_item`, kept out of the CSVs) that intervals and paired tests are computed from. KV
     widths are shown nominal and effective (bits per element stored at `kv_context` tokens, fp16 for 16 bits)."""
     return {
         "task": task.name, "method": plan.method, "allocation": allocation, "pattern": plan.pattern,
-        "calibration": calibration_of(plan.method, sequential),
+        "calibration": calibration or calibration_of(plan.method, sequential),
         "target_sparsity": target, "achieved_sparsity": round(sparsity_of(loaded), 6),
-        "kv_bits": "-".join(map(str, plan.kv_bits)), "mean_kv_bits": plan.mean_kv_bits,
+        "kv_bits": "-".join(map(str, plan.kv_bits)),
+        "value_bits": "-".join(map(str, plan.value_widths)) if plan.value_bits else "", "mean_kv_bits": plan.mean_kv_bits,
         "mean_kv_bits_effective": round(plan.mean_effective_kv_bits(loaded.head_dim, kv_context), 4),
         "kv_context": kv_context, **weight_bytes(loaded, plan.pattern), "kv_bytes": metrics.kv_bytes,
         "primary_metric": metrics.primary_metric, "primary": metrics.primary, **metrics.values,
@@ -152,7 +232,7 @@ def row(plan: CompressionPlan, allocation: str, target: float, loaded: Loaded, m
 
 
 def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
-                 sparsities: Sequence[float] = SPARSITIES, allocations: Sequence[str] = ALLOCATIONS,
+                 sparsities: Sequence[float] = SPARSITIES, allocations: Sequence[str] = ("uniform", "owl"),
                  patterns: Sequence[str] = PATTERNS, split: str = "test", n: int | None = None, seed: int = 0,
                  pruner: Pruner | None = None, sequential: bool = True) -> list[dict]:
     """Evaluate every method × sparsity × allocation, plus every method at each N:M pattern; the dense model first.
@@ -169,7 +249,7 @@ def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
             plan = pruner.plan(method, alloc, target, pattern=pattern)
             pruner.apply(plan, sequential=sequential)
             rows.append(row(plan, alloc, target, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed,
-                            sequential=sequential))
+                            sequential=sequential, calibration=pruner.calibration(method, sequential)))
             log.info("%s %s %s %.2f: %s %.4f", method, alloc, pattern, target, task.primary_metric,
                      rows[-1]["primary"])
     finally:
@@ -187,7 +267,9 @@ def ablate_calibration(loaded: Loaded, task: Task, methods: Sequence[str] = SEQU
                        sparsities: Sequence[float] = (0.5, 0.7), split: str = "test", n: int | None = None,
                        seed: int = 0, pruner: Pruner | None = None) -> list[dict]:
     """Sequential against one-pass calibration: every method × sparsity (uniform) pruned both ways and evaluated on
-    the same items; each sequential row carries its paired test against the one-pass row of its method and sparsity."""
+    the same items; each sequential row carries its paired test against the one-pass row of its method and sparsity.
+    SparseGPT is one-pass only with the pruner's layer database (stitched from solutions on the dense model's
+    inputs), so `methods=("sparsegpt",)` with a database measures the database's choice of inputs."""
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
@@ -197,7 +279,8 @@ def ablate_calibration(loaded: Loaded, task: Task, methods: Sequence[str] = SEQU
                 for sequential in (False, True):
                     pruner.apply(plan, sequential=sequential)
                     rows.append(row(plan, "uniform", target, loaded, task.evaluate(loaded, split=split, n=n), task,
-                                    split, seed, sequential=sequential))
+                                    split, seed, sequential=sequential,
+                                    calibration=pruner.calibration(method, sequential)))
                     log.info("%s %.2f %s: %s %.4f", method, target, rows[-1]["calibration"], task.primary_metric,
                              rows[-1]["primary"])
     finally:
@@ -247,3 +330,28 @@ def ablate_kv(loaded: Loaded, task: Task, widths: Sequence[int] = KV_WIDTHS, mix
                      "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})
         log.info("kv %s: %s %.4f, %.0f bytes/item", name, metrics.primary_metric, metrics.primary, metrics.kv_bytes)
     return annotate(rows, direction=task.direction, group_by=(), label=lambda r: r["kv_plan"])
+
+
+def ablate_samplers(loaded: Loaded, task: Task, pruner: Pruner, *, samplers: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
+                    n_trials: int = 30, storage: str, study_prefix: str = "samplers", **search_options):
+    """Every sampler × seed runs the same search (`search.search`: same budget, warm starts, validation objective)
+    for `n_trials` trials. Returns one row per finished trial: sampler, seed, trial, objective, best_so_far and the
+    seconds since the study's first trial started (`samplers.summarise` turns it into median and range)."""
+    import pandas as pd
+
+    from lmmlab.search import search, trials_table
+
+    frames = []
+    for name in samplers:
+        for seed in seeds:
+            result = search(loaded, task, n_trials=n_trials, storage=storage, sampler=name, seed=seed,
+                            study_name=f"{study_prefix}-{name}-seed{seed}", pruner=pruner, **search_options)
+            table = trials_table(result.study)
+            t0 = min(t.datetime_start for t in result.study.get_trials(deepcopy=False))
+            ends = {t.number: (t.datetime_complete - t0).total_seconds()
+                    for t in result.study.get_trials(deepcopy=False) if t.datetime_complete}
+            frames.append(pd.DataFrame({"sampler": name, "seed": seed, "trial": range(len(table)),
+                                        "value": table.objective.values, "best_so_far": table.best_so_far.values,
+                                        "seconds": [ends[n] for n in table.trial]}))
+            log.info("sampler %s seed %d: best %.4f", name, seed, table.best_so_far.iloc[-1])
+    return pd.concat(frames, ignore_index=True)

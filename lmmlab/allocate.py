@@ -1,12 +1,27 @@
-"""Per-layer sparsity allocations: uniform, and OWL (outlier-weighted layerwise sparsity).
+"""Per-layer sparsity allocations: uniform, OWL (outlier-weighted), ATP (linear in depth), AlphaPruning (spectra).
 
 OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): a layer's outlier ratio D_l is the fraction of its
 Wanda scores |W_ij|·‖X_j‖₂ (all prunable linears of the layer together) above M times their mean. Ratios are
 min-max scaled to [0, 2λ], centred, and layers with more outliers keep more weights:
   sparsity_l = target − (D̂_l − mean(D̂)),   D̂_l = 2λ (D_l − min D) / (max D − min D).
 The mean over layers is exactly the target. Published defaults: M = 5, λ = 0.08.
+
+ATP (Huang et al. 2025, "Determining Layer-wise Sparsity for LLMs Through a Theoretical Perspective"): sparsity is an
+arithmetic progression in depth, deeper layers sparser, one common difference (slope) found by a grid search:
+  sparsity_l = target + slope · (l − (L − 1)/2),   l = 0 … L − 1.
+
+AlphaPruning (Lu et al., NeurIPS 2024): per matrix, PL_Alpha_Hill, the Hill estimate of the power-law exponent of the
+eigenvalues λ_1 ≥ … ≥ λ_N of WᵀW over its k largest, α = 1 + k / Σ_{i ≤ k} ln(λ_i / λ_k); per layer, the mean α of
+its linears, mapped linearly onto [s1, s2] and scaled to the target:
+  r_l = s1 + (α_l − min α) / (max α − min α) · (s2 − s1),   sparsity_l = target · r_l / mean(r).
+Defaults from the reference code (github haiquanlu/AlphaPruning): x_min at the spectral peak ("alpha_peak", its
+default metric and the one all its scripts use); s1, s2 = 1 ∓ ε with ε = 0.2, `ww_sparsity`'s own defaults. The
+scripts tune ε per model and method at 70 %: LLaMA-7B 0.2 (Wanda, SparseGPT), 0.3 (magnitude); LLaMA-2-7B 0.3
+(Wanda), 0.2 (SparseGPT), 0.5 (magnitude); main.py's default is 0.3.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,6 +31,8 @@ from lmmlab.prune import CHUNK, score
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
+ALPHA_XMIN = "peak"  # AlphaPruning's default metric, alpha_peak
+ALPHA_S1, ALPHA_S2 = 0.8, 1.2  # 1 ∓ ε, ε = 0.2
 
 
 def uniform(num_layers: int, target: float) -> list[float]:
@@ -84,6 +101,154 @@ def project(raw: list[float], target: float, low: float = 0.0, high: float = 0.9
     return (x + (lo + hi) / 2).clamp(low, high).tolist()
 
 
+def check_target(target: float) -> None:
+    if not 0 <= target < 1:
+        raise ValueError(f"target sparsity must be in [0, 1); got {target}")
+
+
+# ATP: sparsity linear in depth --------------------------------------------------------------------------------------
+
+def atp_max_slope(num_layers: int, target: float, *, low: float = 0.0, high: float = 0.99) -> float:
+    """The largest |slope| that keeps every ATP layer in [low, high]: min(target − low, high − target) / ((L − 1)/2)
+    (infinite for one layer, where the slope does nothing)."""
+    check_target(target)
+    if num_layers < 1:
+        raise ValueError(f"ATP needs at least one layer; got {num_layers}")
+    if not low <= target <= high:
+        raise ValueError(f"target {target} outside the allowed per-layer range [{low}, {high}]")
+    half = (num_layers - 1) / 2
+    return math.inf if half == 0 else min(target - low, high - target) / half
+
+
+def atp(num_layers: int, target: float, slope: float, *, low: float = 0.0, high: float = 0.99) -> list[float]:
+    """ATP's arithmetic progression (Huang et al. 2025): s_l = target + slope · (l − (L − 1)/2), l = 0 … L − 1, so
+    consecutive layers differ by `slope` and the mean is exactly `target`. A slope that would put a layer outside
+    [low, high] is refused (ValueError naming the allowed range |slope| ≤ `atp_max_slope`), not projected: that
+    keeps the plan linear. ATP's own slopes are ≥ 0 (deeper layers sparser); negative ones are allowed here."""
+    largest = atp_max_slope(num_layers, target, low=low, high=high)
+    if not abs(slope) <= largest + 1e-12:
+        raise ValueError(f"ATP slope {slope} puts a layer outside [{low}, {high}] at target {target} with "
+                         f"{num_layers} layers; allowed: -{largest:.6g} <= slope <= {largest:.6g}")
+    half = (num_layers - 1) / 2
+    return [min(max(target + slope * (l - half), low), high) for l in range(num_layers)]
+
+
+def atp_slopes(num_layers: int, target: float, *, n: int = 9, low: float = 0.0, high: float = 0.99) -> list[float]:
+    """The grid ATP searches its one hyperparameter on: `n` evenly spaced slopes from 0 (uniform) to the largest
+    that keeps every layer in [low, high] (`atp_max_slope`); just [0.0] where no slope is possible or needed."""
+    if n < 1:
+        raise ValueError(f"ATP slope grid needs n >= 1 points; got {n}")
+    largest = atp_max_slope(num_layers, target, low=low, high=high)
+    if n == 1 or largest == 0 or math.isinf(largest):
+        return [0.0]
+    return [largest * i / (n - 1) for i in range(n)]
+
+
+# AlphaPruning: heavy-tailed spectra ---------------------------------------------------------------------------------
+
+def eigenvalues(W: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues λ of WᵀW, ascending, in float64: the squared singular values of W (torch.linalg.svdvals in
+    float32, as the reference does); non-positive ones (a rank-deficient W) are dropped."""
+    lam = torch.linalg.svdvals(W.detach().to(torch.float32)).to(torch.float64).square().sort().values
+    return lam[lam > 0]
+
+
+def hill(lam: torch.Tensor, k: int) -> float:
+    """The Hill estimator of the power-law exponent on the k largest of the ascending eigenvalues `lam`:
+    α = 1 + k / Σ_{i ≤ k} ln(λ_i / λ_k), λ_1 ≥ … ≥ λ_k the k largest (λ_k, the smallest of them, is x_min)."""
+    if not 2 <= k <= len(lam):
+        raise ValueError(f"Hill estimator needs 2 <= k <= {len(lam)} (the number of eigenvalues); got {k}")
+    top = lam[len(lam) - k:]
+    return 1 + k / torch.log(top / top[0]).sum().item()
+
+
+def hill_peak(lam: torch.Tensor, *, bins: int = 100) -> float:
+    """AlphaPruning's default α ("alpha_peak", fix-fingers "xmin_peak" of the reference's `net_esd_estimator`):
+    among the candidate x_min = λ_i the Hill α of the tail λ ≥ λ_i with the smallest Kolmogorov–Smirnov distance
+    D_i = max_j |1 − (λ_j / λ_i)^(1 − α_i) − j / n_i| (j = 0 … n_i − 1 over the tail, n_i = N − i, α_i ≤ 1: D = 1).
+    Candidates: λ_i ≤ 1.5 · p and λ_i ≥ log10(0.95 · p), not the largest, where p = 10^(left edge of the fullest
+    of `bins` histogram bins of log10 λ). The lower bound is the reference's as coded (a log10 compared with
+    eigenvalues), kept so α matches it; for λ < 1 it excludes nothing. Ties and no candidate follow its argmin."""
+    N = len(lam)
+    logs = lam.log10()
+    lo, hi = logs.min().item(), logs.max().item()
+    counts = torch.histc(logs, bins=bins, min=lo, max=hi)
+    peak = 10 ** torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[counts.argmax()].item()
+    first, last = math.log10(0.95 * peak), 1.5 * peak
+    i = torch.arange(N - 1)
+    n = (N - i).to(torch.float64)
+    tail_log_sum = lam.log().flip(0).cumsum(0).flip(0)[:-1]  # Σ_{j ≥ i} ln λ_j
+    alpha = 1 + n / (tail_log_sum - n * lam[:-1].log())
+    candidate = (lam[:-1] >= first) & (lam[:-1] <= last)
+    alpha = torch.where(candidate, alpha, torch.zeros_like(alpha))
+    D = torch.ones_like(alpha)
+    j = torch.arange(N)
+    for rows in i[candidate & (alpha > 1)].split(256):
+        rel = j[None, :] - rows[:, None]  # position within the tail
+        cdf = 1 - (lam[None, :] / lam[rows, None]) ** (1 - alpha[rows, None])
+        gap = (cdf - rel / n[rows, None]).abs().masked_fill(rel < 0, 0)
+        D[rows] = gap.max(dim=1).values
+    return alpha[D.argmin()].item()
+
+
+def pl_alpha_hill(W: torch.Tensor, *, k: int | None = None, xmin: str = "peak") -> float:
+    """PL_Alpha_Hill of a weight matrix: the power-law exponent of the tail of the eigenvalues of WᵀW (its
+    empirical spectral density), α = 1 + k / Σ_{i ≤ k} ln(λ_i / λ_k) over the k largest (`hill`). A smaller α is a
+    heavier tail, a better-trained matrix (HT-SR theory). k given: exactly that. Else, as the reference
+    (github haiquanlu/AlphaPruning, lib/esd_utils.py `net_esd_estimator`) chooses x_min: "peak" (its default
+    `--ww_metric alpha_peak`, used by every script and the paper's results; `hill_peak`) or "mid" (its
+    "alpha_mid": x_min the median eigenvalue, k = N − ⌊N/2⌋ of the N = min(rows, cols) eigenvalues)."""
+    lam = eigenvalues(W)
+    if k is not None:
+        return hill(lam, k)
+    if xmin == "mid":
+        return hill(lam, len(lam) - len(lam) // 2)
+    if xmin == "peak":
+        return hill_peak(lam)
+    raise ValueError(f"unknown x_min rule {xmin!r}; allowed: peak, mid")
+
+
+def layer_alphas(loaded: Loaded, *, weights=None, xmin: str = ALPHA_XMIN) -> list[float]:
+    """Per decoder layer: the mean PL_Alpha_Hill over its prunable linears (the reference's `mapping_type
+    block_wise`), of `weights` (indexed by (layer, name), such as the `DenseWeights` while the model is pruned) when
+    given, else of the model's current weights. One SVD per linear."""
+    alphas = []
+    for i in range(loaded.num_layers):
+        values = [pl_alpha_hill(lin.weight if weights is None else weights[(i, name)], xmin=xmin)
+                  for name, lin in loaded.linears(i).items()]
+        alphas.append(sum(values) / len(values))
+    return alphas
+
+
+def check_alphapruning(target: float, s1: float, s2: float) -> None:
+    check_target(target)
+    if not 0 <= s1 <= s2 or s2 <= 0:
+        raise ValueError(f"AlphaPruning needs 0 <= s1 <= s2 and s2 > 0 (the reference's 1 - epsilon, 1 + epsilon); "
+                         f"got s1={s1}, s2={s2}")
+
+
+def alphapruning_from(alphas: list[float], target: float, *, s1: float = ALPHA_S1, s2: float = ALPHA_S2,
+                      low: float = 0.0, high: float = 0.99) -> list[float]:
+    """AlphaPruning's sparsities from per-layer α (the reference's `ww_sparsity`): α mapped linearly onto [s1, s2],
+    r_l = s1 + (α_l − min α) / (max α − min α) · (s2 − s1), then scaled to the target, s_l = target · r_l / mean(r)
+    (the reference weights the mean by parameters: the same for equal-size decoder layers), then `project`ed into
+    [low, high] (a no-op unless a layer leaves it). Layers with a larger α (lighter tail, less well trained) are
+    pruned more. Equal α: uniform."""
+    check_alphapruning(target, s1, s2)
+    a = torch.tensor(alphas, dtype=torch.float64)
+    spread = (a.max() - a.min()).item()
+    ratio = s1 + (a - a.min()) / spread * (s2 - s1) if spread > 0 else torch.ones_like(a)
+    return project((target * ratio / ratio.mean()).tolist(), target, low, high)
+
+
+def alphapruning(loaded: Loaded, target: float, *, weights=None, s1: float = ALPHA_S1, s2: float = ALPHA_S2,
+                 xmin: str = ALPHA_XMIN) -> list[float]:
+    """AlphaPruning (Lu et al., NeurIPS 2024) per-layer sparsities with mean exactly `target`: `layer_alphas` (of
+    `weights` when given) mapped by `alphapruning_from`."""
+    check_alphapruning(target, s1, s2)  # before the SVDs
+    return alphapruning_from(layer_alphas(loaded, weights=weights, xmin=xmin), target, s1=s1, s2=s2)
+
+
 def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...], cost: dict[int, float] | None = None
                 ) -> list[int]:
     """Per-layer KV widths whose mean cost is at most `budget`: while it is over, the widest layer (the deepest of
@@ -103,3 +268,35 @@ def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...], cost: di
         widest = max(range(len(bits)), key=lambda i: (bits[i], i))
         bits[widest] = widths[widths.index(bits[widest]) - 1]
     return bits
+
+
+def fit_kv_pairs(keys: list[int], values: list[int], budget: float, widths: tuple[int, ...],
+                 key_cost: dict[int, float] | None = None, value_cost: dict[int, float] | None = None
+                 ) -> tuple[list[int], list[int]]:
+    """Per-layer key and value widths whose combined mean cost, mean over layers of (key_cost[k] + value_cost[v]) / 2,
+    is at most `budget`: while it is over, the widest part steps down to the next allowed width — on a tie, values
+    before keys (KIVI: keys carry the per-channel outliers), then the deepest layer. Costs as in `fit_kv_bits`
+    (nominal widths by default, or each part's effective bits). A plan already within the budget is unchanged."""
+    widths = tuple(sorted(set(widths)))
+    key_cost = key_cost or {b: float(b) for b in widths}
+    value_cost = value_cost or key_cost
+    narrowest = (key_cost[widths[0]] + value_cost[widths[0]]) / 2
+    if budget < narrowest - 1e-9:
+        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]} "
+                         f"({narrowest:.4g} bits)")
+    bad = [b for b in keys + values if b not in widths]
+    if bad:
+        raise ValueError(f"kv width {bad[0]} is not among the allowed {', '.join(map(str, widths))}")
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} key widths but {len(values)} value widths; give one of each per layer")
+    parts = [list(keys), list(values)]
+    costs = (key_cost, value_cost)
+
+    def spent() -> float:
+        return sum(costs[p][b] for p in (0, 1) for b in parts[p])
+
+    while spent() > 2 * budget * len(keys) + 1e-9:
+        p, i = max(((p, i) for p in (0, 1) for i in range(len(keys)) if parts[p][i] > widths[0]),
+                   key=lambda pi: (parts[pi[0]][pi[1]], pi[0], pi[1]))
+        parts[p][i] = widths[widths.index(parts[p][i]) - 1]
+    return parts[0], parts[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import optuna
 import torch
 
 from lmmlab.calibrate import calibrate
@@ -164,28 +165,82 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, shape_
     return result
 
 
-def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: int = 8,
-                 kv_residual: int = 8) -> dict:
-    """Per-trial cost of the joint search on the task's validation split, in a throw-away sqlite study.
+def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: int = 8, kv_residual: int = 8, *,
+                 database=None, multi_fidelity_trials: int | None = None) -> dict:
+    """Per-trial cost of the joint search on the task's validation split, in throw-away sqlite studies: a plain study
+    of `n_trials`, then a multi-fidelity one (`search(multi_fidelity=True)`, up to `multi_fidelity_trials`, default
+    4 × n_trials) compared at the plain study's wall time; with a layer `database`, a third study searches
+    SparseGPT levels and reports its per-trial overhead.
 
-    Goals on the default model: trial_overhead_s <= 0.05 x trial_eval_s; 100 trials in < 15 minutes."""
+    Goals: trial_overhead_s <= 0.05 × trial_eval_s (also with the database); trials_per_min_multifidelity >= 3 ×
+    trials_per_min at a best objective within the plain study's best plan's 95 % interval (both best plans
+    re-scored on the validation split with their per-item values)."""
     import tempfile
 
     from lmmlab.ablate import Pruner
+    from lmmlab.kvcache import KVCacheFactory
     from lmmlab.search import search, trials_table
+    from lmmlab.stats import paired_p, row_interval
 
     pruner = Pruner.for_task(loaded, task)
-    with tempfile.TemporaryDirectory() as tmp:
+    options = dict(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size, kv_residual=kv_residual,
+                   pruner=pruner)
+
+    def study(tmp: str, name: str, trials: int, **extra):
         start = time.perf_counter()
-        result = search(loaded, task, target_sparsity=0.6, kv_budget_bits=4, n_trials=n_trials,
-                        storage=f"sqlite:///{tmp}/bench.db", kv_group_size=kv_group_size, kv_residual=kv_residual,
-                        pruner=pruner)
-        wall = time.perf_counter() - start
-        table = trials_table(result.study)
+        result = search(loaded, task, n_trials=trials, storage=f"sqlite:///{tmp}/{name}.db", **options, **extra)
+        return result, time.perf_counter() - start
+
+    def best_until(result, seconds: float):
+        """The best COMPLETE trial finished within `seconds` of the study's first trial."""
+        trials = result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        t0 = min(t.datetime_start for t in result.study.get_trials(deepcopy=False))
+        done = [t for t in trials if (t.datetime_complete - t0).total_seconds() <= seconds]
+        sign = 1 if task.direction == "maximize" else -1
+        return max(done, key=lambda t: sign * t.value)
+
+    def rescore(trial) -> dict:
+        from lmmlab.plan import CompressionPlan
+
+        plan = CompressionPlan(**trial.user_attrs["plan"])
+        pruner.apply(plan)
+        m = task.evaluate(loaded, split="validation", make_cache=KVCacheFactory(plan, loaded))
+        return {"primary": m.primary, "per_item": m.per_item, "metric": m.per_item_metric,
+                "interval": row_interval(m.per_item, m.per_item_metric)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, wall = study(tmp, "plain", n_trials)
+        table = trials_table(plain.study)
+        mf, mf_wall = study(tmp, "mf", multi_fidelity_trials or 4 * n_trials, multi_fidelity=True)
+        states = [t.state for t in mf.study.get_trials(deepcopy=False)]
+        mf_finished = sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+        mf_pruned = states.count(optuna.trial.TrialState.PRUNED)
+        at_equal = best_until(mf, wall)
+        a, b = rescore(best_until(plain, wall)), rescore(at_equal)
+        db = {}
+        if database is not None:
+            pruner.database = database
+            res, db_wall = study(tmp, "db", n_trials, method="sparsegpt")
+            t = trials_table(res.study)
+            db = {"database_trial_overhead_s": float(t.overhead_s.median()),
+                  "database_trial_eval_s": float(t.eval_s.median()),
+                  "database_overhead_over_eval": float(t.overhead_s.median() / t.eval_s.median()),
+                  "database_trials_per_min": 60 * n_trials / db_wall}
+            pruner.database = None
+    pruner.restore()
     overhead, eval_s = float(table.overhead_s.median()), float(table.eval_s.median())  # medians over the trials
+    low, high = a["interval"]
     return {"model": loaded.name, "task": task.describe(), "device": str(loaded.device),
             "threads": torch.get_num_threads(), "n_trials": n_trials,
             "trial_overhead_s": overhead, "trial_eval_s": eval_s, "overhead_over_eval": overhead / eval_s,
             "trial_sample_s": float(table.sample_s.median()), "timing": "median over trials",
             "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
-            "minutes_per_100_trials": 100 * wall / n_trials / 60}
+            "minutes_per_100_trials": 100 * wall / n_trials / 60,
+            "multifidelity_trials": mf_finished, "multifidelity_pruned": mf_pruned,
+            "multifidelity_wall_s": mf_wall,
+            "trials_per_min_multifidelity": 60 * mf_finished / mf_wall,
+            "speedup_multifidelity": (mf_finished / mf_wall) / (n_trials / wall),
+            "equal_wall_s": wall, "best_objective": a["primary"], "best_objective_ci": [low, high],
+            "best_objective_multifidelity": b["primary"],
+            "multifidelity_within_interval": bool(low <= b["primary"] <= high),
+            "paired_p": paired_p(a["per_item"], b["per_item"], a["metric"]), **db}

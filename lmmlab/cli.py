@@ -62,6 +62,39 @@ def calibrated_pruner(args, loaded, task, n: int | None = None, seed: int = 0):
     return Pruner.for_task(loaded, source, n=n, seed=seed)
 
 
+def search_options(args) -> dict:
+    """The search's sampler, multi-fidelity, separate K/V widths and warm starts from the command line."""
+    return {"sampler": args.sampler, "multi_fidelity": args.multi_fidelity, "separate_kv": args.separate_kv,
+            "warm_allocations": tuple(args.warm_starts)}
+
+
+def attach_database(args, pruner, method: str) -> None:
+    """With --database-levels (or --database), give the pruner its SparseGPT layer database (built once, then
+    reused); a SparseGPT search needs one."""
+    from lmmlab.database import parse_levels
+
+    if args.database_levels is None and args.database is None:
+        if method == "sparsegpt":
+            raise ValueError("searching sparsegpt needs a layer database: pass --database-levels (e.g. 0.3:0.9:0.05) "
+                             "or --database PATH")
+        return
+    levels = parse_levels(args.database_levels or "0.3:0.9:0.05")
+    pruner.attach_database(levels=levels, path=args.database)
+
+
+def check_search_options(args) -> None:
+    """Bad sampler names and level grids fail before any model loads."""
+    from lmmlab.database import parse_levels
+    from lmmlab.search import WARM_CHOICES, check_sampler
+
+    check_sampler(args.sampler, multi_objective=getattr(args, "multi_objective", False))
+    if args.database_levels is not None:
+        parse_levels(args.database_levels)
+    bad = [a for a in args.warm_starts if a not in WARM_CHOICES]
+    if bad:
+        raise ValueError(f"unknown warm start {bad[0]!r}; allowed: {', '.join(WARM_CHOICES)}")
+
+
 def load(args, task=None):
     """The model of --model/--dtype/--device, checked against the task."""
     from lmmlab.models import load_model
@@ -240,8 +273,13 @@ def cmd_ablate_calibration(args) -> None:
 
     task = task_from_args(args)
     loaded = load(args, task)
+    pruner = calibrated_pruner(args, loaded, task)
+    if args.database_levels or args.database:
+        attach_database(args, pruner, "sparsegpt")
+    elif "sparsegpt" in args.methods:
+        raise ValueError("sparsegpt is one-pass only when stitched from a layer database: pass --database-levels")
     rows = ablate.ablate_calibration(loaded, task, methods=args.methods, sparsities=args.sparsities,
-                                     split=args.split, n=args.n, pruner=calibrated_pruner(args, loaded, task))
+                                     split=args.split, n=args.n, pruner=pruner)
     write_table(args.out, rows)
     print(pd.DataFrame(rows)[["method", "target_sparsity", "calibration", "achieved_sparsity", "primary", "ci_low",
                               "ci_high", "versus", "p_value", "verdict"]]
@@ -271,17 +309,20 @@ def cmd_search(args) -> None:
     from lmmlab.storage import check_heartbeat, check_storage, safe_url
 
     check_heartbeat(args.heartbeat)
+    check_search_options(args)
     check_storage(args.storage)  # a missing driver or an unreachable database: one line, before the model loads
     worker = args.worker or tpe.default_worker()
     task = task_from_args(args)
     loaded = load(args, task)
+    pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    attach_database(args, pruner, args.method)
     result = tpe.search(loaded, task, target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
                         n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
                         objective=args.objective, multi_objective=args.multi_objective, method=args.method,
                         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups,
                         kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
                         context_tokens=args.context_tokens, seed=args.seed, worker=worker, heartbeat=args.heartbeat,
-                        kv_budget_unit=args.kv_budget_unit, pruner=calibrated_pruner(args, loaded, task, seed=args.seed))
+                        kv_budget_unit=args.kv_budget_unit, pruner=pruner, **search_options(args))
     name = result.study.study_name
     table = tpe.trials_table(result.study)
     trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
@@ -294,8 +335,59 @@ def cmd_search(args) -> None:
     print(rows[shown].rename(columns={"primary": task.primary_metric}).to_string(index=False))
     print(f"study {name!r} in {safe_url(args.storage)}: {len(table)} finished trials "
           f"(worker {worker}, sampler seed {tpe.worker_seed(args.seed, worker)})")
-    print(f"best plan: sparsity {[round(x, 3) for x in result.best_plan.sparsity]}, KV bits {result.best_plan.kv_bits}")
+    plan = result.best_plan
+    values = f", value bits {plan.value_bits}" if plan.value_bits else ""
+    print(f"best plan: sparsity {[round(x, 3) for x in plan.sparsity]}, KV bits {plan.kv_bits}{values}")
     print(f"wrote {trials_csv} and {plan_json}")
+
+
+def cmd_database(args) -> None:
+    from lmmlab.database import parse_levels
+
+    levels = parse_levels(args.levels)
+    if args.out is not None and args.out.exists() and not (args.out / "manifest.json").is_file():
+        raise ValueError(f"{args.out} exists and is not a layer database; remove it or choose another --out")
+    task = task_from_args(args)
+    loaded = load(args, task)
+    pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
+    database = pruner.attach_database(levels=levels, path=args.out)
+    m = database.manifest
+    print(f"layer database at {database.path}: {m['num_layers']} layers × {len(m['levels'])} levels "
+          f"({m['levels'][0]:g}–{m['levels'][-1]:g}), {m.get('bytes', 0) / 2**20:.1f} MiB, "
+          f"built in {m.get('build_seconds', float('nan')):.0f} s")
+
+
+def cmd_ablate_samplers(args) -> None:
+    import pandas as pd
+
+    from lmmlab import ablate, plots
+    from lmmlab.database import parse_levels
+    from lmmlab.samplers import summarise
+    from lmmlab.search import check_sampler
+
+    for name in args.samplers:
+        check_sampler(name, multi_objective=False)
+    if args.database_levels is not None:
+        parse_levels(args.database_levels)
+    if len(args.seeds) < 1 or args.n_trials < 1:
+        raise ValueError("give at least one seed and one trial")
+    task = task_from_args(args)
+    loaded = load(args, task)
+    out = args.out or RESULTS / "tables" / f"{Path(loaded.name).name}-{task.name}_ablate_samplers.csv"
+    storage = args.storage or f"sqlite:///{out.with_suffix('.db')}"
+    pruner = calibrated_pruner(args, loaded, task)
+    attach_database(args, pruner, args.method)
+    table = ablate.ablate_samplers(loaded, task, pruner, samplers=args.samplers, seeds=args.seeds,
+                                   n_trials=args.n_trials, storage=storage, method=args.method,
+                                   target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
+                                   kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval)
+    write_text_atomic(out, table.to_csv(index=False))
+    summary = summarise(table)
+    figure = plots.save(plots.sampler_ablation_figure(summary, task.direction), out.stem,
+                        out.parent.parent / "figures")
+    final = table.groupby(["sampler", "seed"]).best_so_far.last().groupby("sampler").agg(["median", "min", "max"])
+    print(pd.DataFrame(final).round(4).to_string())
+    print(f"wrote {out} and {figure}")
 
 
 def cmd_dashboard(args) -> None:
@@ -311,17 +403,32 @@ def cmd_dashboard(args) -> None:
 def cmd_compare(args) -> None:
     from lmmlab.compare import compare
 
+    from lmmlab.compare import BASELINES, HEADLINE_BASELINES
+
+    check_search_options(args)
+    headline = args.command == "headline"
+    baselines = HEADLINE_BASELINES if headline else BASELINES
     task = task_from_args(args)
     loaded = load(args, task)
+    pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    attach_database(args, pruner, args.method)
     rows = compare(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, n_trials=args.n_trials,
                    method=args.method, storage=args.storage, study_prefix=args.study_prefix,
                    kv_group_size=args.kv_group_size,
                    kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed,
-                   pruner=calibrated_pruner(args, loaded, task, seed=args.seed),
-                   sequential=not args.one_pass_baselines, kv_budget_unit=args.kv_budget_unit,
-                   kv_context=args.context_tokens)
+                   pruner=pruner, sequential=not args.one_pass_baselines, kv_budget_unit=args.kv_budget_unit,
+                   kv_context=args.context_tokens, baselines=baselines, **search_options(args))
+    if headline:
+        rows = [{**r, "kv_budget": r["kv_budget_bits"]} for r in rows]
     print(f"test {task.primary_metric} ({task.direction}):")
-    print_comparison(rows, task, args.out)
+    out = args.out or RESULTS / "tables" / f"{model_label(loaded)}_headline.csv"
+    print_comparison(rows, task, out)
+
+
+def model_label(loaded) -> str:
+    """A short name for file names: smollm2 for SmolLM2-135M, lmmlab-default for the toy, else the folder name."""
+    name = Path(loaded.name).name
+    return "smollm2" if name.startswith("smollm2") else name
 
 
 def print_comparison(rows: list[dict], task, out: Path) -> None:
@@ -363,8 +470,17 @@ def cmd_bench(args) -> None:
         loaded = load(args, task)
         if args.what == "kv":
             result = bench_kv(loaded)
+        elif args.what == "search":
+            database = None
+            if args.database_levels:
+                from lmmlab.ablate import Pruner
+                from lmmlab.database import parse_levels
+
+                database = Pruner.for_task(loaded, task).attach_database(levels=parse_levels(args.database_levels))
+                database.dense = None  # the bench's own pruner gives the dense weights
+            result = bench_search(loaded, task, database=database)
         else:
-            result = {"prune": bench_prune, "search": bench_search}[args.what](loaded, task)
+            result = bench_prune(loaded, task)
     print(json.dumps(result, indent=2))
     if args.json:
         write_json(args.json, result)
@@ -406,6 +522,25 @@ def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per key group, channels per value group (default {KIVI_GROUP_SIZE}, KIVI's)")
     p.add_argument("--kv-residual", type=int, default=KIVI_RESIDUAL,
                    help=f"newest tokens kept in full precision, a multiple of the group size (default {KIVI_RESIDUAL})")
+
+
+def add_search_power_args(p: argparse.ArgumentParser, headline: bool = False) -> None:
+    """The search's sampler, multi-fidelity trials, separate K/V widths, warm starts and SparseGPT layer database."""
+    from lmmlab.samplers import SAMPLERS
+    from lmmlab.search import WARM_ALLOCATIONS, WARM_CHOICES
+
+    p.add_argument("--sampler", default="tpe", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default tpe)")
+    p.add_argument("--multi-fidelity", action="store_true",
+                   help="score each trial on 1/16 then 1/4 of the validation items first; a successive-halving "
+                        "pruner stops the hopeless ones")
+    p.add_argument("--separate-kv", action="store_true", default=headline,
+                   help="keys and values at their own widths per layer (budget on their combined mean)")
+    p.add_argument("--warm-starts", nargs="+", default=list(WARM_CHOICES if headline else WARM_ALLOCATIONS),
+                   help=f"allocations enqueued as the first trials, from {', '.join(WARM_CHOICES)}")
+    p.add_argument("--database-levels", default="0.3:0.9:0.05" if headline else None,
+                   help="a SparseGPT layer database's grid (START:STOP:STEP or a comma list); built once, reused")
+    p.add_argument("--database", type=Path, default=None,
+                   help="the layer database's folder (default: under $LMMLAB_CACHE/databases)")
 
 
 def add_budget_args(p: argparse.ArgumentParser, search: bool = False) -> None:
@@ -465,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
     p.add_argument("--sparsity", type=float, default=0.5, help="mean fraction of weights removed, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer ratios")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "atp", "alphapruning"],
+                   help="per-layer ratios (atp: its slope searched on the validation split)")
     p.add_argument("--vision-sparsity", type=float, default=0.0,
                    help="also prune the vision tower's and projector's linears at this ratio (default: leave dense)")
     p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (overrides the five above)")
@@ -500,8 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Wanda/RIA calibrated layer by layer (as published) vs on one pass of the dense model")
     add_model_args(p)
     add_task_args(p)
-    p.add_argument("--methods", nargs="+", default=["wanda", "ria"], choices=["wanda", "ria"])
+    p.add_argument("--methods", nargs="+", default=["wanda", "ria"], choices=["wanda", "ria", "sparsegpt"],
+                   help="sparsegpt: the layer database (dense-model inputs) against sequential SparseGPT")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    p.add_argument("--database-levels", default=None, help="sparsegpt: the layer database's grid")
+    p.add_argument("--database", type=Path, default=None, help="sparsegpt: the layer database's folder")
     add_split_args(p)
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_calibration.csv")
     p.set_defaults(func=cmd_ablate_calibration)
@@ -551,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
     add_budget_args(p, search=True)
     p.add_argument("--seed", type=int, default=0)
+    add_search_power_args(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS / "tables", help="where the trials CSV and best plan go")
     p.set_defaults(func=cmd_search)
 
@@ -560,23 +700,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("compare", help="TPE joint plan vs uniform/OWL baselines at the same budgets, on test")
+    for name in ("compare", "headline"):
+        headline = name == "headline"
+        p = sub.add_parser(name, help="the headline: TPE joint plan over a SparseGPT layer database vs Wanda and "
+                                      "SparseGPT under uniform, OWL, ATP and AlphaPruning allocations, on test; "
+                                      "<model>_headline.csv" if headline else
+                                      "TPE joint plan vs uniform/OWL baselines at the same budgets, on test")
+        add_model_args(p)
+        add_task_args(p)
+        p.add_argument("--sparsities", type=float, nargs="+", default=[0.6, 0.7] if headline else [0.5, 0.6, 0.7])
+        p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
+        p.add_argument("--n-trials", type=int, default=60 if headline else 100)
+        p.add_argument("--method", default="sparsegpt" if headline else "wanda", choices=PLAN_METHODS,
+                       help="the pruning method TPE allocates for (sparsegpt: over the layer database)")
+        p.add_argument("--storage", default=DEFAULT_STORAGE)
+        p.add_argument("--study-prefix", default=name, help="studies are named <prefix>-<task>-<method>-s<S>-kv<B> "
+                                                           "(an existing one is resumed)")
+        add_kv_layout_args(p)
+        p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
+        p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
+        p.add_argument("--seed", type=int, default=0)
+        add_budget_args(p)
+        add_search_power_args(p, headline=headline)
+        p.add_argument("--out", type=Path, default=None if headline else RESULTS / "tables" / "compare.csv",
+                       help="the table (default: results/tables/<model>_headline.csv)" if headline else None)
+        p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("database", help="build (or check) a SparseGPT layer database: every decoder layer solved "
+                                        "at a grid of levels, inputs from the dense model")
     add_model_args(p)
     add_task_args(p)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
-    p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
-    p.add_argument("--n-trials", type=int, default=100)
-    p.add_argument("--method", default="wanda", choices=PLAN_METHODS, help="the pruning method TPE allocates for")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--study-prefix", default="compare", help="studies are named <prefix>-<task>-<method>-s<S>-kv<B> "
-                                                              "(an existing one is resumed)")
+    p.add_argument("--levels", default="0.3:0.9:0.05", help="the grid: START:STOP:STEP or a comma list")
+    p.add_argument("--out", type=Path, default=None, help="folder (default: under $LMMLAB_CACHE/databases)")
+    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
+    p.set_defaults(func=cmd_database)
+
+    from lmmlab.samplers import SAMPLERS
+
+    p = sub.add_parser("ablate-samplers", help="every sampler at equal trial budgets over several seeds: "
+                                               "best-so-far against trials and seconds")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help=f"from {', '.join(SAMPLERS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-trials", type=int, default=30)
+    p.add_argument("--target-sparsity", type=float, default=0.6)
+    p.add_argument("--kv-budget", type=float, default=4.0)
+    p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
+    p.add_argument("--database-levels", default=None, help="sparsegpt: the layer database's grid")
+    p.add_argument("--database", type=Path, default=None, help="sparsegpt: the layer database's folder")
     add_kv_layout_args(p)
-    p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
-    p.add_argument("--seed", type=int, default=0)
-    add_budget_args(p)
-    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
-    p.set_defaults(func=cmd_compare)
+    p.add_argument("--storage", default=None, help="Optuna storage (default: a sqlite file beside --out)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the table (default: results/tables/<model>-<task>_ablate_samplers.csv; the figure goes "
+                        "to results/figures)")
+    p.set_defaults(func=cmd_ablate_samplers)
 
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
     p.add_argument("what", choices=["prune", "kv", "search", "memory"], help="what to measure")
@@ -586,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory: the widths to build at random: llava-1.5-7b, llava-1.5-13b or tiny")
     p.add_argument("--layers", type=int, default=2,
                    help="memory: decoder layers built (measured at layers // 2 and layers, extrapolated to full depth)")
+    p.add_argument("--database-levels", default=None,
+                   help="search: also time trials that stitch SparseGPT levels from a layer database of this grid")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -27,6 +27,8 @@ from lmmlab.tasks import Task
 log = logging.getLogger(__name__)
 
 BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))
+# The headline's baselines: both published methods under every allocation lmmlab has.
+HEADLINE_BASELINES = tuple((m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "atp", "alphapruning"))
 SPARSITY_TOLERANCE = 0.0005  # 0.05 %: plans further apart in achieved mean sparsity are not compared
 
 
@@ -46,11 +48,14 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
             kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
             split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0,
             pruner: Pruner | None = None, sequential: bool = True, kv_budget_unit: str = "nominal",
-            kv_context: int = KV_CONTEXT) -> list[dict]:
+            kv_context: int = KV_CONTEXT, baselines: Sequence[tuple[str, str]] = BASELINES,
+            **search_options) -> list[dict]:
     """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`, with
     `ci_low`/`ci_high`, and `p_value`/`verdict` against the strongest baseline at the same budget. Each row keeps its
     per-item values (`per_item`) for `paired_table`. `sequential`: the Wanda baselines calibrate layer by layer.
-    `kv_budget_unit`: the KV budgets count nominal widths or effective bits per element at `kv_context` tokens."""
+    `kv_budget_unit`: the KV budgets count nominal widths or effective bits per element at `kv_context` tokens.
+    `baselines`: (method, allocation) pairs. `search_options` go to `search.search` (sampler, multi_fidelity,
+    separate_kv, warm_allocations); `method="sparsegpt"` searches over the pruner's layer database."""
     if kv_budget_unit not in KV_UNITS:
         raise ValueError(f"unknown KV budget unit {kv_budget_unit!r}; allowed: {', '.join(KV_UNITS)}")
     cost = (effective_costs(loaded, kv_widths, kv_context, kv_group_size, kv_residual)
@@ -68,13 +73,13 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
                 kv = max(b for b in kv_widths if cost[b] <= budget + 1e-9)  # uniform: the widest in budget
                 runs += [(budget, allocation, pruner.plan(m, allocation, target, kv, kv_group_size=kv_group_size,
                                                           kv_residual=kv_residual), sequential)
-                         for m, allocation in BASELINES]
+                         for m, allocation in baselines]
                 result = search(loaded, task, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
                                 storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}"
                                            + ("e" if kv_budget_unit == "effective" else ""),
                                 method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
                                 kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner,
-                                kv_budget_unit=kv_budget_unit, context_tokens=kv_context)
+                                kv_budget_unit=kv_budget_unit, context_tokens=kv_context, **search_options)
                 runs.append((budget, "tpe", result.best_plan, False))
             # Evaluate plans with the same weights one after another, so each is pruned (SparseGPT: solved) once.
             order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2], runs[r][3]))
@@ -84,7 +89,7 @@ def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6,
                 pruner.apply(plan, sequential=seq)
                 metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
                 scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed, sequential=seq,
-                                   kv_context=kv_context),
+                                   kv_context=kv_context, calibration=pruner.calibration(plan.method, seq)),
                              "kv_budget_bits": budget, "kv_budget_unit": kv_budget_unit, "trials": n_trials if allocation == "tpe" else 0}
                 log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation,
                          task.primary_metric, metrics.primary)
@@ -141,7 +146,8 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -
     """The `reference` plan against every other plan at the same (sparsity, KV budget), on the same items: the mean
     per-item difference (per_item_metric: correctness, window NLL, ...), its 95 % bootstrap interval, a paired
     p-value (exact McNemar for correctness, paired bootstrap otherwise: `stats.paired_p`), and who is better in the
-    task's direction — "tie" unless p < 0.05. For perplexity the per-item values are window NLLs, so
+    task's direction — "tie" unless p < 0.05 — and the same after Holm's correction over the baselines at that
+    budget (`p_holm`, `better_holm`: the verdict for "better than every baseline"). For perplexity the per-item values are window NLLs, so
     exp(mean difference) is the perplexity ratio."""
     from lmmlab.stats import paired, paired_p
 
@@ -152,19 +158,36 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -
     for (target, budget), group in keyed.items():
         ours = [r for r in group if r["allocation"] == reference]
         for ref in ours:
+            tests = []
             for other in (r for r in group if r is not ref):
                 test = paired(ref["per_item"], other["per_item"])
                 p = paired_p(ref["per_item"], other["per_item"], ref["per_item_metric"])
-                ours_higher = test.mean_diff > 0
+                tests.append({"target_sparsity": target, "kv_budget_bits": budget,
+                              "baseline": f"{other['method']}-{other['allocation']}",
+                              "per_item_metric": ref["per_item_metric"], "mean_diff": test.mean_diff,
+                              "ci_low": test.low, "ci_high": test.high, "p_value": p, "n": test.n})
+            for t, p_holm in zip(tests, holm([t["p_value"] for t in tests])):
+                ours_higher = t["mean_diff"] > 0
                 higher_is_better = direction == "maximize"
-                winner = "tie" if p >= 0.05 or test.mean_diff == 0 else (
+                t["p_holm"] = p_holm
+                t["better"] = "tie" if t["p_value"] >= 0.05 or t["mean_diff"] == 0 else (
                     reference if ours_higher == higher_is_better else "baseline")
-                out.append({"target_sparsity": target, "kv_budget_bits": budget,
-                            "baseline": f"{other['method']}-{other['allocation']}",
-                            "per_item_metric": ref["per_item_metric"], "mean_diff": test.mean_diff,
-                            "ci_low": test.low, "ci_high": test.high, "p_value": p, "n": test.n,
-                            "better": winner})
+                t["better_holm"] = t["better"] if p_holm < 0.05 else "tie"
+            out += tests
     return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values of one family of tests (one plan against every baseline at a budget):
+    p_(i) × (m − i + 1) for the i-th smallest, made monotone, at most 1. "Better than every baseline at 5 %" holds
+    when every adjusted p is below 0.05."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, p_values[i] * (m - rank)))
+        adjusted[i] = running
+    return adjusted
 
 
 def claims(rows: Sequence[dict], reference: str = "tpe") -> list[str]:

@@ -1,4 +1,5 @@
-"""A transformers KV cache with a quantization bit-width per decoder layer, in KIVI's layout.
+"""A transformers KV cache with quantization bit-widths per decoder layer, keys and values each at their own, in
+KIVI's layout.
 
 KIVI (Liu et al., 2024) observes that keys have outlier *channels* and values do not, so it quantizes
   keys   per channel: each group is one channel over `group_size` consecutive tokens,
@@ -13,12 +14,15 @@ So after T tokens q_k = T − T mod R keys and q_v = max(0, T − R) values are 
 min(T, R) values are held as they come.
 
 Storage is real: codes are bit-packed along the channel axis (four 2-bit codes per byte, eight 3-bit codes per three
-bytes, ...), scales and zero points are fp16, and `nbytes()` counts exactly the tensors held. A layer at 16 bits is
-transformers' own `DynamicLayer`, storing the states as they come.
+bytes, ...), scales and zero points are fp16, and `nbytes()` counts exactly the tensors held. A layer with keys and
+values at 16 bits is transformers' own `DynamicLayer`, storing the states as they come; in a layer with one part at
+16 bits and the other quantized (KVTuner's separate key and value widths), the 16-bit part's window never flushes, so
+it holds all of that part's states as they come, exactly what a `DynamicLayer` holds and reads for it.
 
 Attention always sees the tokens of the current forward pass in full precision, as in KIVI (they are quantized only
 after it has read them); earlier tokens are read back from the quantized stores. `kv_nbytes` is the same count in
-closed form and `effective_bits` the bits per stored element it implies.
+closed form and `effective_bits` the bits per stored element it implies (`effective_key_bits` and
+`effective_value_bits` per part; a layer's effective bits are the mean of its two parts').
 """
 from __future__ import annotations
 
@@ -152,11 +156,15 @@ def dequantize(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None = None
     return out.copy_(x)
 
 
-def check_settings(bits: int, group_size: int, residual_length: int, head_dim: int | None = None) -> None:
-    """One clear error for a width or group layout the cache cannot store."""
+def check_settings(bits: int, group_size: int, residual_length: int, head_dim: int | None = None,
+                   value_bits: int | None = None) -> None:
+    """One clear error for a width or group layout the cache cannot store (`value_bits`: the value width when it is
+    not `bits`). The head dimension matters only for quantized values: they are grouped along channels."""
     check_kv_bits([bits])
+    if value_bits is not None:
+        check_kv_bits([value_bits], "value bit-width")
     check_kv_layout(group_size, residual_length)
-    if head_dim is not None and head_dim % group_size:
+    if head_dim is not None and (bits if value_bits is None else value_bits) < 16 and head_dim % group_size:
         raise ValueError(f"kv group size {group_size} must divide the head dimension {head_dim} "
                          "(values are grouped along channels)")
 
@@ -165,21 +173,30 @@ def check_settings(bits: int, group_size: int, residual_length: int, head_dim: i
 
 class KiviLayer(BaseQuantizedLayer):
     """One decoder layer's cache: quantized key and value stores, a key window that flushes every `residual_length`
-    tokens (`self.keys`) and a value window sliding over the newest `residual_length` tokens (`self.values`)."""
+    tokens (`self.keys`) and a value window sliding over the newest `residual_length` tokens (`self.values`).
+    Keys are stored at `bits`, values at `value_bits` (default `bits`); a part at 16 bits is never quantized: its
+    window keeps all of its tokens as they come."""
 
-    def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL):
-        check_settings(bits, group_size, residual_length)
+    def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
+                 value_bits: int | None = None):
+        check_settings(bits, group_size, residual_length, value_bits=value_bits)
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.value_bits = bits if value_bits is None else value_bits
+
+    @property
+    def key_bits(self) -> int:
+        return self.bits
 
     def _quantize(self, tensor: torch.Tensor, axis: int) -> Quantized:
-        return quantize(tensor, self.bits, self.group_size, axis)
+        bits = self.key_bits if axis == KEY_AXIS else self.value_bits
+        return quantize(tensor, bits, self.group_size, axis)
 
     def _dequantize(self, q_tensor: Quantized, out: torch.Tensor | None = None) -> torch.Tensor:
         return dequantize(q_tensor, self.keys.dtype, out=out)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        check_settings(self.bits, self.group_size, self.residual_length, key_states.shape[-1])
+        check_settings(self.bits, self.group_size, self.residual_length, key_states.shape[-1], self.value_bits)
         super().lazy_initialization(key_states, value_states)
 
     @property
@@ -208,23 +225,33 @@ class KiviLayer(BaseQuantizedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        keys_out = self._read(self._quantized_keys, self.keys, key_states)
-        values_out = self._read(self._quantized_values, self.values, value_states)
+        return self._update_keys(key_states), self._update_values(value_states)
 
-        window_k = self._extend(self.keys, key_states)
-        flush = window_k.shape[-2] - window_k.shape[-2] % self.residual_length  # keys: whole chunks of R
+    def _update_keys(self, new: torch.Tensor) -> torch.Tensor:
+        if self.key_bits == 16:  # as a DynamicLayer: every key in the window, read as it is
+            self.keys = torch.cat([self.keys, new], dim=-2)
+            return self.keys
+        out = self._read(self._quantized_keys, self.keys, new)
+        window = self._extend(self.keys, new)
+        flush = window.shape[-2] - window.shape[-2] % self.residual_length  # whole chunks of R
         if flush:
             self._quantized_keys = self._append(self._quantized_keys,
-                                                self._quantize(window_k[..., :flush, :].contiguous(), KEY_AXIS))
-        self.keys = window_k[..., flush:, :].clone()
+                                                self._quantize(window[..., :flush, :].contiguous(), KEY_AXIS))
+        self.keys = window[..., flush:, :].clone()
+        return out
 
-        window_v = self._extend(self.values, value_states)
-        old = max(0, window_v.shape[-2] - self.residual_length)  # values: all but the newest R
+    def _update_values(self, new: torch.Tensor) -> torch.Tensor:
+        if self.value_bits == 16:  # as a DynamicLayer: every value in the window, read as it is
+            self.values = torch.cat([self.values, new], dim=-2)
+            return self.values
+        out = self._read(self._quantized_values, self.values, new)
+        window = self._extend(self.values, new)
+        old = max(0, window.shape[-2] - self.residual_length)  # all but the newest R
         if old:
             self._quantized_values = self._append(self._quantized_values,
-                                                  self._quantize(window_v[..., :old, :].contiguous(), VALUE_AXIS))
-        self.values = window_v[..., old:, :].clone()
-        return keys_out, values_out
+                                                  self._quantize(window[..., :old, :].contiguous(), VALUE_AXIS))
+        self.values = window[..., old:, :].clone()
+        return out
 
     @staticmethod
     def _extend(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -287,21 +314,31 @@ def layer_nbytes(layer) -> int:
 
 
 class KVCache(Cache):
-    """A `transformers.Cache` whose layer i stores keys and values at `bits[i]` bits (16 = as they come).
+    """A `transformers.Cache` whose layer i stores keys and values at `bits[i]` bits (16 = as they come), or, with
+    `value_bits`, keys at `bits[i]` and values at `value_bits[i]` bits.
 
     Pass it to a model as `cache=` (or to `model.generate(..., cache=...)`). `nbytes()` is what it really holds;
     `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens.
     """
 
-    def __init__(self, bits: Sequence[int], group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL):
+    def __init__(self, bits: Sequence[int], group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
+                 value_bits: Sequence[int] | None = None):
         bits = [int(b) for b in bits]
         if not bits:
             raise ValueError("a KV cache needs a bit-width for at least one layer")
-        for b in bits:
-            check_settings(b, group_size, residual_length)
-        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        super().__init__(layers=[DynamicLayer() if b == 16 else KiviLayer(b, group_size, residual_length)
-                                 for b in bits])
+        values = bits if value_bits is None else [int(b) for b in value_bits]
+        if len(values) != len(bits):
+            raise ValueError(f"value_bits has {len(values)} entries but bits has {len(bits)}; give one per layer")
+        for k, v in zip(bits, values):
+            check_settings(k, group_size, residual_length, value_bits=v)
+        self.bits, self.value_bits = bits, values
+        self.group_size, self.residual_length = group_size, residual_length
+        super().__init__(layers=[DynamicLayer() if k == v == 16 else KiviLayer(k, group_size, residual_length, v)
+                                 for k, v in zip(bits, values)])
+
+    @property
+    def key_bits(self) -> list[int]:
+        return self.bits
 
     def nbytes_per_layer(self) -> list[int]:
         return [layer_nbytes(layer) for layer in self.layers]
@@ -319,20 +356,21 @@ class KVCache(Cache):
         return total
 
     def quantized_tokens(self) -> list[int]:
-        """Keys per layer held in quantized form (0 for 16-bit layers): whole chunks of the residual length."""
+        """Keys per layer held in quantized form (0 for 16-bit keys): whole chunks of the residual length."""
         return [layer.quantized_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
 
     def quantized_value_tokens(self) -> list[int]:
-        """Values per layer held in quantized form (0 for 16-bit layers): all but the newest residual length."""
+        """Values per layer held in quantized form (0 for 16-bit values): all but the newest residual length."""
         return [layer.quantized_value_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
 
 
 def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
-    """A fresh cache for `loaded`'s decoder with the plan's per-layer widths, group size and residual window."""
+    """A fresh cache for `loaded`'s decoder with the plan's per-layer key and value widths, group size and residual
+    window."""
     plan.check_layers(loaded.num_layers)
-    for b in set(plan.kv_bits):
-        check_settings(b, plan.kv_group_size, plan.kv_residual, loaded.head_dim)
-    return KVCache(plan.kv_bits, plan.kv_group_size, plan.kv_residual)
+    for k, v in set(zip(plan.key_widths, plan.value_widths)):
+        check_settings(k, plan.kv_group_size, plan.kv_residual, loaded.head_dim, value_bits=v)
+    return KVCache(plan.key_widths, plan.kv_group_size, plan.kv_residual, value_bits=plan.value_widths)
 
 
 def quantized_counts(context: int, residual_length: int) -> tuple[int, int]:
@@ -340,38 +378,85 @@ def quantized_counts(context: int, residual_length: int) -> tuple[int, int]:
     return context - context % residual_length, max(0, context - residual_length)
 
 
+PARTS = ("key", "value")
+
+
+def part_nbytes(bits: int, part: str, *, head_dim: int, context: int, group_size: int = KIVI_GROUP_SIZE,
+                residual_length: int = KIVI_RESIDUAL, dtype_bytes: int = 2) -> int:
+    """Bytes one batch row and KV head of one layer's keys (`part="key"`) or values hold after T = `context` tokens
+    at `bits`: q = T − T mod R keys or q = max(0, T − R) values quantized, and
+      codes   q · ceil(D·b/8)                  (bit-packed along channels, one row per token)
+      scales  (q/G · D keys, q · D/G values) groups · 2 · 2   (an fp16 scale and zero point per group)
+      window  (T − q) · D · dtype_bytes        (the full-precision window)
+    and at 16 bits T · D · dtype_bytes (never quantized)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown KV part {part!r}; allowed: {', '.join(PARTS)}")
+    if bits == 16:
+        return context * head_dim * dtype_bytes
+    q_k, q_v = quantized_counts(context, residual_length)
+    q = q_k if part == "key" else q_v
+    groups = q // group_size * head_dim if part == "key" else q * (head_dim // group_size)
+    return q * math.ceil(head_dim * bits / 8) + groups * 2 * 2 + (context - q) * head_dim * dtype_bytes
+
+
 def kv_nbytes(bits: Sequence[int], num_kv_heads: int, head_dim: int, context: int,
               group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL, dtype_bytes: int = 2,
-              batch: int = 1) -> int:
+              batch: int = 1, value_bits: Sequence[int] | None = None) -> int:
     """What a `KVCache` with these widths holds after `context` tokens, without building it (same count as
-    `nbytes()` of a cache filled with `dtype_bytes`-byte states). Per layer at b < 16 bits, with T = context,
-    q_k = T − T mod R quantized keys and q_v = max(0, T − R) quantized values, per batch row and KV head:
+    `nbytes()` of a cache filled with `dtype_bytes`-byte states): keys at `bits[i]` and values at `value_bits[i]`
+    (default `bits[i]`), each part as `part_nbytes`, times batch rows and KV heads. With keys and values both at
+    b < 16 bits, T = context, q_k = T − T mod R quantized keys and q_v = max(0, T − R) quantized values, that is per
+    batch row and KV head:
       codes   (q_k + q_v) · ceil(D·b/8) bytes              (bit-packed along channels, one row per token)
       scales  (q_k/G · D + q_v · D/G) groups · 2 · 2 bytes   (an fp16 scale and zero point per group)
       windows ((T − q_k) + (T − q_v)) · D · dtype_bytes      (the full-precision key and value windows)
     and at 16 bits 2 · T · D · dtype_bytes (a `DynamicLayer`)."""
-    total = 0
-    for b in bits:
-        if b == 16:
-            total += batch * num_kv_heads * 2 * context * head_dim * dtype_bytes
-            continue
-        q_k, q_v = quantized_counts(context, residual_length)
-        codes = (q_k + q_v) * math.ceil(head_dim * b / 8)
-        groups = q_k // group_size * head_dim + q_v * (head_dim // group_size)
-        windows = (2 * context - q_k - q_v) * head_dim * dtype_bytes
-        total += batch * num_kv_heads * (codes + groups * 2 * 2 + windows)
-    return total
+    values = list(bits) if value_bits is None else list(value_bits)
+    if len(values) != len(bits):
+        raise ValueError(f"value_bits has {len(values)} entries but bits has {len(bits)}; give one per layer")
+    layout = dict(head_dim=head_dim, context=context, group_size=group_size, residual_length=residual_length,
+                  dtype_bytes=dtype_bytes)
+    return sum(batch * num_kv_heads * (part_nbytes(k, "key", **layout) + part_nbytes(v, "value", **layout))
+               for k, v in zip(bits, values))
+
+
+def _part_bits(bits: int, part: str, head_dim: int, context: int, group_size: int, residual_length: int) -> float:
+    if context < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
+    if part == "key":
+        check_settings(bits, group_size, residual_length)
+    else:
+        check_settings(16, group_size, residual_length, head_dim, value_bits=bits)
+    return part_nbytes(bits, part, head_dim=head_dim, context=context, group_size=group_size,
+                       residual_length=residual_length, dtype_bytes=2) * 8 / (context * head_dim)
+
+
+def effective_key_bits(bits: int, *, head_dim: int, context: int, group_size: int = KIVI_GROUP_SIZE,
+                       residual_length: int = KIVI_RESIDUAL) -> float:
+    """Bits per stored key element after `context` tokens with fp16 states (codes, fp16 scales and zero points and
+    the full-precision window, over context · head_dim elements; 16 bits -> exactly 16.0)."""
+    return _part_bits(bits, "key", head_dim, context, group_size, residual_length)
+
+
+def effective_value_bits(bits: int, *, head_dim: int, context: int, group_size: int = KIVI_GROUP_SIZE,
+                         residual_length: int = KIVI_RESIDUAL) -> float:
+    """Bits per stored value element after `context` tokens with fp16 states, as `effective_key_bits` (the group
+    size must divide the head dimension when quantized: values are grouped along channels)."""
+    return _part_bits(bits, "value", head_dim, context, group_size, residual_length)
 
 
 def effective_bits(bits: int, *, head_dim: int, context: int, group_size: int = KIVI_GROUP_SIZE,
-                   residual_length: int = KIVI_RESIDUAL) -> float:
-    """Bits per stored K/V element after `context` tokens with fp16 states: codes, fp16 scales and zero points and
-    the full-precision windows, over 2 · context · head_dim elements (per head; 16 bits -> exactly 16.0).
-    = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, dtype_bytes=2) · 8 / (2 · T · D)."""
+                   residual_length: int = KIVI_RESIDUAL, value_bits: int | None = None) -> float:
+    """Bits per stored K/V element after `context` tokens with fp16 states, keys at `bits` and values at `value_bits`
+    (default `bits`): codes, fp16 scales and zero points and the full-precision windows, over 2 · context · head_dim
+    elements (per head; 16 bits -> exactly 16.0)
+    = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, 2, value_bits=[value_bits]) · 8 / (2·T·D)
+    = (effective_key_bits(bits) + effective_value_bits(value_bits)) / 2."""
+    values = bits if value_bits is None else value_bits
     if context < 1:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
-    check_settings(bits, group_size, residual_length, None if bits == 16 else head_dim)
-    nbytes = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, dtype_bytes=2)
+    check_settings(bits, group_size, residual_length, head_dim, value_bits=values)
+    nbytes = kv_nbytes([bits], 1, head_dim, context, group_size, residual_length, dtype_bytes=2, value_bits=[values])
     return nbytes * 8 / (2 * context * head_dim)
 
 
@@ -389,8 +474,11 @@ class KVCacheFactory:
 
 def window_warning(cache: KVCache) -> str | None:
     """Why quantized layers hold no quantized token (the prompts never filled the residual window: keys flush once R
-    tokens have gathered, values once more than R have), or None."""
-    idle = [i for i, (b, q) in enumerate(zip(cache.bits, cache.quantized_tokens())) if b < 16 and q == 0]
+    tokens have gathered, values once more than R have), or None. A layer counts as idle when neither of its
+    quantized parts holds a quantized token."""
+    idle = [i for i, (k, v, q_k, q_v) in enumerate(zip(cache.bits, cache.value_bits, cache.quantized_tokens(),
+                                                       cache.quantized_value_tokens()))
+            if min(k, v) < 16 and q_k == q_v == 0]
     if not idle:
         return None
     return (f"KV layers {idle} quantized nothing: the prompts ({cache.get_seq_length()} tokens) never fill the "

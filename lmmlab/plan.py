@@ -2,6 +2,13 @@
 
 A plan says, for every decoder layer of the language model, which fraction of each prunable linear's weights to
 remove and how many bits each stored key/value gets, plus the pruning method and pattern shared by all layers.
+
+Keys and values may have their own widths (KVTuner): `kv_bits` alone gives both parts of layer i the width
+kv_bits[i]; with `value_bits` too, kv_bits[i] is layer i's key width and value_bits[i] its value width. A layer then
+costs the mean of its two parts, (k_i + v_i) / 2 bits, and `mean_kv_bits` is the mean of that over layers, so a budget
+on it is a budget on the combined mean. `value_bits` is kept as given (also when equal to kv_bits: such a plan stores
+exactly what the kv_bits-only plan stores, but compares unequal to it) and left out of the JSON when empty, so a plan
+without it writes the same JSON as before.
 """
 from __future__ import annotations
 
@@ -51,15 +58,19 @@ def check_kv_layout(group_size: int, residual_length: int) -> None:
 
 @dataclass
 class CompressionPlan:
-    """Per-layer sparsity and KV bit-width; validated on construction; JSON round-trip."""
+    """Per-layer sparsity and KV bit-widths (keys and values alike, or each at its own); validated on construction;
+    JSON round-trip."""
 
     sparsity: list[float]  # fraction of weights removed, per decoder layer, in [0, 1)
-    kv_bits: list[int] = field(default_factory=list)  # bits per stored K/V element, per layer; empty = all 16
+    kv_bits: list[int] = field(default_factory=list)  # bits per stored K/V element (the keys' alone when value_bits
+    #                                                   is given), per layer; empty = all 16
     method: str = "wanda"
     pattern: str = "unstructured"  # or "N:M"
     vision_sparsity: float = 0.0  # the vision tower's and projector's linears; 0 leaves them dense
     kv_group_size: int = KIVI_GROUP_SIZE  # tokens per key group (per channel), channels per value group (per token)
     kv_residual: int = KIVI_RESIDUAL  # keys: quantized R at a time when the window fills; values: the newest R kept
+    value_bits: list[int] = field(default_factory=list)  # bits per stored value, per layer; empty = kv_bits (then
+    #                                                      kv_bits are both parts' widths, else the keys')
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -73,6 +84,11 @@ class CompressionPlan:
             raise ValueError(f"kv_bits has {len(self.kv_bits)} entries but sparsity has {len(self.sparsity)}; "
                              "give one per decoder layer")
         check_kv_bits(self.kv_bits)
+        self.value_bits = [int(b) for b in self.value_bits]
+        if self.value_bits and len(self.value_bits) != len(self.sparsity):
+            raise ValueError(f"value_bits has {len(self.value_bits)} entries but sparsity has {len(self.sparsity)}; "
+                             "give one per decoder layer, or none for values at the kv_bits widths")
+        check_kv_bits(self.value_bits, "value bit-width")
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
         self.vision_sparsity = float(self.vision_sparsity)
@@ -103,20 +119,53 @@ class CompressionPlan:
         return sum(self.sparsity) / self.num_layers
 
     @property
+    def key_widths(self) -> list[int]:
+        """Each layer's key width (`kv_bits`)."""
+        return list(self.kv_bits)
+
+    @property
+    def value_widths(self) -> list[int]:
+        """Each layer's value width: `value_bits` when given, else `kv_bits`."""
+        return list(self.value_bits or self.kv_bits)
+
+    @property
+    def separate_kv(self) -> bool:
+        """Whether some layer stores its keys and values at different widths."""
+        return self.value_widths != self.key_widths
+
+    @property
+    def mean_key_bits(self) -> float:
+        return sum(self.key_widths) / self.num_layers
+
+    @property
+    def mean_value_bits(self) -> float:
+        return sum(self.value_widths) / self.num_layers
+
+    @property
     def mean_kv_bits(self) -> float:
-        """The mean nominal width (16 = as the model's states come)."""
-        return sum(self.kv_bits) / self.num_layers
+        """The mean nominal width over layers of (k_i + v_i) / 2 (16 = as the model's states come); with keys and
+        values alike, the mean of kv_bits."""
+        return (self.mean_key_bits + self.mean_value_bits) / 2
 
-    def effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT) -> list[float]:
+    def effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT, part: str = "both") -> list[float]:
         """Per layer, the bits per stored K/V element after `context` tokens: packed codes, fp16 scales and zero
-        points and the full-precision windows; a 16-bit layer as fp16 storage (`kvcache.effective_bits`)."""
-        from lmmlab.kvcache import effective_bits
+        points and the full-precision windows; a 16-bit part as fp16 storage. `part` "both" counts the layer's keys
+        and values together, each at its own width (`kvcache.effective_bits`), "key" or "value" one part alone
+        (`kvcache.effective_key_bits`, `effective_value_bits`); "both" is the mean of the two."""
+        from lmmlab.kvcache import effective_bits, effective_key_bits, effective_value_bits
 
-        return [effective_bits(b, head_dim=head_dim, context=context, group_size=self.kv_group_size,
-                               residual_length=self.kv_residual) for b in self.kv_bits]
+        layout = dict(head_dim=head_dim, context=context, group_size=self.kv_group_size,
+                      residual_length=self.kv_residual)
+        if part == "key":
+            return [effective_key_bits(k, **layout) for k in self.key_widths]
+        if part == "value":
+            return [effective_value_bits(v, **layout) for v in self.value_widths]
+        if part != "both":
+            raise ValueError(f"unknown KV part {part!r}; allowed: both, key, value")
+        return [effective_bits(k, value_bits=v, **layout) for k, v in zip(self.key_widths, self.value_widths)]
 
-    def mean_effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT) -> float:
-        return sum(self.effective_kv_bits(head_dim, context)) / self.num_layers
+    def mean_effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT, part: str = "both") -> float:
+        return sum(self.effective_kv_bits(head_dim, context, part)) / self.num_layers
 
     def weight_summary(self, weights_per_layer: list[int], bytes_per_weight: int) -> dict:
         """What the plan means for the prunable weights: kept (non-zero) weights and their bytes, dense vs pruned."""
@@ -132,12 +181,18 @@ class CompressionPlan:
 
     @classmethod
     def uniform(cls, num_layers: int, sparsity: float = 0.0, kv_bits: int = 16, method: str = "wanda",
-                pattern: str = "unstructured", **options) -> "CompressionPlan":
-        """The same sparsity and KV width in every layer; `options` are the remaining fields."""
-        return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern, **options)
+                pattern: str = "unstructured", value_bits: int | None = None, **options) -> "CompressionPlan":
+        """The same sparsity and KV width in every layer (`kv_bits` for keys and values, or for keys only when
+        `value_bits` is given); `options` are the remaining fields."""
+        values = [] if value_bits is None else [value_bits] * num_layers
+        return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern, value_bits=values, **options)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """The fields as a JSON object; `value_bits` only when given."""
+        raw = asdict(self)
+        if not raw["value_bits"]:
+            del raw["value_bits"]
+        return json.dumps(raw, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionPlan":

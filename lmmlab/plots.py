@@ -108,7 +108,11 @@ def plan_figure(plan: CompressionPlan, title: str, target: float | None = None) 
     top.set_ylabel("sparsity (fraction removed)")
     top.set_ylim(0, 1)
     top.set_title(title)
-    bottom.bar(layers, plan.kv_bits, color="tab:orange")
+    if plan.separate_kv:
+        bottom.bar([i - 0.2 for i in layers], plan.key_widths, width=0.4, color="tab:orange", label="keys")
+        bottom.bar([i + 0.2 for i in layers], plan.value_widths, width=0.4, color="tab:green", label="values")
+    else:
+        bottom.bar(layers, plan.kv_bits, color="tab:orange")
     bottom.axhline(plan.mean_kv_bits, color="black", linestyle="--", linewidth=1,
                    label=f"mean {plan.mean_kv_bits:.2f} bits")
     bottom.set_ylabel("KV cache bits")
@@ -203,4 +207,29 @@ def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int
         ax.set_yscale("log")
     ax.set_title("Quality vs memory (bars: 95 % intervals)")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return fig
+
+
+def sampler_ablation_figure(summary: pd.DataFrame, direction: str) -> plt.Figure:
+    """Best objective so far per sampler against trials and against wall seconds: the median over seeds (line) and
+    its min-max range (band). `summary`: `samplers.summarise`'s table (sampler, axis, x, median, min, max)."""
+    from lmmlab.samplers import SAMPLERS
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    names = list(dict.fromkeys(summary.sampler))
+    for i, name in enumerate(names):
+        colour = f"C{SAMPLERS.index(name) if name in SAMPLERS else len(SAMPLERS) + i}"
+        for ax, axis in zip(axes, ("trials", "seconds")):
+            part = summary[(summary.sampler == name) & (summary.axis == axis)]
+            ax.plot(part.x, part["median"], color=colour, label=name)
+            ax.fill_between(part.x, part["min"], part["max"], color=colour, alpha=0.2, linewidth=0)
+    better = "lower" if direction == "minimize" else "higher"
+    seeds = int(summary.seeds.max()) if "seeds" in summary and len(summary) else 0
+    axes[0].set_ylabel(f"best validation objective so far ({better} is better)")
+    axes[0].set_xlabel("trials")
+    axes[1].set_xlabel("wall seconds")
+    axes[0].set_title(f"Sampler ablation: median and range over {seeds} seeds")
+    axes[1].set_title("... against wall time")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
     return fig

@@ -286,7 +286,10 @@ def sparsity_of(loaded: Loaded) -> float:
 
 
 class SparseGPT:
-    """One linear's SparseGPT solver: `add_batch` (accumulate H) -> `prune` (mask + update W in place) -> `free`."""
+    """One linear's SparseGPT solver: `add_batch` (accumulate H) -> `prune` (mask + update W in place) -> `free`.
+
+    `prune` is `inverse_hessian` (the damped factor of H⁻¹, once per Hessian) then `solve` (a pure function of the
+    dense W), so one Hessian can serve any number of sparsity levels (`lmmlab.database`)."""
 
     def __init__(self, linear: torch.nn.Linear):
         self.linear = linear
@@ -304,21 +307,33 @@ class SparseGPT:
         self.H += x.T @ x
 
     @torch.no_grad()
-    def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128,
-              percdamp: float = 0.01) -> None:
-        """Remove `sparsity` of the weights (or keep n of every m), compensating each removal on later columns."""
-        W = self.linear.weight.data.clone().float()  # [d_out, d_in]
-        H = self.H
+    def inverse_hessian(self, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Hinv, dead) from a copy of H (H itself is left as it is): `dead` [d_in] marks the columns no input
+        reached (H_jj = 0; their H_jj is set to 1 and their weights are zeroed by `solve`); Hinv [d_in, d_in] is the
+        upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H): row i holds the OBS update of columns ≥ i
+        after removing column i."""
+        H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
-        W[:, dead] = 0
         damp = percdamp * torch.mean(torch.diag(H))
         H += damp * torch.eye(self.columns, device=H.device)
-        # Upper Cholesky factor of H⁻¹: row i holds the OBS update of columns ≥ i after removing column i.
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
 
-        for i1 in range(0, self.columns, blocksize):
-            i2 = min(i1 + blocksize, self.columns)
+    @staticmethod
+    @torch.no_grad()
+    def solve(W_dense: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, sparsity: float,
+              nm: tuple[int, int] | None = None, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseGPT on the dense W [d_out, d_in] (not modified) with `inverse_hessian`'s (Hinv, dead): remove
+        `sparsity` of the weights (⌊numel · sparsity⌋ of them), or keep n of every m, compensating each removal on
+        later columns. Returns (W_pruned in W_dense's dtype and device, pruned [d_out, d_in] bool: the removed
+        positions, exactly zero in W_pruned)."""
+        W = W_dense.clone().float()  # [d_out, d_in]
+        W[:, dead] = 0
+        columns = W.shape[1]
+        pruned = torch.zeros_like(W, dtype=torch.bool)
+
+        for i1 in range(0, columns, blocksize):
+            i2 = min(i1 + blocksize, columns)
             W1 = W[:, i1:i2].clone()
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
@@ -349,7 +364,17 @@ class SparseGPT:
                 Err1[:, i] = err
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        self.linear.weight.data.copy_(W.to(self.linear.weight.dtype))
+            pruned[:, i1:i2] = prune_mask
+        return W.to(W_dense.dtype), pruned
+
+    @torch.no_grad()
+    def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128,
+              percdamp: float = 0.01) -> None:
+        """Remove `sparsity` of the weights (or keep n of every m), compensating each removal on later columns:
+        `solve` with this Hessian's `inverse_hessian`, written into the linear."""
+        Hinv, dead = self.inverse_hessian(percdamp)
+        W, _ = self.solve(self.linear.weight.data, Hinv, dead, sparsity, nm, blocksize)
+        self.linear.weight.data.copy_(W)
 
     def free(self) -> None:
         self.H = None

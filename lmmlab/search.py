@@ -1,4 +1,4 @@
-"""Joint TPE search over per-layer sparsity and per-layer KV bit-widths (Optuna's TPESampler), no fine-tuning.
+"""Joint search over per-layer sparsity and per-layer KV bit-widths (Optuna; TPE by default), no fine-tuning.
 
 A trial suggests, for every decoder layer (or every bin of consecutive layers), a sparsity offset from the target
 and a KV width; the suggestion is then *projected* onto the budget, and the projected plan is what is evaluated and
@@ -10,6 +10,22 @@ recorded, so every trial meets the budget and none is thrown away:
     (`kv_budget_unit="effective"`) the bits per element a layer really stores at `context_tokens`: packed codes,
     fp16 scales and zero points and the full-precision windows, a 16-bit layer as fp16 (`kvcache.effective_bits`).
 TPE models the raw suggestions; projecting them is a deterministic repair, so equal suggestions give equal plans.
+
+Options (issue 13):
+  - `sampler`: any of `samplers.SAMPLERS` (TPE, random, CMA-ES, GP, NSGA-II, and an EvoPress-style evolution whose
+    level-switch mutations keep the budget); recorded in the study's settings.
+  - `method="sparsegpt"`: a trial stitches SparseGPT solutions from the pruner's layer database (`database.py`: each
+    layer solved at a grid of levels on the dense model's inputs) at re-mask speed. The projected sparsities are then
+    projected onto the grid (`database.project_to_grid`: each layer within one grid step of its value, the mean as
+    close to the target as the grid allows; the residual is the trial's `budget_residual`, 0 when the target is a
+    multiple of the grid step over the layer count).
+  - `separate_kv`: keys (`kv{b}`) and values (`v{b}`) at their own widths, the budget on their combined mean
+    (`allocate.fit_kv_pairs`; in effective bits each part costs what it stores).
+  - `multi_fidelity`: a trial is scored on 1/16, then 1/4 of the validation items (`trial.report`: the loss there,
+    signed in the study's direction), and Optuna's
+    successive-halving pruner stops it (PRUNED, `pruned_at`) unless it is in the best quarter at that step; warm
+    starts are always scored in full. Pruned trials count towards `n_trials` and are never the best.
+  - `warm_allocations`: uniform plus any of OWL, ATP, AlphaPruning (`Pruner.allocation`).
 
 A trial is cheap: the calibration and the pruning scores are computed once (`ablate.Pruner`), so it re-masks, builds
 a fresh KV cache per batch and evaluates the task on its validation split (the test split is for final reports only).
@@ -44,13 +60,17 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import optuna
 
 from lmmlab import allocate
 from lmmlab.ablate import Pruner
 from lmmlab.export import weight_format_bytes
-from lmmlab.kvcache import KVCacheFactory, effective_bits, kv_cache_for, kv_nbytes, window_warning
+from lmmlab.database import project_to_grid
+from lmmlab.kvcache import (KVCacheFactory, effective_bits, effective_key_bits, effective_value_bits, kv_cache_for,
+                            kv_nbytes, window_warning)
+from lmmlab.samplers import make_sampler
 from lmmlab.storage import HEARTBEAT_S, check_heartbeat, check_storage, safe_url, storage_for
 from lmmlab.models import Loaded
 from lmmlab.tasks import Task
@@ -61,6 +81,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///results/studies.db"
 KV_UNITS = ("nominal", "effective")
+WARM_ALLOCATIONS = ("uniform", "owl")  # enqueued as the first trials by default
+WARM_CHOICES = ("uniform", "owl", "atp", "alphapruning")
 LOSS = "loss"  # the objective that optimises the task's loss instead of its primary metric
 
 
@@ -80,6 +102,9 @@ class SearchSpace:
     target_range: tuple[float, float] = (0.3, 0.8)
     kv_unit: str = "nominal"  # what kv_budget_bits counts: "nominal" widths, or "effective" bits per element stored
     kv_cost: tuple[float, ...] = ()  # "effective": each width's bits per element at the stated context (kv_widths order)
+    separate_kv: bool = False  # keys and values at their own widths (budget on their combined mean)
+    key_cost: tuple[float, ...] = ()  # "effective" and separate_kv: a width's bits per stored key / value element
+    value_cost: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.target_sparsity < 1:
@@ -91,6 +116,10 @@ class SearchSpace:
             raise ValueError(f"unknown KV budget unit {self.kv_unit!r}; allowed: {', '.join(KV_UNITS)}")
         if self.kv_unit == "effective" and len(self.kv_cost) != len(self.kv_widths):
             raise ValueError("an effective-bits KV budget needs each width's effective bits (kv_cost)")
+        if self.kv_unit == "effective" and self.separate_kv and not (
+                len(self.key_cost) == len(self.value_cost) == len(self.kv_widths)):
+            raise ValueError("separate key and value widths in effective bits need each part's cost "
+                             "(key_cost, value_cost)")
         narrowest = min(self.kv_widths)
         if self.kv_budget_bits < self.cost[narrowest] - 1e-9:
             raise ValueError(f"KV budget {self.kv_budget_bits:g} {self.kv_unit} bits is below the narrowest allowed "
@@ -120,13 +149,23 @@ class SearchSpace:
         return {b: float(b) for b in self.kv_widths}
 
     @property
+    def part_cost(self) -> tuple[dict[int, float], dict[int, float]]:
+        """What a key width and a value width cost (a layer costs their mean): the nominal width, or each part's
+        effective bits per element."""
+        if self.kv_unit == "effective" and self.separate_kv:
+            return dict(zip(self.kv_widths, self.key_cost)), dict(zip(self.kv_widths, self.value_cost))
+        return self.cost, self.cost
+
+    @property
     def widest_in_budget(self) -> int:
         return max(b for b in self.kv_widths if self.cost[b] <= self.kv_budget_bits + 1e-9)
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace, weights: list[float], method: str = "wanda",
-                 **plan_options) -> CompressionPlan:
-    """Suggest raw per-bin choices, then project them onto the budget (see the module docstring)."""
+                 levels: Sequence[float] | None = None, **plan_options) -> CompressionPlan:
+    """Suggest raw per-bin choices, then project them onto the budget (see the module docstring); with `levels` (a
+    layer database's grid) the sparsities are then projected onto the grid (`database.project_to_grid`), the residual
+    recorded as the trial's `budget_residual`."""
     n_bins = max(space.bins) + 1
     if space.multi_objective:
         target = trial.suggest_float("target_sparsity", *space.target_range)
@@ -137,12 +176,22 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, weights: list[float], 
     widths = [trial.suggest_categorical(f"kv{b}", sorted(space.kv_widths)) for b in range(n_bins)]
     raw = [target + offsets[b] for b in space.bins]
     sparsity = allocate.project(raw, target, 0.0, space.max_sparsity, weights)
-    kv_bits = allocate.fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths, space.cost)
-    return CompressionPlan(sparsity, kv_bits, method=method, **plan_options)
+    if levels is not None:  # a layer database: one of its levels per layer, the mean as close as the grid allows
+        sparsity, residual = project_to_grid(sparsity, levels, target, weights)
+        trial.set_user_attr("budget_residual", residual)
+    if not space.separate_kv:
+        kv_bits = allocate.fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths, space.cost)
+        return CompressionPlan(sparsity, kv_bits, method=method, **plan_options)
+    values = [trial.suggest_categorical(f"v{b}", sorted(space.kv_widths)) for b in range(n_bins)]
+    keys, values = allocate.fit_kv_pairs([widths[b] for b in space.bins], [values[b] for b in space.bins], budget,
+                                         space.kv_widths, *space.part_cost)
+    return CompressionPlan(sparsity, keys, method=method, value_bits=values, **plan_options)
 
 
-def warm_start_params(space: SearchSpace, owl_sparsity: list[float]) -> list[tuple[str, dict]]:
-    """Uniform and OWL plans (uniform KV at the widest width within budget) as trial parameters."""
+def warm_start_params(space: SearchSpace, allocations: dict[str, list[float]]) -> list[tuple[str, dict]]:
+    """The uniform plan and each named allocation (OWL, ATP, AlphaPruning: per-layer sparsities at the target), all
+    with uniform KV at the widest width within budget, as trial parameters. Multi-objective: at the low, middle and
+    high target, each allocation shifted by its offsets from the target, at the widest and narrowest KV width."""
     n_bins = max(space.bins) + 1
 
     def params(sparsity: list[float], target: float, kv: int) -> dict:
@@ -152,20 +201,21 @@ def warm_start_params(space: SearchSpace, owl_sparsity: list[float]) -> list[tup
             offset = sum(members) / len(members) - target
             p[f"s{b}"] = max(-space.spread, min(space.spread, offset))
             p[f"kv{b}"] = kv
+            if space.separate_kv:
+                p[f"v{b}"] = kv
         return p
-    owl_offsets = [s - space.target_sparsity for s in owl_sparsity]
+    named = {"uniform": [space.target_sparsity] * space.num_layers, **allocations}
     if not space.multi_objective:
         target, kv = space.target_sparsity, space.widest_in_budget
-        return [("uniform", params([target] * space.num_layers, target, kv)),
-                ("owl", params(owl_sparsity, target, kv))]
+        return [(name, params(sparsity, target, kv)) for name, sparsity in named.items()]
     starts = []
     low, high = space.target_range
     for target in (low, (low + high) / 2, high):
         for kv in sorted({max(space.kv_widths), min(space.kv_widths)}, reverse=True):
             shared = {"target_sparsity": target, "kv_budget": kv}
-            starts.append(("uniform", {**shared, **params([target] * space.num_layers, target, kv)}))
-            owl = [target + o for o in owl_offsets]  # OWL's offsets do not depend on the target
-            starts.append(("owl", {**shared, **params(owl, target, kv)}))
+            for name, sparsity in named.items():  # offsets from the target, the same at any target
+                starts.append((name, {**shared, **params([target + s - space.target_sparsity for s in sparsity],
+                                                         target, kv)}))
     return starts
 
 
@@ -173,7 +223,7 @@ def memory_bytes(loaded: Loaded, plan: CompressionPlan, context_tokens: int) -> 
     """Weight bytes as an export stores them (compressed-tensors' bitmask format; the model must already be pruned to
     `plan`), and KV bytes at `context_tokens`."""
     kv = kv_nbytes(plan.kv_bits, loaded.num_kv_heads, loaded.head_dim, context_tokens, plan.kv_group_size,
-                   plan.kv_residual, loaded.model.dtype.itemsize)
+                   plan.kv_residual, loaded.model.dtype.itemsize, value_bits=plan.value_widths)
     weights = weight_format_bytes(loaded, "bitmask", pattern=plan.pattern)
     return {"weight_bytes": weights, "kv_bytes_at_context": kv, "memory_bytes": weights + kv}
 
@@ -207,21 +257,22 @@ SETTINGS_WAIT_S = 60  # how long a worker waits for the study's creator to recor
 
 
 def open_study(space: SearchSpace, storage: str, study_name: str, direction: str, seed: int, settings: dict, *,
-               warm_starts: list[tuple[str, dict]] = (), heartbeat: int = HEARTBEAT_S) -> optuna.Study:
+               warm_starts: list[tuple[str, dict]] = (), heartbeat: int = HEARTBEAT_S, sampler: str = "tpe",
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create the study, enqueue `warm_starts` and record `settings` and `heartbeat`; or, if another worker created it,
     wait for its settings and load it if they are the same (resume), beating at the study's heartbeat (a worker that
     beats slower than another checks would have its running trial taken for a dead one's). `seed`: this worker's
     sampler seed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10,
-                                             constant_liar=True)
+    name = sampler
+    sampler = make_sampler(name, seed=seed, multi_objective=space.multi_objective)
+    pruner = pruner or optuna.pruners.NopPruner()
     directions = [direction, "minimize"] if space.multi_objective else [direction]
     store = storage_for(storage, heartbeat=heartbeat)
     try:  # the storage's unique study name makes exactly one worker the creator
-        study = optuna.create_study(storage=store, study_name=study_name, sampler=sampler, directions=directions)
+        study = optuna.create_study(storage=store, study_name=study_name, sampler=sampler, pruner=pruner,
+                                    directions=directions)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
+        study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler, pruner=pruner)
     else:
         for source, params in warm_starts:
             study.enqueue_trial(params, user_attrs={"source": source})
@@ -240,22 +291,37 @@ def open_study(space: SearchSpace, storage: str, study_name: str, direction: str
                          f"({', '.join(changed)}); pass another --study-name or the same settings to resume it")
     if (beat := study.user_attrs.get("heartbeat_s", heartbeat)) != heartbeat:
         log.warning("study %r beats every %d s (as created); heartbeat %d s ignored", study_name, beat, heartbeat)
-        study = optuna.load_study(study_name=study_name, storage=storage_for(storage, heartbeat=beat), sampler=sampler)
+        study = optuna.load_study(study_name=study_name, storage=storage_for(storage, heartbeat=beat), sampler=sampler,
+                                  pruner=pruner)
     return study
 
 
+def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that counts towards `n_trials`: COMPLETE, or PRUNED by the multi-fidelity pruner (not surplus)."""
+    return (trial.state == optuna.trial.TrialState.COMPLETE
+            or (trial.state == optuna.trial.TrialState.PRUNED and "pruned_at" in trial.user_attrs))
+
+
+def trial_count(storage: str, study_name: str) -> int:
+    """Trials the study already holds (0 if it does not exist yet)."""
+    try:
+        return len(optuna.load_study(study_name=study_name, storage=storage_for(storage)).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
+
+
 def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> None:
-    """Run `objective` one trial at a time until the study holds `n_trials` COMPLETE trials. A worker starts a
-    trial only while COMPLETE + RUNNING < n_trials; else it waits (`poll_s`) for the other workers' running trials,
-    failing and re-queueing those that stopped beating."""
+    """Run `objective` one trial at a time until the study holds `n_trials` finished trials (`finished`). A worker
+    starts a trial only while finished + RUNNING < n_trials; else it waits (`poll_s`) for the other workers' running
+    trials, failing and re-queueing those that stopped beating."""
     waiting = False
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a killed worker's trial -> FAIL, its parameters re-queued
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        complete = states.count(optuna.trial.TrialState.COMPLETE)
-        running = states.count(optuna.trial.TrialState.RUNNING)
+        trials = study.get_trials(deepcopy=False)
+        complete = sum(map(finished, trials))
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
         if complete >= n_trials:
             return
         if complete + running < n_trials:
@@ -270,8 +336,8 @@ def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> N
 
 def trials_ahead(study: optuna.Study, trial: optuna.Trial) -> int:
     """Finished, running or queued trials numbered before `trial`: with n_trials of them, `trial` is surplus."""
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    return sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=live))
+    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return sum(t.number < trial.number and (t.state in live or finished(t)) for t in study.get_trials(deepcopy=False))
 
 
 def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0,
@@ -281,12 +347,18 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
            target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
            kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
            pruner: Pruner | None = None, worker: str = "main", heartbeat: int = HEARTBEAT_S,
-           kv_budget_unit: str = "nominal") -> SearchResult:
-    """Run (or resume) a TPE study until it holds `n_trials` finished trials; see the module docstring.
+           kv_budget_unit: str = "nominal", sampler: str = "tpe", multi_fidelity: bool = False,
+           separate_kv: bool = False, warm_allocations: Sequence[str] = WARM_ALLOCATIONS) -> SearchResult:
+    """Run (or resume) a study until it holds `n_trials` finished trials; see the module docstring.
     `objective`: the task's primary metric (default) or "loss". `worker`: this worker's name (give each concurrent
     worker its own; the CLI uses hostname-pid); `seed` seeds the calibration, and with `worker` the sampler.
     `heartbeat`: seconds between a running trial's heartbeats (a killed worker's trial is retried after 3 missed).
-    `kv_budget_unit`: "nominal" (mean width) or "effective" (mean bits per element stored at `context_tokens`)."""
+    `kv_budget_unit`: "nominal" (mean width) or "effective" (mean bits per element stored at `context_tokens`).
+    `sampler`: one of `samplers.SAMPLERS`. `multi_fidelity`: score each trial first on `fidelity_rungs` subsets of the
+    validation items and stop it (PRUNED) when the successive-halving pruner finds it hopeless. `separate_kv`: keys and
+    values at their own widths. `warm_allocations`: the allocations enqueued (with uniform) as the first trials.
+    `method="sparsegpt"` needs the pruner's layer database (`Pruner.database`): a trial stitches one of its levels
+    per layer."""
     objective = objective or task.primary_metric
     if objective not in (task.primary_metric, LOSS):
         raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
@@ -298,26 +370,53 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
         raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(METHODS)}")
     if n_trials < 1:
         raise ValueError(f"n_trials must be at least 1; got {n_trials}")
+    check_sampler(sampler, multi_objective=multi_objective)
+    if multi_fidelity and multi_objective:
+        raise ValueError("multi-fidelity trials are for the single-objective search; drop --multi-fidelity or "
+                         "--multi-objective")
     check_kv_layout(kv_group_size, kv_residual)
     widths = tuple(sorted(set(kv_widths)))
     check_kv_bits(widths, name="kv width")
     effective = effective_costs(loaded, widths, context_tokens, kv_group_size, kv_residual)
+    parts = effective_part_costs(loaded, widths, context_tokens, kv_group_size, kv_residual)
+    eff = kv_budget_unit == "effective"
     space = SearchSpace(loaded.num_layers, target_sparsity, kv_budget_bits, widths, spread, max_sparsity, groups,
                         multi_objective, tuple(target_range), kv_unit=kv_budget_unit,
-                        kv_cost=tuple(effective[b] for b in widths) if kv_budget_unit == "effective" else ())
+                        kv_cost=tuple(effective[b] for b in widths) if eff else (), separate_kv=separate_kv,
+                        key_cost=tuple(parts[0][b] for b in widths) if eff and separate_kv else (),
+                        value_cost=tuple(parts[1][b] for b in widths) if eff and separate_kv else ())
     kv_cache_for(CompressionPlan.uniform(loaded.num_layers, kv_group_size=kv_group_size, kv_residual=kv_residual),
                  loaded)  # a layout the model cannot hold fails here, before any study is written
     task.check_model(loaded)
-    name = study_name or default_study_name(loaded, task, space, method)
+    name = study_name or default_study_name(loaded, task, space, method, sampler)
     settings = _settings(loaded, task, space, objective, method, kv_group_size, kv_residual, n_eval, context_tokens)
+    settings.update(sampler=sampler, multi_fidelity=multi_fidelity)
     check_heartbeat(heartbeat)
     check_storage(storage)  # a database that is missing its driver or unreachable fails here, before calibration
 
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
+    levels = None
+    if method == "sparsegpt":
+        if pruner.database is None:
+            raise ValueError("the search re-solves nothing: sparsegpt needs a layer database (build one with "
+                             "`lmmlab database`, pass --database); or search wanda, ria or magnitude")
+        levels = pruner.database.levels
+        settings["database"] = pruner.database.fingerprint
     weights = [float(sum(lin.weight.numel() for lin in loaded.linears(i).values())) for i in range(loaded.num_layers)]
-    starts = warm_start_params(space, pruner.allocation("owl", space.target_sparsity))[:n_trials] if warm_start else []
+    if levels is not None:  # a target the grid cannot meet fails here, before any study is written
+        low, high = (space.target_range if multi_objective else (target_sparsity, target_sparsity))
+        for t in (low, high):
+            project_to_grid([t] * loaded.num_layers, levels, t, weights)
+    starts = []
+    if warm_start:
+        allocations = {a: pruner.allocation(a, space.target_sparsity) for a in warm_allocations if a != "uniform"}
+        starts = warm_start_params(space, allocations)[:n_trials]
     sampler_seed = worker_seed(seed, worker)
-    study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts, heartbeat=heartbeat)
+    if existing := trial_count(storage, name):  # a resumed worker must not redraw its first run's startup points
+        sampler_seed = worker_seed(seed, f"{worker}@{existing}")
+    study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts, heartbeat=heartbeat,
+                       sampler=sampler, pruner=fidelity_pruner() if multi_fidelity else None)
+    full_n: list[int] = []  # items in one full validation evaluation, from this worker's first trial
 
     warned: list[int] = []
 
@@ -327,23 +426,36 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
         if trials_ahead(study, trial) >= n_trials:  # another worker started the last trial at the same moment
             raise optuna.TrialPruned(f"surplus: {n_trials} trials were already finished, running or queued")
         start = time.perf_counter()
-        plan = suggest_plan(trial, space, weights, method, kv_group_size=kv_group_size, kv_residual=kv_residual)
+        plan = suggest_plan(trial, space, weights, method, levels, kv_group_size=kv_group_size,
+                            kv_residual=kv_residual)
         suggested = time.perf_counter()
         pruner.apply(plan)
         make_cache = KVCacheFactory(plan, loaded)
         make_cache()  # cache set-up is part of a trial's overhead
         overhead = time.perf_counter() - suggested
+        warm = "source" in trial.user_attrs  # enqueued warm starts carry their allocation's name
+        source = trial.user_attrs.get("source", sampler)
+        for step in FIDELITY_STEPS if multi_fidelity and full_n else ():
+            items = fidelity_items(full_n[0], step)
+            cheap = task.evaluate(loaded, split="validation", n=items, make_cache=make_cache, with_loss=True)
+            trial.report(cheap.loss if direction == "minimize" else -cheap.loss, step=step)  # see FIDELITY_STEPS
+            if not warm and trial.should_prune():  # warm starts report, and are always scored in full
+                trial.set_user_attr("pruned_at", items)
+                trial.set_user_attr("plan", asdict(plan))
+                trial.set_user_attr("eval_s", time.perf_counter() - suggested - overhead)
+                raise optuna.TrialPruned(f"hopeless after {items} of {full_n[0]} validation items")
         metrics = task.evaluate(loaded, split="validation", n=n_eval, make_cache=make_cache, with_loss=True)
+        full_n[:] = [metrics.n]
         evaluated = time.perf_counter()
         if not warned and (warning := window_warning(make_cache.last)):
             warned.append(trial.number)
             log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
         memory = memory_bytes(loaded, plan, context_tokens)
-        trial.set_user_attr("source", trial.user_attrs.get("source", "tpe"))
+        trial.set_user_attr("source", source)
         for key, value in {"plan": asdict(plan), "primary_metric": metrics.primary_metric, "primary": metrics.primary,
                            "values": metrics.values, "loss": metrics.loss, "kv_bytes_per_item": metrics.kv_bytes,
                            "mean_sparsity": plan.mean_sparsity, "mean_kv_bits": plan.mean_kv_bits,
-                           "mean_kv_bits_effective": sum(effective[b] for b in plan.kv_bits) / plan.num_layers,
+                           "mean_kv_bits_effective": plan.mean_effective_kv_bits(loaded.head_dim, context_tokens),
                            "sample_s": suggested - start, "overhead_s": overhead,
                            "eval_s": evaluated - suggested - overhead,
                            **memory}.items():
@@ -367,12 +479,49 @@ def effective_costs(loaded: Loaded, widths, context: int, group_size: int, resid
                               residual_length=residual) for b in widths}
 
 
-def default_study_name(loaded: Loaded, task: Task, space: SearchSpace, method: str) -> str:
+def effective_part_costs(loaded: Loaded, widths, context: int, group_size: int, residual: int
+                         ) -> tuple[dict[int, float], dict[int, float]]:
+    """Each width's effective bits per stored key element and per stored value element (their mean is
+    `effective_costs`)."""
+    keys = {b: effective_key_bits(b, head_dim=loaded.head_dim, context=context, group_size=group_size,
+                                  residual_length=residual) for b in widths}
+    values = {b: effective_value_bits(b, head_dim=loaded.head_dim, context=context, group_size=group_size,
+                                      residual_length=residual) for b in widths}
+    return keys, values
+
+
+# Multi-fidelity: a trial is first scored on 1/16 and then 1/4 of the validation items (steps in sixteenths); Optuna's
+# successive-halving pruner keeps going only the trials in the best quarter of those scored at the same step
+# (Li et al. 2020, ASHA: rungs r·η^k with r = 1, η = 4). What a step reports is the task's loss on the subset, signed
+# in the study's direction: continuous where accuracy on a few dozen questions ties (ties are all promoted), and for
+# perplexity the same order as the metric itself.
+FIDELITY_STEPS = (1, 4)
+FIDELITY_REDUCTION = 4
+
+
+def fidelity_items(n_full: int, step: int) -> int:
+    """Items scored at `step` sixteenths of a full evaluation of `n_full` items (at least one)."""
+    return max(1, -(-n_full * step // 16))
+
+
+def fidelity_pruner() -> optuna.pruners.BasePruner:
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=FIDELITY_STEPS[0], reduction_factor=FIDELITY_REDUCTION,
+                                                  min_early_stopping_rate=0)
+
+
+def check_sampler(name: str, *, multi_objective: bool) -> None:
+    """One clear error for a sampler lmmlab does not know or that cannot take the study's objectives."""
+    make_sampler(name, seed=0, multi_objective=multi_objective)
+
+
+def default_study_name(loaded: Loaded, task: Task, space: SearchSpace, method: str, sampler: str = "tpe") -> str:
     model = f"{Path(loaded.name).name}-{task.name}"
+    tail = "" if sampler == "tpe" else f"-{sampler}"
+    tail += "-kv" if space.separate_kv else ""
     if space.multi_objective:
-        return f"{model}-{method}-pareto"
+        return f"{model}-{method}-pareto{tail}"
     unit = "e" if space.kv_unit == "effective" else ""
-    return f"{model}-{method}-s{space.target_sparsity:g}-kv{space.kv_budget_bits:g}{unit}"
+    return f"{model}-{method}-s{space.target_sparsity:g}-kv{space.kv_budget_bits:g}{unit}{tail}"
 
 
 def result_of(study: optuna.Study) -> SearchResult:
@@ -396,13 +545,14 @@ def trials_table(study: optuna.Study):
         a = t.user_attrs
         plan = a["plan"]
         rows.append({
-            "trial": t.number, "source": a.get("source", "tpe"), "on_front": t.number in front,
+            "trial": t.number, "source": a.get("source", t.user_attrs.get("sampler", "tpe")), "on_front": t.number in front,
             "primary_metric": a["primary_metric"], "primary": a["primary"], **a.get("values", {}),
             "loss": a["loss"], "mean_sparsity": a["mean_sparsity"],
             "mean_kv_bits": a["mean_kv_bits"], "mean_kv_bits_effective": a.get("mean_kv_bits_effective"),
             "weight_bytes": a["weight_bytes"],
             "kv_bytes_at_context": a["kv_bytes_at_context"], "memory_bytes": a["memory_bytes"],
             "sparsity": "-".join(f"{s:.3f}" for s in plan["sparsity"]), "kv_bits": "-".join(map(str, plan["kv_bits"])),
+            "value_bits": "-".join(map(str, plan.get("value_bits") or plan["kv_bits"])),
             "method": plan["method"], "sample_s": a.get("sample_s", 0.0), "overhead_s": a["overhead_s"],
             "eval_s": a["eval_s"],
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lmmlab.tasks import shapes as data
 from lmmlab.tasks.shapes import answer_loss, evaluate
-from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, effective_bits, kv_cache_for,
-                            kv_nbytes, pack, quantize, unpack, window_warning)
+from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, effective_bits, effective_key_bits,
+                            effective_value_bits, kv_cache_for, kv_nbytes, pack, quantize, unpack, window_warning)
 from lmmlab.plan import CompressionPlan
 
 WIDTHS = (2, 3, 4, 6, 8)
@@ -422,3 +423,153 @@ def test_aligned_chunks_read_keys_exactly_as_token_by_token_and_values_only_fres
             fresher += len(full)
     assert fresher == (36 - prefill) // c * sum(range(c))  # 0 + 1 + ... + (c − 1) rows per chunk
     assert token.nbytes() == chunked.nbytes() and _counts(token) == _counts(chunked)
+
+
+# --- keys and values at their own widths ---------------------------------------------------------------------------
+
+def _part_closed_form(bits, part, T, D, G, R):
+    """One part's bytes per batch row and head, written out (fp16 states)."""
+    if bits == 16:
+        return T * D * 2
+    q = T - T % R if part == "key" else max(0, T - R)
+    groups = q // G * D if part == "key" else q * D // G
+    return q * math.ceil(D * bits / 8) + groups * 2 * 2 + (T - q) * D * 2
+
+
+PAIRS = [(16, 2), (2, 16), (4, 2), (2, 4), (3, 8), (8, 6), (16, 16), (4, 4)]
+
+
+@pytest.mark.parametrize("context, chunks", [(5, ()), (17, ()), (45, (1,) * 9), (40, (3, 3, 1, 5))])
+def test_separate_key_and_value_widths_hold_the_bytes_of_the_closed_form(context, chunks):
+    keys, values = [k for k, _ in PAIRS], [v for _, v in PAIRS]
+    g = torch.Generator().manual_seed(context)
+    cache = KVCache(keys, group_size=8, residual_length=16, value_bits=values)
+    for size in [context - sum(chunks), *chunks]:  # a prefill, then decode steps
+        for i in range(len(PAIRS)):
+            cache.update(*(torch.randn(2, 3, size, 32, generator=g).half() for _ in range(2)), i)
+    assert kv_nbytes(keys, 3, 32, context, 8, 16, dtype_bytes=2, batch=2, value_bits=values) == cache.nbytes()
+    expected = [2 * 3 * (_part_closed_form(k, "key", context, 32, 8, 16) + _part_closed_form(v, "value", context, 32,
+                                                                                              8, 16)) for k, v in PAIRS]
+    assert cache.nbytes_per_layer() == expected
+    for layer, nbytes in zip(cache.layers, expected):
+        assert nbytes == sum(t.numel() * t.element_size() for t in _stored_tensors(layer))
+    assert [type(layer).__name__ for layer in cache.layers] == ["KiviLayer"] * 6 + ["DynamicLayer", "KiviLayer"]
+    # a 16-bit part is never quantized; the other part is, as at its width alone
+    R = 16
+    assert cache.quantized_tokens() == [0 if k == 16 else context - context % R for k in keys]
+    assert cache.quantized_value_tokens() == [0 if v == 16 else max(0, context - R) for v in values]
+    for (k, v), nbytes in zip(PAIRS, expected):  # bits per element: 2 parts, 2 rows, 3 heads, 32 channels
+        bits = effective_bits(k, value_bits=v, head_dim=32, context=context, group_size=8, residual_length=R)
+        assert bits == nbytes * 8 / (2 * 2 * 3 * context * 32)
+
+
+def test_equal_key_and_value_widths_give_exactly_the_single_width_numbers():
+    bits = [2, 3, 4, 6, 8, 16]
+    for context in (1, 17, 1000, 1024):
+        assert kv_nbytes(bits, 4, 64, context, 32, 128, value_bits=bits) == kv_nbytes(bits, 4, 64, context, 32, 128)
+        assert kv_nbytes(bits, 4, 64, context, 32, 128) == 4 * sum(_closed_form(b, context, 64, 32, 128) for b in bits)
+        for b in bits:
+            one = effective_bits(b, head_dim=64, context=context)
+            assert effective_bits(b, head_dim=64, context=context, value_bits=b) == one
+            assert one == pytest.approx((effective_key_bits(b, head_dim=64, context=context)
+                                         + effective_value_bits(b, head_dim=64, context=context)) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("k, v", [(16, 2), (2, 16), (4, 2), (3, 8)])
+def test_each_part_costs_its_own_effective_bits(k, v):
+    layout = dict(head_dim=128, context=1000, group_size=32, residual_length=128)
+    key, value = effective_key_bits(k, **layout), effective_value_bits(v, **layout)
+    assert key == _part_closed_form(k, "key", 1000, 128, 32, 128) * 8 / (1000 * 128)
+    assert value == _part_closed_form(v, "value", 1000, 128, 32, 128) * 8 / (1000 * 128)
+    assert effective_bits(k, value_bits=v, **layout) == pytest.approx((key + value) / 2, rel=1e-12)
+    assert effective_key_bits(16, **layout) == effective_value_bits(16, **layout) == 16.0
+
+
+def _feed(layer, states, prefill=13, end=30):
+    """A prefill, then one token at a time; every read, in order."""
+    keys_in, values_in = states
+    reads = [layer.update(keys_in[:, :, :prefill], values_in[:, :, :prefill])]
+    for t in range(prefill, end):
+        reads.append(layer.update(keys_in[:, :, t:t + 1], values_in[:, :, t:t + 1]))
+    return reads
+
+
+@pytest.mark.parametrize("k, v", [(16, 2), (2, 16), (4, 2), (2, 4)])
+def test_each_part_reads_what_a_layer_at_its_width_alone_reads(k, v):
+    """Keys at k and values at v: every key read is bit-for-bit that of a layer with both parts at k (a
+    `DynamicLayer` at 16), every value read that of a layer at v."""
+    states = torch.randn(2, 2, 3, 30, 8, generator=torch.Generator().manual_seed(k * 10 + v))
+
+    def alone(bits):
+        return DynamicLayer() if bits == 16 else KiviLayer(bits, group_size=4, residual_length=8)
+
+    mixed = _feed(KiviLayer(k, group_size=4, residual_length=8, value_bits=v), states)
+    for (keys, values), (ref_keys, _), (_, ref_values) in zip(mixed, _feed(alone(k), states), _feed(alone(v), states)):
+        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+
+
+def test_separate_widths_run_in_generate_and_equal_widths_change_nothing(tiny_llama):
+    n = tiny_llama.config.num_hidden_layers
+    ids = _prompt(tiny_llama, n=37)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, output_logits=True, return_dict_in_generate=True)
+    keys, values = [4, 2, 16][:n], [2, 16, 4][:n]
+    mixed = KVCache(keys, group_size=8, residual_length=8, value_bits=values)
+    out = _generate(tiny_llama, ids, cache=mixed, **kwargs)
+    assert out.sequences.shape == (2, 49)
+    assert mixed.quantized_tokens() == [48, 48, 0][:n] and mixed.quantized_value_tokens() == [40, 0, 40][:n]
+    assert mixed.nbytes() == kv_nbytes(keys, tiny_llama.config.num_key_value_heads, 16, 48, 8, 8, dtype_bytes=4,
+                                       batch=2, value_bits=values)
+    bits = [4, 2, 8][:n]
+    runs = [_generate(tiny_llama, ids, cache=KVCache(bits, 8, 8, **extra), **kwargs)
+            for extra in ({}, {"value_bits": bits}, {"value_bits": values})]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    # ...while other value widths under the same key widths do change what the model reads
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[2].logits))
+
+
+def test_kv_cache_for_gives_the_plan_its_value_widths(tiny_llama_dir):
+    from lmmlab.models import load_model
+
+    loaded = load_model(tiny_llama_dir, device="cpu")
+    plan = CompressionPlan([0.0] * 3, [16, 2, 4], value_bits=[4, 16, 4], kv_group_size=8, kv_residual=8)
+    cache = kv_cache_for(plan, loaded)
+    assert cache.key_bits == [16, 2, 4] and cache.value_bits == [4, 16, 4]
+    assert [(layer.key_bits, layer.value_bits) for layer in cache.layers] == [(16, 4), (2, 16), (4, 4)]
+    # values are grouped along channels, keys along tokens: only quantized values need the group to divide D = 16
+    keys_only = CompressionPlan([0.0] * 3, [2] * 3, value_bits=[16] * 3, kv_group_size=32, kv_residual=32)
+    cache = kv_cache_for(keys_only, loaded)
+    with torch.no_grad():
+        loaded.model(torch.randint(3, loaded.model.config.vocab_size, (1, 40)), cache=cache, use_cache=True)
+    assert cache.quantized_tokens() == [32] * 3 and cache.quantized_value_tokens() == [0] * 3
+    assert effective_key_bits(2, head_dim=16, context=300) < 16
+    with pytest.raises(ValueError, match="group size 32 must divide the head dimension 16"):
+        kv_cache_for(CompressionPlan([0.0] * 3, [16] * 3, value_bits=[2] * 3, kv_group_size=32, kv_residual=32),
+                     loaded)
+    with pytest.raises(ValueError, match="group size 32 must divide the head dimension 16"):
+        effective_value_bits(2, head_dim=16, context=100)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: KVCache([4, 4], value_bits=[4]), "value_bits has 1 entries but bits has 2"),
+    (lambda: KVCache([4], value_bits=[5]), "value bit-width 5 not supported; allowed: 2, 3, 4, 6, 8, 16"),
+    (lambda: KiviLayer(4, value_bits=7), "value bit-width 7 not supported"),
+    (lambda: kv_nbytes([4, 4], 1, 32, 10, value_bits=[4]), "value_bits has 1 entries but bits has 2"),
+    (lambda: effective_value_bits(5, head_dim=128, context=10), "value bit-width 5 not supported"),
+    (lambda: effective_key_bits(4, head_dim=128, context=0), "context must be a positive number"),
+])
+def test_invalid_value_widths_fail_clearly(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_window_warning_counts_a_layer_idle_only_when_no_quantized_part_holds_anything():
+    def filled(keys, values, context):
+        cache = KVCache(keys, group_size=8, residual_length=16, value_bits=values)
+        for i in range(len(keys)):
+            cache.update(torch.randn(1, 2, context, 32).half(), torch.randn(1, 2, context, 32).half(), i)
+        return cache
+
+    # 16 tokens: keys flush, values wait for the 17th
+    assert "KV layers [1] quantized nothing" in window_warning(filled([2, 16, 16], [16, 2, 16], 16))
+    assert window_warning(filled([2, 16, 16], [16, 2, 16], 17)) is None

@@ -209,10 +209,10 @@ def test_dashboard_serves_the_study_database_on_loopback(tmp_path):
 
 def test_warm_start_parameters_cover_uniform_and_owl_in_both_modes():
     owl = [0.62, 0.55, 0.7, 0.75, 0.68, 0.7]
-    single = warm_start_params(SearchSpace(6, 0.6666666, 6), owl)
+    single = warm_start_params(SearchSpace(6, 0.6666666, 6), {"owl": owl})
     assert [name for name, _ in single] == ["uniform", "owl"]
     assert all(p[f"kv{i}"] == 6 for _, p in single for i in range(6))
-    multi = warm_start_params(SearchSpace(6, multi_objective=True, target_range=(0.4, 0.8)), owl)
+    multi = warm_start_params(SearchSpace(6, multi_objective=True, target_range=(0.4, 0.8)), {"owl": owl})
     assert {(p["target_sparsity"], p["kv_budget"]) for _, p in multi} == {
         (t, kv) for t in (0.4, 0.6000000000000001, 0.8) for kv in (16, 2)}
 
@@ -238,9 +238,14 @@ def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path)
 def test_bench_search_reports_overhead_and_throughput(default):
     from lmmlab.bench import bench_search
 
-    result = bench_search(default, SHAPES, n_trials=3)
-    for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials"):
+    result = bench_search(default, SHAPES, n_trials=3, multi_fidelity_trials=6)
+    for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials",
+                "trials_per_min_multifidelity", "multifidelity_wall_s"):
         assert result[key] > 0
+    assert result["multifidelity_trials"] == 6 and 0 <= result["multifidelity_pruned"] <= 6 - 2  # warm starts run
+    low, high = result["best_objective_ci"]
+    assert low <= result["best_objective"] <= high and 0 <= result["paired_p"] <= 1
+    assert result["multifidelity_within_interval"] == (low <= result["best_objective_multifidelity"] <= high)
     assert result["overhead_over_eval"] == pytest.approx(result["trial_overhead_s"] / result["trial_eval_s"])
     assert result["minutes_per_100_trials"] == pytest.approx(100 / result["trials_per_min"])
 

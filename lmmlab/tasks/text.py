@@ -195,7 +195,7 @@ def unread_store(cache, *, seqlen: int, prefill: int, chunk: int) -> str | None:
     later); only later passes read the store, so when that pass is the window's last one the score equals the 16-bit
     score."""
     residual = getattr(cache, "residual_length", None)
-    if residual is None or all(b == 16 for b in getattr(cache, "bits", [16])):
+    if residual is None or all(b == 16 for b in getattr(cache, "bits", [16]) + getattr(cache, "value_bits", [])):
         return None
     last_start = steps(seqlen, prefill=prefill, chunk=chunk)[-1][0]
     if residual <= last_start:  # some pass before the last one ends at or past `residual` tokens
@@ -216,7 +216,7 @@ def chunk_mismatch(cache, *, prefill: int, chunk: int) -> str | None:
     lets a token read up to chunk − 1 values in full precision that token-by-token decoding reads quantized (a
     bounded, documented difference; chunk=1 is exact)."""
     residual = getattr(cache, "residual_length", None)
-    if residual is None or chunk == 1 or all(b == 16 for b in getattr(cache, "bits", [16])):
+    if residual is None or chunk == 1 or all(b == 16 for b in getattr(cache, "bits", [16]) + getattr(cache, "value_bits", [])):
         return None
     if residual % chunk == 0 and prefill % residual % chunk == 0:
         return None
