@@ -88,25 +88,30 @@ class Pruner:
             apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
 
-    def attach_database(self, *, levels: Sequence[float], path: str | Path | None = None,
-                        progress: bool = True) -> LayerDatabase:
+    def attach_database(self, *, levels: Sequence[float], path: str | Path | None = None, progress: bool = True,
+                        inputs: float | None = None) -> LayerDatabase:
         """Open the SparseGPT layer database of these calibration batches and `levels` at `path` (default: under the
         model cache, named by the model, the batches' and weights' hashes and the grid), building it first if there
-        is none (from the dense weights: the model is restored)."""
+        is none (from the dense weights: the model is restored). `inputs`: None (the dense model's) or a level
+        (the uniform plan's pruned layers; `database.build_database`)."""
         levels = check_levels(levels)
         if path is None:
             key = hashlib.blake2b(json.dumps([batches_fingerprint(self.batches), weights_fingerprint(
-                self.loaded, self.dense), list(levels)]).encode(), digest_size=6).hexdigest()
+                self.loaded, self.dense), list(levels)] + ([] if inputs is None else [inputs])).encode(),
+                digest_size=6).hexdigest()
             path = cache_dir() / "databases" / f"{Path(self.loaded.name).name}-{key}"
         path = Path(path)
         if (path / MANIFEST).is_file():
             self.database = open_database(path, self.loaded, dense=self.dense, batches=self.batches)
-            if self.database.levels != levels:
-                raise ValueError(f"the layer database at {path} has levels {list(self.database.levels)}, not "
-                                 f"{list(levels)}; choose another path")
+            wanted = "dense" if inputs is None else f"uniform-{inputs:g}"
+            if self.database.levels != levels or self.database.manifest.get("inputs", "dense") != wanted:
+                raise ValueError(f"the layer database at {path} has levels {list(self.database.levels)} and inputs "
+                                 f"{self.database.manifest.get('inputs', 'dense')}, not {list(levels)} and {wanted}; "
+                                 "choose another path")
         else:
             self.restore()
-            self.database = build_database(self.loaded, self.batches, levels=levels, path=path, progress=progress)
+            self.database = build_database(self.loaded, self.batches, levels=levels, path=path, progress=progress,
+                                           inputs=inputs)
             self.database.dense = self.dense
         self.applied = None
         return self.database

@@ -79,7 +79,8 @@ def attach_database(args, pruner, method: str) -> None:
                              "or --database PATH")
         return
     levels = parse_levels(args.database_levels or "0.3:0.9:0.05")
-    pruner.attach_database(levels=levels, path=args.database)
+    inputs = getattr(args, "database_inputs", "dense")
+    pruner.attach_database(levels=levels, path=args.database, inputs=None if inputs == "dense" else float(inputs))
 
 
 def check_search_options(args) -> None:
@@ -88,8 +89,14 @@ def check_search_options(args) -> None:
     from lmmlab.search import WARM_CHOICES, check_sampler
 
     check_sampler(args.sampler, multi_objective=getattr(args, "multi_objective", False))
-    if args.database_levels is not None:
-        parse_levels(args.database_levels)
+    levels = parse_levels(args.database_levels) if args.database_levels is not None else None
+    if args.database_inputs != "dense":
+        try:
+            level = float(args.database_inputs)
+        except ValueError:
+            level = None
+        if level is None or (levels is not None and all(abs(level - g) > 1e-9 for g in levels)):
+            raise ValueError(f"--database-inputs {args.database_inputs!r}: give 'dense' or a level of the grid")
     bad = [a for a in args.warm_starts if a not in WARM_CHOICES]
     if bad:
         raise ValueError(f"unknown warm start {bad[0]!r}; allowed: {', '.join(WARM_CHOICES)}")
@@ -255,7 +262,8 @@ def cmd_ablate_prune(args) -> None:
 
     task = task_from_args(args)
     loaded = load(args, task)
-    rows = ablate.ablate_prune(loaded, task, methods=args.methods, sparsities=args.sparsities, split=args.split,
+    rows = ablate.ablate_prune(loaded, task, methods=args.methods, sparsities=args.sparsities,
+                               allocations=args.allocations, split=args.split,
                                n=args.n, pruner=calibrated_pruner(args, loaded, task),
                                sequential=not args.one_pass_baselines)
     table = pd.DataFrame(rows)
@@ -541,6 +549,9 @@ def add_search_power_args(p: argparse.ArgumentParser, headline: bool = False) ->
                    help="a SparseGPT layer database's grid (START:STOP:STEP or a comma list); built once, reused")
     p.add_argument("--database", type=Path, default=None,
                    help="the layer database's folder (default: under $LMMLAB_CACHE/databases)")
+    p.add_argument("--database-inputs", default="dense",
+                   help="what each layer is solved on: 'dense' (the dense model's inputs, EvoPress) or a grid level "
+                        "(the uniform plan's pruned layers, as sequential SparseGPT)")
 
 
 def add_budget_args(p: argparse.ArgumentParser, search: bool = False) -> None:
@@ -591,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    from lmmlab.ablate import METHODS, SPARSITIES
+    from lmmlab.ablate import ALLOCATIONS, METHODS, SPARSITIES
     from lmmlab.plan import METHODS as PLAN_METHODS
 
     p = sub.add_parser("prune", help="prune a model (calibrating on the calibration split) and save it with its plan")
@@ -626,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_args(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--allocations", nargs="+", default=["uniform", "owl"], choices=list(ALLOCATIONS),
+                   help="per-layer ratios (atp: its slope searched on the validation split)")
     add_split_args(p)
     p.add_argument("--one-pass-baselines", action="store_true",
                    help="calibrate Wanda/RIA on one pass of the dense model (default: layer by layer, as published)")

@@ -270,7 +270,10 @@ class LayerDatabase:
     def fingerprint(self) -> str:
         """What the stored solutions depend on (dense weights, calibration, grid, damping, block size), hashed."""
         keys = ("weights", "calibration", "levels", "percdamp", "blocksize", "dtype")
-        text = json.dumps({k: self.manifest[k] for k in keys}, sort_keys=True)
+        described = {k: self.manifest[k] for k in keys}
+        if self.manifest.get("inputs", "dense") != "dense":
+            described["inputs"] = self.manifest["inputs"]
+        text = json.dumps(described, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def forget(self) -> None:
@@ -388,11 +391,13 @@ def _check_build(levels: Sequence[float], path: Path, batches: list[dict], block
 
 @torch.no_grad()
 def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[float], path: str | Path,
-                   blocksize: int = 128, percdamp: float = 0.01, progress: bool = True,
+                   blocksize: int = 128, percdamp: float = 0.01, progress: bool = True, inputs: float | None = None,
                    threads: int | None = None) -> LayerDatabase:
     """Solve every decoder layer's linears with SparseGPT at every level of `levels`, inputs from the dense model,
     and store them at `path` (see the module docstring for the format). The model's current weights are taken as the
-    dense ones and left unchanged. `threads`: torch's CPU threads during the build (None: as set), restored after;
+    dense ones and left unchanged. `inputs`: None (the dense model's, EvoPress's choice) or a grid level: each layer
+    is then solved on what the layers before it produce when pruned at that level, as sequential SparseGPT does, so
+    the uniform plan at that level stitches to exactly `prune.apply_sparsegpt`'s weights. `threads`: torch's CPU threads during the build (None: as set), restored after;
     SparseGPT's column loop is thousands of small ops, each a parallel region on the CPU, so on a CPU shared with
     other jobs 1 thread can be many times faster than 2 (SmolLM2 here: ~20x). Returns the opened database (its
     record: every layer dense). A build killed outright leaves only a hidden `.{name}.partial-*` folder."""
@@ -401,6 +406,8 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[floa
 
     path = Path(path)
     grid = _check_build(levels, path, batches, blocksize, percdamp)
+    if inputs is not None and grid_index(inputs, grid) is None:
+        raise ValueError(f"database inputs {inputs!r}: give 'dense' (None) or a level of the grid {list(grid)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None; got {threads!r}")
     previous_threads = torch.get_num_threads()
@@ -408,7 +415,8 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[floa
     dtype = next(iter(loaded.linears(0).values())).weight.dtype
     manifest = {"format": FORMAT, "model": loaded.name, "num_layers": loaded.num_layers,
                 "dtype": str(dtype).removeprefix("torch."), "levels": list(grid), "percdamp": percdamp,
-                "blocksize": blocksize, "inputs": "dense", "shapes": layer_shapes(loaded),
+                "blocksize": blocksize, "inputs": "dense" if inputs is None else f"uniform-{inputs:g}",
+                "shapes": layer_shapes(loaded),
                 "weights": weights_fingerprint(loaded), "calibration": batches_fingerprint(batches),
                 "n_batches": len(batches), "device": str(loaded.device),
                 "threads": threads or torch.get_num_threads()}
@@ -416,6 +424,7 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[floa
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     bar = tqdm(total=loaded.num_layers * len(grid), desc="sparsegpt database", disable=not progress)
     solvers: dict[str, SparseGPT] = {}
+    held: dict[tuple[int, str], torch.Tensor] = {}  # inputs from a uniform plan: the dense weights, put back after
 
     def observe(i: int):
         solvers.clear()
@@ -434,8 +443,15 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[floa
                 keep = ~pruned
                 tensors[f"{name}.mask"] = pack_mask(keep)
                 tensors[f"{name}.values"] = W[keep].to("cpu")
+                if inputs is not None and grid_index(inputs, grid) == j:
+                    held[(i, name)] = (linear.weight.data.to("cpu", copy=True), W)
             save_file(tensors, str(tmp / _file(i, j)))
             bar.update(1)
+        for name, linear in loaded.linears(i).items():  # the next layer sees this layer pruned to `inputs`
+            if (i, name) in held:
+                dense, W = held[(i, name)]
+                linear.weight.data.copy_(W)
+                held[(i, name)] = dense
 
     try:
         if threads is not None:
@@ -450,6 +466,8 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Sequence[floa
             path.rmdir()  # empty (checked above)
         os.replace(tmp, path)
     finally:
+        for (i, name), dense in held.items():
+            loaded.linears(i)[name].weight.data.copy_(dense)
         torch.set_num_threads(previous_threads)
         bar.close()
         if tmp.exists():

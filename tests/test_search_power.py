@@ -4,6 +4,7 @@ import random
 
 import optuna
 import pytest
+import torch
 
 from lmmlab import allocate, models
 from lmmlab.ablate import Pruner
@@ -179,6 +180,7 @@ def test_atp_and_alphapruning_are_warm_starts(llama, task, pruner, tmp_path):
     (["search", "--warm-starts", "owl", "lottery"], "unknown warm start 'lottery'"),
     (["ablate-samplers", "--samplers", "tpe", "hillclimb"], "unknown sampler 'hillclimb'"),
     (["database", "--levels", "0.5,0.5"], "level"),
+    (["search", "--database-levels", "0.3,0.5", "--database-inputs", "0.4"], "--database-inputs '0.4'"),
 ])
 def test_bad_search_power_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -186,3 +188,22 @@ def test_bad_search_power_input_is_one_line_exit_2_and_writes_nothing(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_database_on_the_uniform_plans_inputs_stitches_sequential_sparsegpt(llama, task, pruner, tmp_path):
+    """Solved on what the layers before produce when pruned at 0.5, the uniform 0.5 plan stitches to the weights of
+    sequential SparseGPT itself; from the dense model's inputs it does not."""
+    plan = CompressionPlan([0.5] * llama.num_layers, method="sparsegpt")
+    try:
+        pruner.apply(plan, sequential=True)  # no database: SparseGPT layer by layer
+        reference = {k: lin.weight.detach().clone() for k, lin in llama.prunable().items()}
+        for inputs, equal in ((0.5, True), (None, False)):
+            pruner.attach_database(levels=GRID, path=tmp_path / f"db-{inputs}", inputs=inputs, progress=False)
+            pruner.apply(plan)
+            assert pruner.database.manifest["inputs"] == ("dense" if inputs is None else "uniform-0.5")
+            same = all(torch.allclose(reference[k], lin.weight, atol=1e-6) for k, lin in llama.prunable().items())
+            assert same == equal
+            pruner.database = None
+    finally:
+        pruner.database = None
+        pruner.restore()
