@@ -388,10 +388,12 @@ def cmd_ablate_samplers(args) -> None:
     table = ablate.ablate_samplers(loaded, task, pruner, samplers=args.samplers, seeds=args.seeds,
                                    n_trials=args.n_trials, storage=storage, method=args.method,
                                    target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
-                                   kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval)
+                                   kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
+                                   objective=args.objective)
     write_text_atomic(out, table.to_csv(index=False))
     summary = summarise(table)
-    figure = plots.save(plots.sampler_ablation_figure(summary, task.direction), out.stem,
+    direction = "minimize" if args.objective == "loss" else task.direction
+    figure = plots.save(plots.sampler_ablation_figure(summary, direction), out.stem,
                         out.parent.parent / "figures")
     final = table.groupby(["sampler", "seed"]).best_so_far.last().groupby("sampler").agg(["median", "min", "max"])
     print(pd.DataFrame(final).round(4).to_string())
@@ -760,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=float, default=0.6)
     p.add_argument("--kv-budget", type=float, default=4.0)
     p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
+    p.add_argument("--objective", default=None, help="the task's primary metric (default) or 'loss'")
     p.add_argument("--database-levels", default=None, help="sparsegpt: the layer database's grid")
     p.add_argument("--database", type=Path, default=None, help="sparsegpt: the layer database's folder")
     add_kv_layout_args(p)
