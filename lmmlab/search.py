@@ -302,12 +302,14 @@ def finished(trial: optuna.trial.FrozenTrial) -> bool:
             or (trial.state == optuna.trial.TrialState.PRUNED and "pruned_at" in trial.user_attrs))
 
 
-def trial_count(storage: str, study_name: str) -> int:
-    """Trials the study already holds (0 if it does not exist yet)."""
+def own_trials(storage: str, study_name: str, worker: str) -> int:
+    """Trials `worker` already ran in the study (0 if it does not exist yet): a worker that resumes its own run gets
+    a new sampler seed, `worker_seed(seed, "worker@count")`; one that joins others keeps `worker_seed(seed, worker)`."""
     try:
-        return len(optuna.load_study(study_name=study_name, storage=storage_for(storage)).get_trials(deepcopy=False))
+        trials = optuna.load_study(study_name=study_name, storage=storage_for(storage)).get_trials(deepcopy=False)
     except KeyError:
         return 0
+    return sum(t.user_attrs.get("worker") == worker for t in trials)
 
 
 def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> None:
@@ -412,7 +414,7 @@ def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budge
         allocations = {a: pruner.allocation(a, space.target_sparsity) for a in warm_allocations if a != "uniform"}
         starts = warm_start_params(space, allocations)[:n_trials]
     sampler_seed = worker_seed(seed, worker)
-    if existing := trial_count(storage, name):  # a resumed worker must not redraw its first run's startup points
+    if existing := own_trials(storage, name, worker):  # resuming: do not redraw its first run's startup points
         sampler_seed = worker_seed(seed, f"{worker}@{existing}")
     study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts, heartbeat=heartbeat,
                        sampler=sampler, pruner=fidelity_pruner() if multi_fidelity else None)
