@@ -121,7 +121,7 @@ def kv_ratio_by_context(layers: int, heads: int, head_dim: int, contexts=KV_CONT
 
 @torch.no_grad()
 def _decode_tokens_per_s(loaded: Loaded, make_cache, context: int, steps: int) -> float:
-    """Batch-1 greedy decoding speed after a `context`-token text prefill into the cache."""
+    """Batch-1 greedy decoding speed after a `context`-token text prefill into the cache (steps timed together)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, loaded.model.config.get_text_config().vocab_size, (1, context), generator=g)
     cache = make_cache()
@@ -134,34 +134,108 @@ def _decode_tokens_per_s(loaded: Loaded, make_cache, context: int, steps: int) -
     return steps / (time.perf_counter() - start)
 
 
-def _cache_tokens_per_s(bits: int, layers: int, heads: int, head_dim: int, context: int, steps: int) -> float:
-    """Decode-step throughput of the cache alone (store one token, read all back, every layer) at a model's shapes."""
-    cache = _filled_cache(bits, layers, heads, head_dim, context)
-    new = torch.randn(1, heads, 1, head_dim).to(torch.float16)
-    start = time.perf_counter()
-    for _ in range(steps):
-        for i in range(layers):
-            cache.update(new, new, i)
-    return steps / (time.perf_counter() - start)
+class _Attention(torch.nn.Module):
+    """What transformers' attention functions read from the attention module: its KV grouping and causality."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
 
 
-def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, shape_steps: int = 3) -> dict:
-    """Compression ratios and decode speed of the quantized cache, on `loaded` and at LLaVA-1.5-7B's shapes."""
+def memory_bandwidth_gb_s(megabytes: int = 512, repeat: int = 5, device: str = "cpu") -> float:
+    """The memory bandwidth of `device`: bytes read plus bytes written per second by a large tensor copy (median of
+    `repeat`), in GB/s (10^9 bytes)."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    return 2 * src.numel() * 4 / _seconds(lambda: (dst.copy_(src), _sync(device)), repeat) / 1e9
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+PATHS = ("plain", "dequantize", "packed")
+
+
+def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 4096), widths=(16, 8, 4, 2),
+                     steps: int = 5, dtype=torch.float16, device: str = "cpu",
+                     paths=("dequantize", "packed")) -> list[dict]:
+    """Decode steps at a model's attention shapes (batch 1, `heads` query and KV heads): after a `context`-token
+    prefill, each step stores one token's keys and values in every layer and attends one query over all of them,
+    through the attention function a model with lmmlab's attention uses. Paths: "plain" (transformers'
+    `DynamicCache`, fp16, SDPA), "dequantize" (the KIVI cache dequantized into a float tensor, then SDPA) and
+    "packed" (`lmmlab.attention`'s decode attention over the packed store); tokens/s is 1 / the median step.
+    `bytes_per_step` is what a step must read at least: the cache's bytes (`nbytes()`) before the first timed step
+    (context + 1 tokens)."""
+    from transformers.cache_utils import DynamicCache
+
+    from lmmlab.attention import kivi_attention_forward
+
+    module, scaling = _Attention(), head_dim ** -0.5
+    rows = []
+    for context in contexts:
+        for bits in widths:
+            for path in (("plain",) if bits == 16 else paths):
+                g = torch.Generator().manual_seed(context + bits)
+                cache = DynamicCache() if path == "plain" else KVCache([bits] * layers, read=path)
+                for i in range(layers):
+                    k, v = (torch.randn(1, heads, context, head_dim, generator=g).to(device, dtype) for _ in range(2))
+                    cache.update(k, v, i)
+                    del k, v
+                new = torch.randn(1, heads, 1, head_dim, generator=g).to(device, dtype)
+
+                def step():
+                    for i in range(layers):
+                        keys, values = cache.update(new, new, i)
+                        kivi_attention_forward(module, new, keys, values, None, scaling=scaling)
+                    _sync(device)
+
+                step()  # warm-up (builds the kernels on first use)
+                nbytes = cache.nbytes() if path != "plain" else sum(
+                    layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
+                seconds = _seconds(step, steps)
+                rows.append({"context": context, "bits": bits, "path": path, "tokens_per_s": 1 / seconds,
+                             "bytes_per_step": nbytes})
+                del cache
+    return rows
+
+
+def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, decode_contexts=(1024, 4096),
+             step_repeats: int = 5) -> dict:
+    """Compression ratios of the quantized cache, on `loaded` and at LLaVA-1.5-7B's shapes; `loaded`'s greedy
+    decoding speed with a plain cache and with each read of the quantized one; and decode steps at LLaVA-1.5-7B's
+    shapes (`decode`: `decode_step_rows` at `decode_contexts`) against the memory bandwidth measured in the same run
+    (`bandwidth_gb_s`): each row's `limit_tokens_per_s` = bandwidth / bytes_per_step, the speed at which the step
+    would only read its cache once.
+
+    Goal (issue 14): at 4096 tokens, 4- and 2-bit packed decode ≥ 1.0 × the plain cache's tokens/s and within 2 ×
+    of the bandwidth limit (`of_limit` ≥ 0.5)."""
     own = (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim)
     result: dict = {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
                     "context": context, "group_size": KIVI_GROUP_SIZE, "residual_length": KIVI_RESIDUAL}
     result[loaded.name] = {"shape": own, **kv_ratios(*own, context)}
     for bits in (16, 4, 2):
         plan = CompressionPlan.uniform(loaded.num_layers, kv_bits=bits)
-        result[loaded.name][f"decode_tokens_per_s_{bits}bit"] = _decode_tokens_per_s(
-            loaded, lambda: kv_cache_for(plan, loaded), context, decode_steps)
+        for read in (("packed", "dequantize") if bits < 16 else ("dequantize",)):
+            key = f"decode_tokens_per_s_{bits}bit" + ("_dequantize" if bits < 16 and read == "dequantize" else "")
+            result[loaded.name][key] = _decode_tokens_per_s(
+                loaded, lambda: kv_cache_for(plan, loaded, read=read), context, decode_steps)
     for name, shape in SHAPES.items():
         result[name] = {"shape": shape, **kv_ratios(*shape, context)}
-        for bits in (16, 4, 2):
-            result[name][f"cache_tokens_per_s_{bits}bit"] = _cache_tokens_per_s(bits, *shape, context, shape_steps)
     # the headline figures the issue asks for: LLaVA-1.5-7B's shapes
     result.update({k: result["llava-1.5-7b"][k] for k in ("ratio_2bit", "ratio_4bit", "ratio_8bit")})
     result["ratio_by_context"] = kv_ratio_by_context(*SHAPES["llava-1.5-7b"])
+    result["bandwidth_gb_s"] = bandwidth = memory_bandwidth_gb_s()
+    rows = decode_step_rows(*SHAPES["llava-1.5-7b"], contexts=decode_contexts, steps=step_repeats)
+    plain = {r["context"]: r["tokens_per_s"] for r in rows if r["path"] == "plain"}
+    for r in rows:
+        r["limit_tokens_per_s"] = bandwidth * 1e9 / r["bytes_per_step"]
+        r["of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"]
+        r["over_plain"] = r["tokens_per_s"] / plain[r["context"]] if r["context"] in plain else None
+    result["decode_shape"] = "llava-1.5-7b"
+    result["decode"] = rows
     return result
 
 

@@ -479,7 +479,9 @@ def cmd_bench(args) -> None:
         task = task_from_args(args)
         loaded = load(args, task)
         if args.what == "kv":
-            result = bench_kv(loaded)
+            if any(c < 1 for c in args.decode_contexts):
+                raise ValueError(f"--decode-contexts must be positive token counts; got {args.decode_contexts}")
+            result = bench_kv(loaded, decode_contexts=tuple(args.decode_contexts))
         elif args.what == "search":
             database = None
             if args.database_levels:
@@ -783,6 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory: decoder layers built (measured at layers // 2 and layers, extrapolated to full depth)")
     p.add_argument("--database-levels", default=None,
                    help="search: also time trials that stitch SparseGPT levels from a layer database of this grid")
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096],
+                   help="kv: contexts of the decode steps timed at LLaVA-1.5-7B's shapes")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -95,23 +95,47 @@ class Quantized:
     bits: int
     axis: int  # KEY_AXIS or VALUE_AXIS
     head_dim: int
+    base: tuple[torch.Tensor, ...] | None = None  # buffers with spare tokens that codes/scale/zero are the head of
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[-2]
 
+    @property
+    def group_size(self) -> int:
+        return self.num_tokens // self.scale.shape[2] if self.axis == KEY_AXIS else self.head_dim // self.scale.shape[3]
+
     def nbytes(self) -> int:
+        """Bytes of the states stored (the spare room of `base` is `allocated_nbytes() - nbytes()`)."""
         return _tensor_bytes(self.codes, self.scale, self.zero)
+
+    def allocated_nbytes(self) -> int:
+        return self.nbytes() if self.base is None else _tensor_bytes(*self.base)
 
     def map(self, fn) -> "Quantized":
         """Apply `fn` to every stored tensor (they all lead with the batch axis); exact, no re-quantization."""
         return Quantized(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.axis, self.head_dim)
 
-    def append(self, other: "Quantized") -> "Quantized":
-        """Concatenate along tokens: both the codes and the scales have whole groups, so this is lossless."""
-        token_dim = 2
-        return Quantized(torch.cat([self.codes, other.codes], token_dim), torch.cat([self.scale, other.scale], token_dim),
-                         torch.cat([self.zero, other.zero], token_dim), self.bits, self.axis, self.head_dim)
+    def append(self, other: "Quantized", reserve: int = 0) -> "Quantized":
+        """Concatenate along tokens: both the codes and the scales have whole groups, so this is lossless. `other` is
+        written into the spare room behind this store's tensors when there is enough, else all is moved into new
+        buffers with room for `reserve` more tokens, so that appending a token at a time copies the store only once
+        every `reserve` tokens (not at every step, as a concatenation would)."""
+        token_dim, n, m = 2, self.num_tokens, other.num_tokens
+        bases = self.base or (None, None, None)
+        new_base, views = [], []
+        for mine, new, base in zip((self.codes, self.scale, self.zero), (other.codes, other.scale, other.zero), bases):
+            used, add = mine.shape[token_dim], new.shape[token_dim]
+            if base is None or base.shape[token_dim] < used + add:
+                spare = -(-reserve * add // m)  # rows per token: 1 for codes and value scales, 1/G for key scales
+                shape = list(mine.shape)
+                shape[token_dim] = used + add + spare
+                base = mine.new_empty(shape)
+                base[:, :, :used] = mine
+            base[:, :, used : used + add] = new
+            new_base.append(base)
+            views.append(base[:, :, : used + add])
+        return Quantized(*views, self.bits, self.axis, self.head_dim, base=tuple(new_base))
 
 
 def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
@@ -148,12 +172,46 @@ def dequantize(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None = None
     """codes · scale + zero, as `dtype` [B, H, T, D]; written into `out` (a slice of a larger buffer) when given."""
     codes = unpack(q.codes, q.bits, q.head_dim)  # [B, H, T, D]
     B, H, T, D = codes.shape
-    group_size = T // q.scale.shape[2] if q.axis == KEY_AXIS else D // q.scale.shape[3]
-    g = _grouped(codes, group_size, q.axis).float()
+    g = _grouped(codes, q.group_size, q.axis).float()
     x = torch.addcmul(q.zero.float(), g, q.scale.float()).reshape(B, H, T, D)
     if out is None:
         return x.to(dtype)
     return out.copy_(x)
+
+
+READS = ("dequantize", "packed")  # how a quantized part is handed to attention (KiviLayer's `read`)
+
+
+@dataclass
+class PackedStates:
+    """A quantized cache part as a `read="packed"` layer hands it to attention: the older tokens as they are stored
+    (`stored`: packed codes, scales, zero points) and the newer ones in full precision (`tail`: the window, then this
+    pass's states), in token order. `lmmlab.attention` attends over it without a float copy of the store;
+    `materialize()` is the tensor the dequantize-then-attend path reads."""
+
+    stored: Quantized
+    tail: torch.Tensor  # [B, H, w, D]
+
+    @property
+    def shape(self) -> torch.Size:
+        B, H, w, D = self.tail.shape
+        return torch.Size((B, H, self.stored.num_tokens + w, D))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tail.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tail.device
+
+    def materialize(self) -> torch.Tensor:
+        """[dequantize(stored), tail] along tokens, assembled in one buffer [B, H, T, D]."""
+        q = self.stored.num_tokens
+        out = torch.empty(self.shape, dtype=self.tail.dtype, device=self.tail.device)
+        dequantize(self.stored, self.tail.dtype, out=out[:, :, :q])
+        out[:, :, q:] = self.tail
+        return out
 
 
 def check_settings(bits: int, group_size: int, residual_length: int, head_dim: int | None = None,
@@ -169,20 +227,32 @@ def check_settings(bits: int, group_size: int, residual_length: int, head_dim: i
                          "(values are grouped along channels)")
 
 
+def check_read(read: str) -> None:
+    if read not in READS:
+        raise ValueError(f"unknown KV read {read!r}; allowed: {', '.join(READS)}")
+
+
 # --- the cache ---------------------------------------------------------------------------------------------------
 
 class KiviLayer(BaseQuantizedLayer):
     """One decoder layer's cache: quantized key and value stores, a key window that flushes every `residual_length`
     tokens (`self.keys`) and a value window sliding over the newest `residual_length` tokens (`self.values`).
     Keys are stored at `bits`, values at `value_bits` (default `bits`); a part at 16 bits is never quantized: its
-    window keeps all of its tokens as they come."""
+    window keeps all of its tokens as they come.
+
+    `read="dequantize"` hands attention one float tensor per part (the store dequantized, then the window and the new
+    states); `read="packed"` hands it a `PackedStates` for a part with a store, for `lmmlab.attention`'s packed
+    decode attention. The stores grow into buffers with room for `2 · residual_length` more tokens, so a decode step
+    writes its token in place instead of copying the store."""
 
     def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
-                 value_bits: int | None = None):
+                 value_bits: int | None = None, read: str = "dequantize"):
         check_settings(bits, group_size, residual_length, value_bits=value_bits)
+        check_read(read)
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.value_bits = bits if value_bits is None else value_bits
+        self.read, self.reserve = read, 2 * residual_length
 
     @property
     def key_bits(self) -> int:
@@ -231,21 +301,21 @@ class KiviLayer(BaseQuantizedLayer):
         if self.key_bits == 16:  # as a DynamicLayer: every key in the window, read as it is
             self.keys = torch.cat([self.keys, new], dim=-2)
             return self.keys
-        out = self._read(self._quantized_keys, self.keys, new)
         window = self._extend(self.keys, new)
+        out = self._read(self._quantized_keys, window)
         flush = window.shape[-2] - window.shape[-2] % self.residual_length  # whole chunks of R
         if flush:
             self._quantized_keys = self._append(self._quantized_keys,
                                                 self._quantize(window[..., :flush, :].contiguous(), KEY_AXIS))
-        self.keys = window[..., flush:, :].clone()
+        self.keys = window[..., flush:, :].clone() if flush else window  # a fresh tensor that nothing else writes
         return out
 
     def _update_values(self, new: torch.Tensor) -> torch.Tensor:
         if self.value_bits == 16:  # as a DynamicLayer: every value in the window, read as it is
             self.values = torch.cat([self.values, new], dim=-2)
             return self.values
-        out = self._read(self._quantized_values, self.values, new)
         window = self._extend(self.values, new)
+        out = self._read(self._quantized_values, window)
         old = max(0, window.shape[-2] - self.residual_length)  # all but the newest R
         if old:
             self._quantized_values = self._append(self._quantized_values,
@@ -257,31 +327,32 @@ class KiviLayer(BaseQuantizedLayer):
     def _extend(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return torch.cat([window, new], dim=-2) if window.dim() == 4 else new
 
-    def _read(self, stored: Quantized | None, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """[stored (dequantized), window, new] along tokens, assembled in one buffer."""
-        B, H, t, D = new.shape
-        q = 0 if stored is None else stored.num_tokens
-        w = window.shape[-2] if window.dim() == 4 else 0
-        out = torch.empty(B, H, q + w + t, D, dtype=new.dtype, device=new.device)
-        if q:
-            self._dequantize(stored, out=out[:, :, :q])
-        if w:
-            out[:, :, q : q + w] = window
-        out[:, :, q + w :] = new
-        return out
+    def _read(self, stored: Quantized | None, tail: torch.Tensor) -> torch.Tensor | PackedStates:
+        """[stored, tail] along tokens: the store dequantized into one tensor with the tail, or, when reading packed,
+        the store as it is."""
+        if stored is None:
+            return tail
+        packed = PackedStates(stored, tail)
+        return packed if self.read == "packed" else packed.materialize()
 
-    @staticmethod
-    def _append(store: Quantized | None, new: Quantized) -> Quantized:
-        return new if store is None else store.append(new)
+    def _append(self, store: Quantized | None, new: Quantized) -> Quantized:
+        return new if store is None else store.append(new, reserve=self.reserve)
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, fp16 scales and zero points, and both full-precision windows."""
+        return self._held(Quantized.nbytes)
+
+    def allocated_nbytes(self) -> int:
+        """`nbytes()` plus the stores' spare room (at most `2 · residual_length` tokens per part)."""
+        return self._held(Quantized.allocated_nbytes)
+
+    def _held(self, store_bytes) -> int:
         if not self.is_initialized:
             return 0
         held = _tensor_bytes(self.keys, self.values)
         for store in (self._quantized_keys, self._quantized_values):
             if store is not None:
-                held += store.nbytes()
+                held += store_bytes(store)
         return held
 
     def _map_batch(self, fn) -> None:
@@ -318,11 +389,12 @@ class KVCache(Cache):
     `value_bits`, keys at `bits[i]` and values at `value_bits[i]` bits.
 
     Pass it to a model as `cache=` (or to `model.generate(..., cache=...)`). `nbytes()` is what it really holds;
-    `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens.
+    `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens. `read="packed"` needs a model whose
+    attention is lmmlab's (`lmmlab.attention.use_packed_attention`; `load_model` sets it).
     """
 
     def __init__(self, bits: Sequence[int], group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
-                 value_bits: Sequence[int] | None = None):
+                 value_bits: Sequence[int] | None = None, read: str = "dequantize"):
         bits = [int(b) for b in bits]
         if not bits:
             raise ValueError("a KV cache needs a bit-width for at least one layer")
@@ -331,9 +403,10 @@ class KVCache(Cache):
             raise ValueError(f"value_bits has {len(values)} entries but bits has {len(bits)}; give one per layer")
         for k, v in zip(bits, values):
             check_settings(k, group_size, residual_length, value_bits=v)
+        check_read(read)
         self.bits, self.value_bits = bits, values
-        self.group_size, self.residual_length = group_size, residual_length
-        super().__init__(layers=[DynamicLayer() if k == v == 16 else KiviLayer(k, group_size, residual_length, v)
+        self.group_size, self.residual_length, self.read = group_size, residual_length, read
+        super().__init__(layers=[DynamicLayer() if k == v == 16 else KiviLayer(k, group_size, residual_length, v, read)
                                  for k, v in zip(bits, values)])
 
     @property
@@ -364,13 +437,16 @@ class KVCache(Cache):
         return [layer.quantized_value_tokens if isinstance(layer, KiviLayer) else 0 for layer in self.layers]
 
 
-def kv_cache_for(plan: CompressionPlan, loaded) -> KVCache:
+def kv_cache_for(plan: CompressionPlan, loaded, *, read: str | None = None) -> KVCache:
     """A fresh cache for `loaded`'s decoder with the plan's per-layer key and value widths, group size and residual
-    window."""
+    window; it reads packed where the model's attention can (`lmmlab.attention.reads_packed`), unless `read` says."""
+    from lmmlab.attention import reads_packed
+
     plan.check_layers(loaded.num_layers)
     for k, v in set(zip(plan.key_widths, plan.value_widths)):
         check_settings(k, plan.kv_group_size, plan.kv_residual, loaded.head_dim, value_bits=v)
-    return KVCache(plan.key_widths, plan.kv_group_size, plan.kv_residual, value_bits=plan.value_widths)
+    read = read or ("packed" if reads_packed(loaded.model) else "dequantize")
+    return KVCache(plan.key_widths, plan.kv_group_size, plan.kv_residual, value_bits=plan.value_widths, read=read)
 
 
 def quantized_counts(context: int, residual_length: int) -> tuple[int, int]:

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from lmmlab.cli import main
+from lmmlab.kvcache import kv_nbytes
 
 
 def run(*args):
@@ -199,7 +200,7 @@ def test_eval_with_a_quantized_kv_cache(default, capsys):
 
 def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "kv", "--json", str(out)]) == 0
+    assert main(["bench", "kv", "--decode-contexts", "160", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["context"] == 1024 and result["group_size"] == 32 and result["residual_length"] == 128
     # 1024 tokens: all 1024 keys and 896 values quantized (b-bit codes + two fp16 per 32 elements), 128 values in fp16
@@ -207,11 +208,27 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
         assert result[f"ratio_{bits}bit"] == pytest.approx(((1024 + 896) * (bits + 1) + 128 * 16) / (2048 * 16))
         assert result["ratio_by_context"]["1024"][str(bits)] == result[f"ratio_{bits}bit"]
     assert set(result["ratio_by_context"]) == {"1000", "1024", "4096"}
-    for key in ("decode_tokens_per_s_16bit", "decode_tokens_per_s_4bit", "decode_tokens_per_s_2bit"):
+    for key in ("decode_tokens_per_s_16bit", "decode_tokens_per_s_4bit", "decode_tokens_per_s_2bit",
+                "decode_tokens_per_s_4bit_dequantize", "decode_tokens_per_s_2bit_dequantize"):
         assert result["lmmlab-default"][key] > 0
+    # decode steps at LLaVA-7B's shapes: the plain cache, then each quantized width read both ways
+    assert result["bandwidth_gb_s"] > 0 and result["decode_shape"] == "llava-1.5-7b"
+    rows = {(r["bits"], r["path"]): r for r in result["decode"]}
+    assert set(rows) == {(16, "plain")} | {(b, p) for b in (8, 4, 2) for p in ("dequantize", "packed")}
+    for (bits, path), r in rows.items():
+        assert r["context"] == 160 and r["tokens_per_s"] > 0
+        assert r["limit_tokens_per_s"] == pytest.approx(result["bandwidth_gb_s"] * 1e9 / r["bytes_per_step"])
+        assert r["over_plain"] == pytest.approx(r["tokens_per_s"] / rows[16, "plain"]["tokens_per_s"])
+    # bytes per step: the cache after the prefill and the warm-up step (161 tokens); 16-bit = fp16
+    assert rows[16, "plain"]["bytes_per_step"] == 32 * 32 * 161 * 128 * 2 * 2
+    for bits in (8, 4, 2):
+        assert rows[bits, "packed"]["bytes_per_step"] == rows[bits, "dequantize"]["bytes_per_step"] == kv_nbytes(
+            [bits] * 32, 32, 128, 161)
     assert result["llava-1.5-7b"]["shape"] == [32, 32, 128]
     assert result["llava-1.5-7b"]["fp16_bytes"] == 32 * 2 * 32 * 1024 * 128 * 2
     assert json.loads(capsys.readouterr().out) == result
+    assert main(["bench", "kv", "--decode-contexts", "0"]) == 2
+    assert "--decode-contexts must be positive" in capsys.readouterr().err
 
 
 def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):

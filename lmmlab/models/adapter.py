@@ -172,6 +172,7 @@ def load_model(
         config = AutoConfig.from_pretrained(source)
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {err}") from None
+    from lmmlab.attention import use_packed_attention
     from lmmlab.export import exported_model
 
     model = exported_model(source, config, dtype)  # a compressed-tensors export (lmmlab.export), decompressed
@@ -186,4 +187,5 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         processor = AutoTokenizer.from_pretrained(source)
     model.to(device).eval()
+    use_packed_attention(model)  # SDPA as before, plus decode attention over a packed KV store (lmmlab.attention)
     return Loaded(name=str(name_or_path), model=model, processor=processor, layers=decoder_layers(model))

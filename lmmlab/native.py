@@ -1,0 +1,87 @@
+"""The packed-KV attention kernels in C (`lmmlab/csrc/kivi_attention.c`), built once per machine with the system's C
+compiler and loaded with ctypes.
+
+The library is compiled for the CPU it runs on (`-march=native`) and linked against OpenMP, which resolves to the
+OpenMP runtime torch has already loaded, so the kernels and torch share one thread pool. It lands in
+$LMMLAB_CACHE/kernels under a name that hashes the source, the flags, the compiler and the CPU, written atomically
+(a killed build leaves nothing that looks complete). No compiler, or a failed build, gives `None` and the caller
+falls back to torch (`lmmlab.attention`), with one warning naming the reason.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "kivi_attention.c"
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11",
+         # float sums may be reassociated (vectorized dot products): results equal the torch path to float rounding
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def library_path(compiler: str) -> Path:
+    from lmmlab.models.adapter import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *version, _cpu_flags()]).encode()).hexdigest()
+    return cache_dir() / "kernels" / f"kivi_attention-{digest[:16]}.so"
+
+
+def build(compiler: str, out: Path) -> None:
+    """Compile the kernels into `out` (atomically); raises RuntimeError with the compiler's message."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[:500]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None (with one warning) where it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found (set CC): packed KV attention runs in torch, slower")
+        return None
+    try:
+        path = library_path(compiler)
+        if not path.exists():
+            log.info("building the packed KV attention kernels: %s", path)
+            build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("packed KV attention kernels unavailable (%s): running in torch, slower", err)
+        return None
+    args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
+    for fn in (lib.kivi_scores, lib.kivi_values):
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
