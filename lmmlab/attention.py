@@ -9,11 +9,12 @@ fold into the attention weights p:
 so a decode step reads the packed codes once and never builds a float copy of the store. The newest tokens (the
 full-precision window and this pass's states, `PackedStates.tail`) are attended as they are, in the same softmax.
 
-Two implementations of the two folded products, one result to float rounding:
+Three implementations of the two folded products, one result to float rounding:
   C        `lmmlab/csrc/kivi_attention.c` on the CPU (built by `lmmlab.native`; codes unpacked in registers)
+  Triton   `lmmlab.triton_attention` on CUDA, where Triton is installed
   torch    `packed_scores_reference` / `packed_values_reference`: the formulas above in plain torch (they unpack the
-           codes into a float tensor): the spec, and the fallback elsewhere (CUDA: no fused kernel here yet, so
-           `fast_packed_reads` is False there and `kv_cache_for` keeps the dequantize path).
+           codes into a float tensor): the spec, and the fallback elsewhere. Where neither kernel runs,
+           `fast_packed_reads` is False and `kv_cache_for` keeps the dequantize path.
 
 The attention function `kivi_attention_forward` is registered as "lmmlab_kivi": for a one-token query over a
 `PackedStates` it runs `decode_attention`; for anything else (prefill, plain tensors, the vision tower) it hands
@@ -29,10 +30,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from lmmlab.kvcache import KEY_AXIS, PackedStates, Quantized, _chunk, unpack
+from lmmlab.kvcache import PackedStates, Quantized, _chunk, unpack
 
 ATTENTION = "lmmlab_kivi"
-BACKENDS = ("auto", "c", "torch")
+BACKENDS = ("auto", "c", "triton", "torch")
 
 
 # --- the folded products in torch: the spec ----------------------------------------------------------------------
@@ -90,24 +91,34 @@ def _c_product(name: str, store: Quantized, rows: torch.Tensor, out: torch.Tenso
 
 
 def packed_scores(q: torch.Tensor, keys: Quantized, backend: str = "auto") -> torch.Tensor:
-    """`packed_scores_reference`, in C on the CPU where the kernels build."""
+    """`packed_scores_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed."""
     q = q.float().contiguous()
     if keys.num_tokens == 0:
         return q.new_zeros(*q.shape[:3], 0)
-    if _backend(backend, q) == "c":
+    chosen = _backend(backend, q)
+    if chosen == "c":
         out = q.new_empty(*q.shape[:3], keys.num_tokens)
         if _c_product("kivi_scores", keys, q, out):
             return out
+    elif chosen == "triton":
+        from lmmlab.triton_attention import triton_scores
+
+        return triton_scores(q, keys)
     return packed_scores_reference(q, keys)
 
 
 def packed_values(p: torch.Tensor, values: Quantized, backend: str = "auto") -> torch.Tensor:
-    """`packed_values_reference`, in C on the CPU where the kernels build."""
+    """`packed_values_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed."""
     p = p.float().contiguous()
-    if _backend(backend, p) == "c" and values.group_size % _chunk(values.bits)[0] == 0:
+    chosen = _backend(backend, p)
+    if chosen == "c" and values.group_size % _chunk(values.bits)[0] == 0:
         out = p.new_empty(*p.shape[:3], values.head_dim)
         if _c_product("kivi_values", values, p, out):
             return out
+    elif chosen == "triton":
+        from lmmlab.triton_attention import triton_values
+
+        return triton_values(p, values)
     return packed_values_reference(p, values)
 
 
@@ -116,14 +127,24 @@ def _backend(backend: str, x: torch.Tensor) -> str:
         raise ValueError(f"unknown packed attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "c" if x.device.type == "cpu" else "torch"
+    if x.device.type == "cpu":
+        return "c"
+    return "triton" if x.device.type == "cuda" and _triton() else "torch"
+
+
+def _triton() -> bool:
+    from lmmlab.triton_attention import available
+
+    return available()
 
 
 def fast_packed_reads(device: torch.device | str) -> bool:
-    """Whether packed decode attention has a fused kernel on `device` (the C kernels on a CPU where they build)."""
+    """Whether packed decode attention has a fused kernel on `device`: the C kernels on a CPU where they build, the
+    Triton kernels on CUDA where Triton is installed."""
     from lmmlab.native import kernels
 
-    return torch.device(device).type == "cpu" and kernels() is not None
+    kind = torch.device(device).type
+    return (kind == "cpu" and kernels() is not None) or (kind == "cuda" and _triton())
 
 
 # --- attention over [packed store, tail] ---------------------------------------------------------------------------

@@ -16,12 +16,13 @@ held. Goals at 1024 tokens: ratio_2bit <= 0.24 and ratio_4bit <= 0.36.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
-import optuna
 import torch
 
+from lmmlab.attention import kivi_attention_forward
 from lmmlab.calibrate import calibrate
 from lmmlab.kvcache import KVCache, kv_cache_for, kv_nbytes
 from lmmlab.models import Loaded
@@ -156,7 +157,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-PATHS = ("plain", "dequantize", "packed")
+def _decode_step(cache, new: torch.Tensor, module: torch.nn.Module, scaling: float, device) -> None:
+    """One decode step over every layer of `cache`: store `new` as the token's keys and values, attend `new` to all."""
+    for i in range(len(cache.layers)):
+        keys, values = cache.update(new, new, i)
+        kivi_attention_forward(module, new, keys, values, None, scaling=scaling)
+    _sync(device)
 
 
 def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 4096), widths=(16, 8, 4, 2),
@@ -171,27 +177,20 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
     (context + 1 tokens)."""
     from transformers.cache_utils import DynamicCache
 
-    from lmmlab.attention import kivi_attention_forward
-
     module, scaling = _Attention(), head_dim ** -0.5
     rows = []
     for context in contexts:
         for bits in widths:
             for path in (("plain",) if bits == 16 else paths):
-                g = torch.Generator().manual_seed(context + bits)
+                g = torch.Generator(device).manual_seed(context + bits)
                 cache = DynamicCache() if path == "plain" else KVCache([bits] * layers, read=path)
                 for i in range(layers):
-                    k, v = (torch.randn(1, heads, context, head_dim, generator=g).to(device, dtype) for _ in range(2))
+                    k, v = (torch.randn(1, heads, context, head_dim, generator=g, device=device).to(dtype)
+                            for _ in range(2))
                     cache.update(k, v, i)
                     del k, v
-                new = torch.randn(1, heads, 1, head_dim, generator=g).to(device, dtype)
-
-                def step():
-                    for i in range(layers):
-                        keys, values = cache.update(new, new, i)
-                        kivi_attention_forward(module, new, keys, values, None, scaling=scaling)
-                    _sync(device)
-
+                new = torch.randn(1, heads, 1, head_dim, generator=g, device=device).to(dtype)
+                step = functools.partial(_decode_step, cache, new, module, scaling, device)
                 step()  # warm-up (builds the kernels on first use)
                 nbytes = cache.nbytes() if path != "plain" else sum(
                     layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
@@ -250,6 +249,8 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
     trials_per_min at a best objective within the plain study's best plan's 95 % interval (both best plans
     re-scored on the validation split with their per-item values)."""
     import tempfile
+
+    import optuna
 
     from lmmlab.ablate import Pruner
     from lmmlab.kvcache import KVCacheFactory

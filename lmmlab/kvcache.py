@@ -121,7 +121,7 @@ class Quantized:
         written into the spare room behind this store's tensors when there is enough, else all is moved into new
         buffers with room for `reserve` more tokens, so that appending a token at a time copies the store only once
         every `reserve` tokens (not at every step, as a concatenation would)."""
-        token_dim, n, m = 2, self.num_tokens, other.num_tokens
+        token_dim, m = 2, other.num_tokens
         bases = self.base or (None, None, None)
         new_base, views = [], []
         for mine, new, base in zip((self.codes, self.scale, self.zero), (other.codes, other.scale, other.zero), bases):

@@ -13,11 +13,17 @@ Work split (decode: B·H of about 32, R = 1, T up to 4096+):
   scores   one program per (batch·head, NG key groups): the program folds the query into each group's scales once
            and writes its NG·G scores for every query row; no reduction across programs.
   values   split-K over tokens: program (batch·head, split) sums its own run of token tiles for every query row into
-           partial[B, H, split, R, D]; the splits are then summed by torch in a fixed order (deterministic).
+           partial[B, H, split, R, D] (for R = 1 in per-element registers, reduced over tokens once at the end); the
+           splits are then summed by torch in a fixed order (deterministic).
 Any width in {2, 3, 4, 6, 8}, any head size D and group size G (tiles are padded to powers of two and masked), any
-R ≥ 1, B, H, T ≥ 1. Tiles hold about `TILE` codes as fp32 registers.
+R ≥ 1, B, H, T ≥ 1. Tiles hold about `TILE` codes as fp32 registers. The width, D, G, R and the tile sizes are
+compile-time constants (one compilation each; the tiles per split are a power of two, so T adds only a few), while
+B, H, T and the strides are not. (Constant loop counts also keep Triton 3.6's interpreter, TRITON_INTERPRET=1, working
+under numpy >= 2.4, where it cannot loop over a count passed at run time.)
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -29,7 +35,7 @@ try:  # Triton is optional: without it (or without CUDA) `available()` is False 
 except Exception:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-TILE = 4096  # codes per program per step (fp32 in registers): [NG, G_PAD, D_PAD] for keys, [BLOCK_T, NJ, G_PAD] for values
+TILE = 4096  # codes per program and step, as fp32 registers: keys [NG, G_PAD, D_PAD], values [BLOCK_T, NJ, G_PAD]
 SPLITS_PER_SM = 4  # split-K target for values: about this many programs per multiprocessor
 
 
@@ -46,8 +52,8 @@ if triton is not None:
     @triton.jit
     def _unpack(rows, c, mask, P, c_sp, BITS: tl.constexpr, PC: tl.constexpr, CB: tl.constexpr):
         """fp32 codes of channels c in the packed rows starting at `rows` (uint8 pointers; rows and c broadcast to the
-        tile's shape), 0 where masked. Chunk k = c / PC is CB bytes from byte k·CB; code i = c mod PC of it sits at bits
-        [BITS·i, BITS·i + BITS) of its little-endian word (a 3-byte chunk's last bytes can be cut off by P)."""
+        tile's shape), 0 where masked. Chunk k = c / PC is CB bytes from byte k·CB; code i = c mod PC of it sits at
+        bits [BITS·i, BITS·i + BITS) of its little-endian word (a 3-byte chunk's last bytes can be cut off by P)."""
         first = (c // PC) * CB  # the chunk's first byte
         word = tl.load(rows + first * c_sp, mask=mask & (first < P), other=0).to(tl.int32)
         if CB == 3:
@@ -87,12 +93,27 @@ if triton is not None:
             tl.store(out + row * T + t, score, mask=t_ok)
 
     @triton.jit
+    def _value_tile(codes, scale, zero, b, h, t, c, j, c_ok, j_ok, T, P, c_sb, c_sh, c_st, c_sp, s_sb, s_sh, s_st,
+                    s_sj, BITS: tl.constexpr, PC: tl.constexpr, CB: tl.constexpr):
+        """Tokens t [BLOCK_T] of a value store: codes [BLOCK_T, NJ, G_PAD] (channels c [NJ, G_PAD]) and the
+        scales and zero points s_tj, z_tj [BLOCK_T, NJ] (groups j [NJ]), as fp32; 0 outside the store."""
+        t_ok = t < T
+        rows = codes + b * c_sb + h * c_sh + t[:, None, None].to(tl.int64) * c_st  # [BLOCK_T, 1, 1]
+        code = _unpack(rows, c[None, :, :], t_ok[:, None, None] & c_ok[None, :, :], P, c_sp, BITS, PC, CB)
+        at = b * s_sb + h * s_sh + t[:, None].to(tl.int64) * s_st + j[None, :] * s_sj  # [BLOCK_T, NJ]
+        tj_ok = t_ok[:, None] & j_ok[None, :]
+        s = tl.load(scale + at, mask=tj_ok, other=0.0).to(tl.float32)
+        z = tl.load(zero + at, mask=tj_ok, other=0.0).to(tl.float32)
+        return code, s, z
+
+    @triton.jit
     def _values_kernel(codes, scale, zero, p, partial,
                        H, T, P,
                        c_sb, c_sh, c_st, c_sp,  # codes uint8 [B, H, T, P]
                        s_sb, s_sh, s_st, s_sj,  # scale, zero fp16 [B, H, T, D/G, 1] (the size-1 axis left out)
                        BITS: tl.constexpr, PC: tl.constexpr, CB: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                       R: tl.constexpr, ITERS: tl.constexpr, NJ: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                       R: tl.constexpr, ITERS: tl.constexpr, NJ: tl.constexpr, G_PAD: tl.constexpr,
+                       R_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
         """partial[b, h, split, r, :] (fp32 [B, H, splits, R, D]) = Σ over this split's ITERS tiles of BLOCK_T tokens
         of p[b, h, r, t] · v[t, :], for program (b·H + h, split)."""
         bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
@@ -102,31 +123,39 @@ if triton is not None:
         c = j[:, None] * G + i[None, :]  # [NJ, G_PAD] channel
         j_ok = j < D // G
         c_ok = j_ok[:, None] & (i[None, :] < G)
-        rs = tl.arange(0, R_PAD)  # [R_PAD] query rows
-        acc = tl.zeros((R_PAD, NJ, G_PAD), dtype=tl.float32)  # Σ_t (p_t · s_tj) · code_tc
-        zacc = tl.zeros((R_PAD, NJ), dtype=tl.float32)  # Σ_t p_t · z_tj
         p_bh = p + bh.to(tl.int64) * R * T
-        for it in range(ITERS):
-            t = (split * ITERS + it) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] tokens
-            t_ok = t < T
-            rows = codes + b * c_sb + h * c_sh + t[:, None, None].to(tl.int64) * c_st  # [BLOCK_T, 1, 1]
-            code = _unpack(rows, c[None, :, :], t_ok[:, None, None] & c_ok[None, :, :], P, c_sp,
-                           BITS, PC, CB)  # [BLOCK_T, NJ, G_PAD]
-            at = b * s_sb + h * s_sh + t[:, None].to(tl.int64) * s_st + j[None, :] * s_sj  # [BLOCK_T, NJ]
-            tj_ok = t_ok[:, None] & j_ok[None, :]
-            s = tl.load(scale + at, mask=tj_ok, other=0.0).to(tl.float32)  # [BLOCK_T, NJ] s_tj
-            z = tl.load(zero + at, mask=tj_ok, other=0.0).to(tl.float32)  # [BLOCK_T, NJ] z_tj
-            for r in range(R):  # the tile's codes are unpacked once for every query row
-                pt = tl.load(p_bh + r * T + t, mask=t_ok, other=0.0)  # [BLOCK_T]
-                w = pt[:, None] * s  # [BLOCK_T, NJ]: p_t · s_tj
-                part = tl.sum(w[:, :, None] * code, axis=0)  # [NJ, G_PAD]
-                zpart = tl.sum(pt[:, None] * z, axis=0)  # [NJ]
-                mine = rs == r
-                acc = tl.where(mine[:, None, None], acc + part[None, :, :], acc)
-                zacc = tl.where(mine[:, None], zacc + zpart[None, :], zacc)
-        o = acc + zacc[:, :, None]  # [R_PAD, NJ, G_PAD]
-        dst = partial + ((bh.to(tl.int64) * splits + split) * R + rs[:, None, None]) * D + c[None, :, :]
-        tl.store(dst, o, mask=(rs < R)[:, None, None] & c_ok[None, :, :])
+        dst = partial + (bh.to(tl.int64) * splits + split) * R * D
+        t0 = split * ITERS * BLOCK_T
+        if R == 1:  # decode, one row: sum per element over the tiles, reduce over tokens once at the end
+            acc1 = tl.zeros((BLOCK_T, NJ, G_PAD), dtype=tl.float32)  # (p_t · s_tj) · code_tc
+            zacc1 = tl.zeros((BLOCK_T, NJ), dtype=tl.float32)  # p_t · z_tj
+            for it in range(ITERS):
+                t = t0 + it * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] tokens
+                code, s, z = _value_tile(codes, scale, zero, b, h, t, c, j, c_ok, j_ok, T, P, c_sb, c_sh, c_st,
+                                         c_sp, s_sb, s_sh, s_st, s_sj, BITS, PC, CB)
+                pt = tl.load(p_bh + t, mask=t < T, other=0.0)  # [BLOCK_T]
+                acc1 += (pt[:, None] * s)[:, :, None] * code
+                zacc1 += pt[:, None] * z
+            o = tl.sum(acc1, axis=0) + tl.sum(zacc1, axis=0)[:, None]  # [NJ, G_PAD]
+            tl.store(dst + c, o, mask=c_ok)
+        else:  # several rows: each tile's codes are unpacked once and reduced over its tokens for every row
+            rs = tl.arange(0, R_PAD)  # [R_PAD] query rows
+            acc = tl.zeros((R_PAD, NJ, G_PAD), dtype=tl.float32)  # Σ_t (p_t · s_tj) · code_tc
+            zacc = tl.zeros((R_PAD, NJ), dtype=tl.float32)  # Σ_t p_t · z_tj
+            for it in range(ITERS):
+                t = t0 + it * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] tokens
+                code, s, z = _value_tile(codes, scale, zero, b, h, t, c, j, c_ok, j_ok, T, P, c_sb, c_sh, c_st,
+                                         c_sp, s_sb, s_sh, s_st, s_sj, BITS, PC, CB)
+                for r in range(R):
+                    pt = tl.load(p_bh + r * T + t, mask=t < T, other=0.0)  # [BLOCK_T]
+                    w = pt[:, None] * s  # [BLOCK_T, NJ]: p_t · s_tj
+                    part = tl.sum(w[:, :, None] * code, axis=0)  # [NJ, G_PAD]
+                    zpart = tl.sum(pt[:, None] * z, axis=0)  # [NJ]
+                    mine = rs == r
+                    acc = tl.where(mine[:, None, None], acc + part[None, :, :], acc)
+                    zacc = tl.where(mine[:, None], zacc + zpart[None, :], zacc)
+            o = acc + zacc[:, :, None]  # [R_PAD, NJ, G_PAD]
+            tl.store(dst + rs[:, None, None] * D + c[None, :, :], o, mask=(rs < R)[:, None, None] & c_ok[None, :, :])
 
 
 # --- launchers ---------------------------------------------------------------------------------------------------
@@ -144,6 +173,7 @@ def _packing(store: Quantized) -> dict:
     return dict(BITS=store.bits, PC=per_chunk, CB=chunk_bytes)
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

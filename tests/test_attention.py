@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lmmlab import attention, native
 from lmmlab.attention import (decode_attention, kivi_attention_forward, packed_scores, packed_scores_reference,
-                              packed_values, packed_values_reference, reads_packed, use_packed_attention)
+                              packed_values, reads_packed, use_packed_attention)
 from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, PackedStates, dequantize, kv_cache_for,
                             kv_nbytes, quantize)
 from lmmlab.plan import CompressionPlan
@@ -151,7 +151,7 @@ def test_the_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_unknown_backend_is_one_clear_error():
-    with pytest.raises(ValueError, match="unknown packed attention backend 'cuda'; allowed: auto, c, torch"):
+    with pytest.raises(ValueError, match="unknown packed attention backend 'cuda'; allowed: auto, c, triton, torch"):
         packed_scores(torch.zeros(1, 1, 1, 8), quantize(torch.zeros(1, 1, 4, 8), 4, 4, KEY_AXIS), "cuda")
 
 
@@ -205,6 +205,24 @@ def test_default_model_answers_the_same_from_the_packed_store(default):
         assert (counted.calls > 0) == (read == "packed")
     assert metrics["packed"].predictions == metrics["dequantize"].predictions
     assert metrics["packed"].per_item == metrics["dequantize"].per_item
+
+
+def test_default_model_generate_is_token_equal_on_the_packed_store(default):
+    """`model.generate` itself on the embedded LLaVA: a left-padded batch of images and questions, 12 new tokens."""
+    from lmmlab.tasks import get_task
+    from lmmlab.tasks.shapes import model_inputs
+
+    samples = get_task("shapes").items("test", 6)
+    inputs = model_inputs(default, samples)
+    widths = [(2, 4, 8)[i % 3] for i in range(default.num_layers)]
+    out = {}
+    for read in ("dequantize", "packed"):
+        with _Counted() as counted, torch.no_grad():
+            cache = KVCache(widths, group_size=4, residual_length=8, read=read)
+            out[read] = default.model.generate(**inputs, cache=cache, max_new_tokens=12, min_new_tokens=12,
+                                               do_sample=False)
+        assert (counted.calls > 0) == (read == "packed")
+    assert torch.equal(out["packed"], out["dequantize"])
 
 
 def test_load_model_switches_attention_and_kv_cache_for_reads_packed(tiny_llama_dir, default):
