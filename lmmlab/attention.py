@@ -74,52 +74,64 @@ def _heads_apart(x: torch.Tensor) -> int | None:
     return x.stride(1)
 
 
+def _rows_apart(x: torch.Tensor) -> int | None:
+    """Elements between consecutive rows of x [B, H, R, N] whose rows are contiguous and evenly spaced (x itself, or
+    its first N columns of wider rows); None otherwise."""
+    B, H, R, N = x.shape
+    ld = x.stride(2)
+    if (N > 1 and x.stride(3) != 1) or ld < N or (H > 1 and x.stride(1) != R * ld) or \
+            (B > 1 and x.stride(0) != H * R * ld):
+        return None
+    return ld
+
+
 def _c_product(name: str, store: Quantized, rows: torch.Tensor, out: torch.Tensor) -> bool:
-    """Run kivi_scores / kivi_values; False where the kernels are missing or cannot take this layout."""
+    """Run kivi_scores (rows = queries, out = scores) or kivi_values (rows = attention weights, out = values); False
+    where the kernels are missing or cannot take this layout."""
     from lmmlab.native import kernels
 
     lib = kernels()
     codes_apart, scale_apart = _heads_apart(store.codes), _heads_apart(store.scale)
-    if lib is None or codes_apart is None or scale_apart is None or _heads_apart(store.zero) != scale_apart:
+    ld = _rows_apart(out if name == "kivi_scores" else rows)
+    if lib is None or None in (codes_apart, scale_apart, ld) or _heads_apart(store.zero) != scale_apart:
         return False
     B, H, R = rows.shape[:3]
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     status = getattr(lib, name)(ptr(store.codes), ptr(store.scale), ptr(store.zero), ptr(rows), ptr(out), B * H,
                                 store.num_tokens, store.head_dim, store.group_size, R, store.bits, codes_apart,
-                                scale_apart, torch.get_num_threads())
+                                scale_apart, ld, torch.get_num_threads())
     return status == 0
 
 
-def packed_scores(q: torch.Tensor, keys: Quantized, backend: str = "auto") -> torch.Tensor:
-    """`packed_scores_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed."""
-    q = q.float().contiguous()
-    if keys.num_tokens == 0:
-        return q.new_zeros(*q.shape[:3], 0)
-    chosen = _backend(backend, q)
-    if chosen == "c":
-        out = q.new_empty(*q.shape[:3], keys.num_tokens)
-        if _c_product("kivi_scores", keys, q, out):
-            return out
-    elif chosen == "triton":
-        from lmmlab.triton_attention import triton_scores
-
-        return triton_scores(q, keys)
-    return packed_scores_reference(q, keys)
+def packed_scores(q: torch.Tensor, keys: Quantized, backend: str = "auto", *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """`packed_scores_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed;
+    written into `out` [B, H, R, T] when given (e.g. the first T columns of the step's whole score rows)."""
+    return _packed("scores", q.float().contiguous(), keys, backend, out)
 
 
 def packed_values(p: torch.Tensor, values: Quantized, backend: str = "auto") -> torch.Tensor:
-    """`packed_values_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed."""
-    p = p.float().contiguous()
-    chosen = _backend(backend, p)
-    if chosen == "c" and values.group_size % _chunk(values.bits)[0] == 0:
-        out = p.new_empty(*p.shape[:3], values.head_dim)
-        if _c_product("kivi_values", values, p, out):
-            return out
-    elif chosen == "triton":
-        from lmmlab.triton_attention import triton_values
+    """`packed_values_reference`, in C on the CPU where the kernels build, in Triton on CUDA where it is installed
+    (`p` may be the first T columns of wider rows of weights)."""
+    return _packed("values", p.float(), values, backend)
 
-        return triton_values(p, values)
-    return packed_values_reference(p, values)
+
+def _packed(product: str, rows: torch.Tensor, store: Quantized, backend: str,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [B, H, R, ·] (queries or attention weights) times the store, by the chosen backend: scores [B, H, R, T] or
+    values [B, H, R, D]. The C values kernel needs whole chunks of codes in a group (G a multiple of the codes per
+    chunk); other layouts, and a missing kernel, fall back to the torch reference."""
+    chosen = _backend(backend, rows)
+    if out is None:
+        out = rows.new_empty(*rows.shape[:3], store.num_tokens if product == "scores" else store.head_dim)
+    if chosen == "c" and (product == "scores" or store.group_size % _chunk(store.bits)[0] == 0):
+        if _c_product(f"kivi_{product}", store, rows, out):
+            return out
+    if chosen == "triton":
+        from lmmlab import triton_attention
+
+        return out.copy_(getattr(triton_attention, f"triton_{product}")(rows.contiguous(), store))
+    return out.copy_((packed_scores_reference if product == "scores" else packed_values_reference)(rows, store))
 
 
 def _backend(backend: str, x: torch.Tensor) -> str:
@@ -158,12 +170,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor | PackedStates, valu
     Hkv = key.shape[1]
     rows = Hq // Hkv * L
     q = (query.float() * scaling).reshape(B, Hkv, rows, D)  # KV head h serves query heads h·n_rep .. (h+1)·n_rep − 1
-    parts = []
+    scores = q.new_empty(B, Hkv, rows, key.shape[2])  # [stored keys, tail] along the last axis
+    stored = 0
     if isinstance(key, PackedStates):
-        parts.append(packed_scores(q, key.stored, backend))
+        stored = key.stored.num_tokens
+        packed_scores(q, key.stored, backend, out=scores[..., :stored])
         key = key.tail
-    parts.append(q @ key.float().transpose(-1, -2))
-    scores = torch.cat(parts, dim=-1).view(B, Hq, L, -1)  # [B, Hq, L, T]
+    scores[..., stored:] = q @ key.float().transpose(-1, -2)
+    scores = scores.view(B, Hq, L, -1)  # [B, Hq, L, T]
     if attention_mask is not None:
         mask = attention_mask[..., : scores.shape[-1]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

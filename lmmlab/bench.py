@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lmmlab.attention import kivi_attention_forward
+from lmmlab.attention import kivi_attention_forward, packed_scores, packed_values
 from lmmlab.calibrate import calibrate
 from lmmlab.kvcache import KVCache, kv_cache_for, kv_nbytes
 from lmmlab.models import Loaded
@@ -157,6 +157,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _products(cache: KVCache, new: torch.Tensor, device) -> None:
+    """`packed_scores` and `packed_values` over every layer's stores, for the query `new` and uniform weights."""
+    for layer in cache.layers:
+        keys, values = layer._quantized_keys, layer._quantized_values
+        q = new.float().reshape(*new.shape[:2], 1, -1)
+        packed_scores(q, keys)
+        weights = torch.full((*new.shape[:2], 1, values.num_tokens), 1 / values.num_tokens, device=q.device)
+        packed_values(weights, values)
+    _sync(device)
+
+
 def _decode_step(cache, new: torch.Tensor, module: torch.nn.Module, scaling: float, device) -> None:
     """One decode step over every layer of `cache`: store `new` as the token's keys and values, attend `new` to all."""
     for i in range(len(cache.layers)):
@@ -172,7 +183,9 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
     prefill, each step stores one token's keys and values in every layer and attends one query over all of them,
     through the attention function a model with lmmlab's attention uses. Paths: "plain" (transformers'
     `DynamicCache`, fp16, SDPA), "dequantize" (the KIVI cache dequantized into a float tensor, then SDPA) and
-    "packed" (`lmmlab.attention`'s decode attention over the packed store); tokens/s is 1 / the median step.
+    "packed" (`lmmlab.attention`'s decode attention over the packed store); tokens/s is 1 / the median step, and for
+    "packed" `kernel_tokens_per_s` times the two folded products alone (the rest of a step is Python and small torch
+    ops: the window, the softmax, quantizing the value that leaves the window).
     `bytes_per_step` is what a step must read at least: the cache's bytes (`nbytes()`) before the first timed step
     (context + 1 tokens)."""
     from transformers.cache_utils import DynamicCache
@@ -195,8 +208,11 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
                 nbytes = cache.nbytes() if path != "plain" else sum(
                     layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
                 seconds = _seconds(step, steps)
-                rows.append({"context": context, "bits": bits, "path": path, "tokens_per_s": 1 / seconds,
-                             "bytes_per_step": nbytes})
+                row = {"context": context, "bits": bits, "path": path, "tokens_per_s": 1 / seconds,
+                       "bytes_per_step": nbytes}
+                if path == "packed":  # the two folded products alone, every layer: what the kernels reach
+                    row["kernel_tokens_per_s"] = 1 / _seconds(functools.partial(_products, cache, new, device), steps)
+                rows.append(row)
                 del cache
     return rows
 
@@ -232,6 +248,8 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
     for r in rows:
         r["limit_tokens_per_s"] = bandwidth * 1e9 / r["bytes_per_step"]
         r["of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"]
+        if "kernel_tokens_per_s" in r:
+            r["kernel_of_limit"] = r["kernel_tokens_per_s"] / r["limit_tokens_per_s"]
         r["over_plain"] = r["tokens_per_s"] / plain[r["context"]] if r["context"] in plain else None
     result["decode_shape"] = "llava-1.5-7b"
     result["decode"] = rows

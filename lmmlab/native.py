@@ -81,7 +81,7 @@ def kernels() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("packed KV attention kernels unavailable (%s): running in torch, slower", err)
         return None
-    args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
+    args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2
     for fn in (lib.kivi_scores, lib.kivi_values):
         fn.argtypes, fn.restype = args, ctypes.c_int
     return lib

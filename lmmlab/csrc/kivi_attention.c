@@ -12,9 +12,10 @@
    ceil(D/PC) floats, plane i holding channels i, PC + i, 2·PC + i, ..., so each inner loop runs over whole chunks.
 
    Shapes (BH = batch × KV heads, R = query rows per KV head = GQA group × query length; contiguous within a head,
-   the stores' heads `codes_stride` and `scale_stride` elements apart, as they lie in buffers with spare room):
-       keys:   codes uint8 [BH, T, P]   scale, zero fp16 [BH, T/G, D]   q fp32 [BH, R, D]   scores fp32 [BH, R, T]
-       values: codes uint8 [BH, T, P]   scale, zero fp16 [BH, T, D/G]   p fp32 [BH, R, T]   out fp32 [BH, R, D]
+   the stores' heads `codes_stride` and `scale_stride` elements apart, as they lie in buffers with spare room; the
+   rows of scores and p `ld` ≥ T floats apart, so that they can be the first T columns of the step's whole row):
+       keys:   codes uint8 [BH, T, P]   scale, zero fp16 [BH, T/G, D]   q fp32 [BH, R, D]   scores fp32 [BH, R, ld]
+       values: codes uint8 [BH, T, P]   scale, zero fp16 [BH, T, D/G]   p fp32 [BH, R, ld]  out fp32 [BH, R, D]
    Work is split over (BH, blocks of tokens) with OpenMP (the runtime torch itself uses). */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ static inline float half_to_float(uint16_t h) {
 /* ---- keys: scores[r, t] = Σ_c qs[r, c]·code[t, c] + bias[r] for the tokens of one block ----------------------- */
 #define DEFINE_SCORES(BITS, PC, CB)                                                                       \
 static void scores_##BITS(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *q,  \
-                          float *scores, int T, int D, int G, int R, int P, int t0, int t1, float *qs,        \
+                          float *scores, int ld, int D, int G, int R, int P, int t0, int t1, float *qs,        \
                           float *bias) {                                                                  \
     const int n = (D + (PC) - 1) / (PC); /* chunks per token */                                           \
     for (int g = t0 / G; g < t1 / G; g++) {                                                               \
@@ -64,7 +65,7 @@ static void scores_##BITS(const uint8_t *codes, const uint16_t *scale, const uin
                     const float *pl = planes + (size_t)i * n;                                             \
                     for (int k = 0; k < n; k++) acc += pl[k] * CODE(row, k, i, BITS, CB);                 \
                 }                                                                                         \
-                scores[(size_t)r * T + t] = acc + bias[r];                                                \
+                scores[(size_t)r * ld + t] = acc + bias[r];                                                \
             }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
@@ -73,7 +74,7 @@ static void scores_##BITS(const uint8_t *codes, const uint16_t *scale, const uin
 /* ---- values: acc[r, c] += (p[r, t]·s[t, c/G])·code[t, c], zsum[r, c/G] += p[r, t]·z[t, c/G] ------------------ */
 #define DEFINE_VALUES(BITS, PC, CB)                                                                       \
 static void values_##BITS(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *p,  \
-                          float *out, int T, int D, int G, int R, int P, int t0, int t1, float *acc,          \
+                          float *out, int ld, int D, int G, int R, int P, int t0, int t1, float *acc,          \
                           float *zsum, float *w) {                                                        \
     const int n = (D + (PC) - 1) / (PC), groups = D / G, per_group = G / (PC); /* G % PC == 0 */         \
     memset(acc, 0, sizeof(float) * (size_t)R * (PC) * n);                                                 \
@@ -82,7 +83,7 @@ static void values_##BITS(const uint8_t *codes, const uint16_t *scale, const uin
         const uint8_t *row = codes + (size_t)t * P;                                                       \
         const uint16_t *s = scale + (size_t)t * groups, *z = zero + (size_t)t * groups;                    \
         for (int r = 0; r < R; r++) {                                                                     \
-            const float pt = p[(size_t)r * T + t];                                                        \
+            const float pt = p[(size_t)r * ld + t];                                                        \
             for (int j = 0; j < groups; j++) {                                                            \
                 w[j] = pt * half_to_float(s[j]);                                                          \
                 zsum[(size_t)r * groups + j] += pt * half_to_float(z[j]);                                 \
@@ -188,7 +189,7 @@ static inline v16f half16(const uint16_t *src) {
 
 #define DEFINE_FAST(BITS, PC, NAME, DIM)                                                                             \
 static void fast_scores_##BITS##NAME(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,            \
-                               const float *q, float *scores, int T, int D_, int G, int R, int P, int t0,      \
+                               const float *q, float *scores, int ld, int D_, int G, int R, int P, int t0,      \
                                int t1, v16f *planes, float *bias) {                                       \
     const int D = (DIM), pieces = P / 16, nv = D / 16; /* DIM: a constant (64, 128) or the argument D_ */     \
     for (int g = t0 / G; g < t1 / G; g++) {                                                               \
@@ -226,13 +227,13 @@ static void fast_scores_##BITS##NAME(const uint8_t *codes, const uint16_t *scale
                     acc0 += pl[v] * cv[v];                                                                \
                     acc1 += pl[v + 1] * cv[v + 1];                                                        \
                 }                                                                                         \
-                scores[(size_t)r * T + t] = hsum(acc0 + acc1) + bias[r];                                  \
+                scores[(size_t)r * ld + t] = hsum(acc0 + acc1) + bias[r];                                  \
             }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
 }                                                                                                         \
 static void fast_values_##BITS##NAME(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,            \
-                               const float *p, float *out, int T, int D_, int G, int R, int P, int t0, int t1, \
+                               const float *p, float *out, int ld, int D_, int G, int R, int P, int t0, int t1, \
                                v16f *acc, v16f *zacc, float *sf, float *zf) {                             \
     const int D = (DIM), pieces = P / 16, nv = D / 16, groups = D / G, n = (t1 - t0) * groups;           \
     int e = 0; /* the block's scales and zeros as floats, 16 at a time (sf, zf hold n + 16) */           \
@@ -280,7 +281,7 @@ static void fast_values_##BITS##NAME(const uint8_t *codes, const uint16_t *scale
         memcpy(&sv, sf + (size_t)(t - t0) * groups, 64);                                                  \
         memcpy(&zv, zf + (size_t)(t - t0) * groups, 64);                                                  \
         for (int r = 0; r < R; r++) {                                                                     \
-            const float pt = p[(size_t)r * T + t];                                                        \
+            const float pt = p[(size_t)r * ld + t];                                                        \
             const v16f w = pt * sv; /* p_t · s_tj, lane j */                                              \
             zacc[r] += pt * zv;                                                                           \
             for (int m = 0; m < pieces; m++) {                                                            \
@@ -331,7 +332,8 @@ static int codes_per_chunk(int bits) { return bits == 3 ? 8 : bits == 6 ? 4 : 8 
 
 /* 0 on success, -1 for a width the kernels do not know. */
 int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *q, float *scores,
-                int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int threads) {
+                int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int ld,
+                int threads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
     const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc;
     const int block = BLOCK_GROUPS * G, blocks = (T + block - 1) / block;
@@ -347,17 +349,17 @@ int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
             const uint8_t *c = codes + (size_t)bh * codes_stride;
             const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
             const float *qh = q + (size_t)bh * R * D;
-            float *sc = scores + (size_t)bh * R * T;
+            float *sc = scores + (size_t)bh * R * ld;
             if (fast) {
-                FAST_CALL(fast_scores, bits, D, c, s, z, qh, sc, T, D, G, R, P, t0, t1, planes, bias);
+                FAST_CALL(fast_scores, bits, D, c, s, z, qh, sc, ld, D, G, R, P, t0, t1, planes, bias);
                 continue;
             }
             switch (bits) {
-            case 2: scores_2(c, s, z, qh, sc, T, D, G, R, P, t0, t1, qs, bias); break;
-            case 3: scores_3(c, s, z, qh, sc, T, D, G, R, P, t0, t1, qs, bias); break;
-            case 4: scores_4(c, s, z, qh, sc, T, D, G, R, P, t0, t1, qs, bias); break;
-            case 6: scores_6(c, s, z, qh, sc, T, D, G, R, P, t0, t1, qs, bias); break;
-            default: scores_8(c, s, z, qh, sc, T, D, G, R, P, t0, t1, qs, bias); break;
+            case 2: scores_2(c, s, z, qh, sc, ld, D, G, R, P, t0, t1, qs, bias); break;
+            case 3: scores_3(c, s, z, qh, sc, ld, D, G, R, P, t0, t1, qs, bias); break;
+            case 4: scores_4(c, s, z, qh, sc, ld, D, G, R, P, t0, t1, qs, bias); break;
+            case 6: scores_6(c, s, z, qh, sc, ld, D, G, R, P, t0, t1, qs, bias); break;
+            default: scores_8(c, s, z, qh, sc, ld, D, G, R, P, t0, t1, qs, bias); break;
             }
         }
         free(qs);
@@ -369,7 +371,8 @@ int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
 
 /* 0 on success, -1 for a width the kernels do not know or a group that splits a chunk (G % codes per chunk). */
 int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *p, float *out,
-                int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int threads) {
+                int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int ld,
+                int threads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
     const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc, groups = D / G;
     if (G % pc || D % G) return -1;
@@ -389,18 +392,18 @@ int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
             const int t0 = (int)(item % blocks) * block, t1 = t0 + block < T ? t0 + block : T;
             const uint8_t *c = codes + (size_t)bh * codes_stride;
             const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
-            const float *ph = p + (size_t)bh * R * T;
+            const float *ph = p + (size_t)bh * R * ld;
             float *o = partial + (size_t)item * R * D;
             if (fast) {
-                FAST_CALL(fast_values, bits, D, c, s, z, ph, o, T, D, G, R, P, t0, t1, vacc, zacc, sf, zf);
+                FAST_CALL(fast_values, bits, D, c, s, z, ph, o, ld, D, G, R, P, t0, t1, vacc, zacc, sf, zf);
                 continue;
             }
             switch (bits) {
-            case 2: values_2(c, s, z, ph, o, T, D, G, R, P, t0, t1, acc, zsum, w); break;
-            case 3: values_3(c, s, z, ph, o, T, D, G, R, P, t0, t1, acc, zsum, w); break;
-            case 4: values_4(c, s, z, ph, o, T, D, G, R, P, t0, t1, acc, zsum, w); break;
-            case 6: values_6(c, s, z, ph, o, T, D, G, R, P, t0, t1, acc, zsum, w); break;
-            default: values_8(c, s, z, ph, o, T, D, G, R, P, t0, t1, acc, zsum, w); break;
+            case 2: values_2(c, s, z, ph, o, ld, D, G, R, P, t0, t1, acc, zsum, w); break;
+            case 3: values_3(c, s, z, ph, o, ld, D, G, R, P, t0, t1, acc, zsum, w); break;
+            case 4: values_4(c, s, z, ph, o, ld, D, G, R, P, t0, t1, acc, zsum, w); break;
+            case 6: values_6(c, s, z, ph, o, ld, D, G, R, P, t0, t1, acc, zsum, w); break;
+            default: values_8(c, s, z, ph, o, ld, D, G, R, P, t0, t1, acc, zsum, w); break;
             }
         }
         free(acc);
