@@ -27,9 +27,26 @@
 #define BLOCK_GROUPS 8 /* token blocks of 8 key groups (or 8·G value tokens) per work item */
 
 static inline float half_to_float(uint16_t h) {
+#if defined(__FLT16_MAX__) /* the compiler has _Float16 (GCC 12+, recent clang) */
     _Float16 f;
     memcpy(&f, &h, 2);
     return (float)f;
+#else /* IEEE binary16 -> binary32 by hand */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exponent == 0) { /* zero or subnormal: mantissa · 2^-24 */
+        f = (float)mantissa * (1.0f / 16777216.0f);
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
 }
 
 /* The code of plane i in chunk k, for BITS-bit codes packed CB bytes at a time. */
@@ -124,6 +141,16 @@ DEFINE_VALUES(8, 1, 1)
    extensions compile to AVX-512, AVX2 or SSE, whichever the CPU has. */
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+/* lanes of w picked by idx (every idx < 16): one permute instruction with GCC, a loop elsewhere */
+#if defined(__clang__)
+static inline v16f permute16(v16f w, v16i idx) {
+    v16f out;
+    for (int l = 0; l < 16; l++) out[l] = w[idx[l] & 15];
+    return out;
+}
+#else
+#define permute16(w, idx) __builtin_shuffle(w, idx)
+#endif
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 #define MAXV 16 /* D / 16 code vectors per token, D ≤ 256 */
@@ -262,7 +289,7 @@ static void fast_values_##BITS##NAME(const uint8_t *codes, const uint16_t *scale
             const v16f w = pt * sv;                                                                       \
             za += pt * zv;                                                                                \
             for (int m = 0; m < pieces; m++) {                                                            \
-                const v16f wm = __builtin_shuffle(w, lane_group[m]);                                      \
+                const v16f wm = permute16(w, lane_group[m]);                                      \
                 for (int i = 0; i < (PC); i++) a[i * pieces + m] += wm * cv[i * pieces + m];              \
             }                                                                                             \
         }                                                                                                 \
@@ -285,7 +312,7 @@ static void fast_values_##BITS##NAME(const uint8_t *codes, const uint16_t *scale
             const v16f w = pt * sv; /* p_t · s_tj, lane j */                                              \
             zacc[r] += pt * zv;                                                                           \
             for (int m = 0; m < pieces; m++) {                                                            \
-                const v16f wm = __builtin_shuffle(w, lane_group[m]);                                      \
+                const v16f wm = permute16(w, lane_group[m]);                                      \
                 for (int i = 0; i < (PC); i++) acc[(size_t)r * nv + i * pieces + m] += wm * cv[i * pieces + m]; \
             }                                                                                             \
         }                                                                                                 \
