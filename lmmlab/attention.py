@@ -90,6 +90,8 @@ def _c_product(name: str, store: Quantized, rows: torch.Tensor, out: torch.Tenso
     where the kernels are missing or cannot take this layout."""
     from lmmlab.native import kernels
 
+    if rows.device.type != "cpu" or store.codes.device.type != "cpu":
+        return False
     lib = kernels()
     codes_apart, scale_apart = _heads_apart(store.codes), _heads_apart(store.scale)
     ld = _rows_apart(out if name == "kivi_scores" else rows)
@@ -213,17 +215,23 @@ def register() -> None:
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def use_packed_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a model's language-model attention to "lmmlab_kivi" (a model whose attention is SDPA, or eager; any
-    vision tower keeps its own); returns the model."""
-    register()
+# Language models whose attention hands the cache's keys and values straight to the attention function (some others,
+# e.g. mllama or doge, reshape them after `cache.update`, which a `PackedStates` does not support).
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def use_packed_attention(model: torch.nn.Module) -> bool:
+    """Switch the language model's attention from SDPA to "lmmlab_kivi" (any vision tower keeps its own), for the
+    model types in `PACKED_MODEL_TYPES`; True if it did. Other models, and models on another attention, stay as they
+    are (their caches then read dequantized)."""
     config = model.config
     text = getattr(config, "text_config", None)
-    if text is None:
-        model.set_attn_implementation(ATTENTION)
-    else:
-        model.set_attn_implementation({"text_config": ATTENTION})
-    return model
+    current = getattr(text or config, "_attn_implementation", None)
+    if getattr(text or config, "model_type", None) not in PACKED_MODEL_TYPES or current not in ("sdpa", ATTENTION):
+        return False
+    register()
+    model.set_attn_implementation(ATTENTION if text is None else {"text_config": ATTENTION})
+    return True
 
 
 def reads_packed(model: torch.nn.Module) -> bool:

@@ -152,6 +152,34 @@ def memory_bandwidth_gb_s(megabytes: int = 512, repeat: int = 5, device: str = "
     return 2 * src.numel() * 4 / _seconds(lambda: (dst.copy_(src), _sync(device)), repeat) / 1e9
 
 
+def read_bandwidth_gb_s(megabytes: int = 512, repeat: int = 5, device: str = "cpu") -> float:
+    """Bytes read per second by a sum over a large tensor (median of `repeat`), in GB/s: what attention over a cache
+    needs, next to the copy's read + write figure."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    return src.numel() * 4 / _seconds(lambda: (src.sum(), _sync(device)), repeat) / 1e9
+
+
+class _Preallocated:
+    """fp16 keys and values in buffers sized for the whole run and written in place, as transformers' `StaticCache`
+    holds them: the plain cache without `DynamicCache`'s copy of the whole store at every step."""
+
+    def __init__(self, layers: int, capacity: int):
+        self.capacity, self.layers, self.length = capacity, [None] * layers, [0] * layers
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, i: int):
+        B, H, t, D = keys.shape
+        if self.layers[i] is None:
+            self.layers[i] = (keys.new_empty(B, H, self.capacity, D), values.new_empty(B, H, self.capacity, D))
+        n = self.length[i]
+        for buffer, new in zip(self.layers[i], (keys, values)):
+            buffer[:, :, n : n + t] = new
+        self.length[i] = n + t
+        return tuple(buffer[:, :, : n + t] for buffer in self.layers[i])
+
+    def nbytes(self) -> int:
+        return sum(2 * k[:, :, :n].numel() * k.element_size() for (k, _), n in zip(self.layers, self.length))
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -161,6 +189,8 @@ def _products(cache: KVCache, new: torch.Tensor, device) -> None:
     """`packed_scores` and `packed_values` over every layer's stores, for the query `new` and uniform weights."""
     for layer in cache.layers:
         keys, values = layer._quantized_keys, layer._quantized_values
+        if keys is None or values is None:  # a context within the window stores nothing quantized yet
+            continue
         q = new.float().reshape(*new.shape[:2], 1, -1)
         packed_scores(q, keys)
         weights = torch.full((*new.shape[:2], 1, values.num_tokens), 1 / values.num_tokens, device=q.device)
@@ -182,7 +212,9 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
     """Decode steps at a model's attention shapes (batch 1, `heads` query and KV heads): after a `context`-token
     prefill, each step stores one token's keys and values in every layer and attends one query over all of them,
     through the attention function a model with lmmlab's attention uses. Paths: "plain" (transformers'
-    `DynamicCache`, fp16, SDPA), "dequantize" (the KIVI cache dequantized into a float tensor, then SDPA) and
+    `DynamicCache`, fp16, SDPA), "static" (fp16 in preallocated buffers written in place, SDPA: the plain cache
+    without `DynamicCache`'s copy of its store at every step), "dequantize" (the KIVI cache dequantized into a float
+    tensor, then SDPA) and
     "packed" (`lmmlab.attention`'s decode attention over the packed store); tokens/s is 1 / the median step, and for
     "packed" `kernel_tokens_per_s` times the two folded products alone (the rest of a step is Python and small torch
     ops: the window, the softmax, quantizing the value that leaves the window).
@@ -194,9 +226,14 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
     rows = []
     for context in contexts:
         for bits in widths:
-            for path in (("plain",) if bits == 16 else paths):
+            for path in (("plain", "static") if bits == 16 else paths):
                 g = torch.Generator(device).manual_seed(context + bits)
-                cache = DynamicCache() if path == "plain" else KVCache([bits] * layers, read=path)
+                if path == "plain":
+                    cache = DynamicCache()
+                elif path == "static":
+                    cache = _Preallocated(layers, capacity=context + steps + 1)
+                else:
+                    cache = KVCache([bits] * layers, read=path)
                 for i in range(layers):
                     k, v = (torch.randn(1, heads, context, head_dim, generator=g, device=device).to(dtype)
                             for _ in range(2))
@@ -222,8 +259,9 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
     """Compression ratios of the quantized cache, on `loaded` and at LLaVA-1.5-7B's shapes; `loaded`'s greedy
     decoding speed with a plain cache and with each read of the quantized one; and decode steps at LLaVA-1.5-7B's
     shapes (`decode`: `decode_step_rows` at `decode_contexts`) against the memory bandwidth measured in the same run
-    (`bandwidth_gb_s`): each row's `limit_tokens_per_s` = bandwidth / bytes_per_step, the speed at which the step
-    would only read its cache once.
+    (`bandwidth_gb_s`, a copy's bytes read + written per second; `read_bandwidth_gb_s`, a sum's bytes read): each
+    row's `limit_tokens_per_s` = bandwidth / bytes_per_step, the speed at which the step would only read its cache
+    once. All on `loaded`'s device.
 
     Goal (issue 14): at 4096 tokens, 4- and 2-bit packed decode ≥ 1.0 × the plain cache's tokens/s and within 2 ×
     of the bandwidth limit (`of_limit` ≥ 0.5)."""
@@ -242,15 +280,19 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
     # the headline figures the issue asks for: LLaVA-1.5-7B's shapes
     result.update({k: result["llava-1.5-7b"][k] for k in ("ratio_2bit", "ratio_4bit", "ratio_8bit")})
     result["ratio_by_context"] = kv_ratio_by_context(*SHAPES["llava-1.5-7b"])
-    result["bandwidth_gb_s"] = bandwidth = memory_bandwidth_gb_s()
-    rows = decode_step_rows(*SHAPES["llava-1.5-7b"], contexts=decode_contexts, steps=step_repeats)
+    device = str(loaded.device)
+    result["bandwidth_gb_s"] = bandwidth = memory_bandwidth_gb_s(device=device)
+    result["read_bandwidth_gb_s"] = read_bandwidth_gb_s(device=device)
+    rows = decode_step_rows(*SHAPES["llava-1.5-7b"], contexts=decode_contexts, steps=step_repeats, device=device)
     plain = {r["context"]: r["tokens_per_s"] for r in rows if r["path"] == "plain"}
+    static = {r["context"]: r["tokens_per_s"] for r in rows if r["path"] == "static"}
     for r in rows:
         r["limit_tokens_per_s"] = bandwidth * 1e9 / r["bytes_per_step"]
         r["of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"]
         if "kernel_tokens_per_s" in r:
             r["kernel_of_limit"] = r["kernel_tokens_per_s"] / r["limit_tokens_per_s"]
         r["over_plain"] = r["tokens_per_s"] / plain[r["context"]] if r["context"] in plain else None
+        r["over_static"] = r["tokens_per_s"] / static[r["context"]] if r["context"] in static else None
     result["decode_shape"] = "llava-1.5-7b"
     result["decode"] = rows
     return result

@@ -96,6 +96,7 @@ class Quantized:
     axis: int  # KEY_AXIS or VALUE_AXIS
     head_dim: int
     base: tuple[torch.Tensor, ...] | None = None  # buffers with spare tokens that codes/scale/zero are the head of
+    filled: list[int] | None = None  # tokens written into `base` so far, shared by every view of it
 
     @property
     def num_tokens(self) -> int:
@@ -118,15 +119,17 @@ class Quantized:
 
     def append(self, other: "Quantized", reserve: int = 0) -> "Quantized":
         """Concatenate along tokens: both the codes and the scales have whole groups, so this is lossless. `other` is
-        written into the spare room behind this store's tensors when there is enough, else all is moved into new
-        buffers with room for `reserve` more tokens, so that appending a token at a time copies the store only once
-        every `reserve` tokens (not at every step, as a concatenation would)."""
-        token_dim, m = 2, other.num_tokens
-        bases = self.base or (None, None, None)
+        written into the spare room behind this store's tensors when there is enough (and no other append from the
+        same buffers wrote there first), else all is moved into new buffers with room for `reserve` more tokens, so
+        that appending a token at a time copies the store only once every `reserve` tokens (not at every step, as a
+        concatenation would)."""
+        token_dim, n, m = 2, self.num_tokens, other.num_tokens
+        in_place = self.base is not None and self.filled[0] == n and self.base[0].shape[token_dim] >= n + m
+        bases = self.base if in_place else (None, None, None)
         new_base, views = [], []
         for mine, new, base in zip((self.codes, self.scale, self.zero), (other.codes, other.scale, other.zero), bases):
             used, add = mine.shape[token_dim], new.shape[token_dim]
-            if base is None or base.shape[token_dim] < used + add:
+            if base is None:
                 spare = -(-reserve * add // m)  # rows per token: 1 for codes and value scales, 1/G for key scales
                 shape = list(mine.shape)
                 shape[token_dim] = used + add + spare
@@ -135,7 +138,9 @@ class Quantized:
             base[:, :, used : used + add] = new
             new_base.append(base)
             views.append(base[:, :, : used + add])
-        return Quantized(*views, self.bits, self.axis, self.head_dim, base=tuple(new_base))
+        filled = self.filled if in_place else [0]
+        filled[0] = n + m
+        return Quantized(*views, self.bits, self.axis, self.head_dim, base=tuple(new_base), filled=filled)
 
 
 def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
@@ -242,8 +247,8 @@ class KiviLayer(BaseQuantizedLayer):
 
     `read="dequantize"` hands attention one float tensor per part (the store dequantized, then the window and the new
     states); `read="packed"` hands it a `PackedStates` for a part with a store, for `lmmlab.attention`'s packed
-    decode attention. The stores grow into buffers with room for `2 · residual_length` more tokens, so a decode step
-    writes its token in place instead of copying the store."""
+    decode attention. The stores grow into buffers with spare room for min(2 · residual_length, max(group_size,
+    tokens / 8)) more tokens, so a decode step writes its token in place instead of copying the store."""
 
     def __init__(self, bits: int, group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
                  value_bits: int | None = None, read: str = "dequantize"):
@@ -252,7 +257,7 @@ class KiviLayer(BaseQuantizedLayer):
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.value_bits = bits if value_bits is None else value_bits
-        self.read, self.reserve = read, 2 * residual_length
+        self.read = read
 
     @property
     def key_bits(self) -> int:
@@ -307,7 +312,8 @@ class KiviLayer(BaseQuantizedLayer):
         if flush:
             self._quantized_keys = self._append(self._quantized_keys,
                                                 self._quantize(window[..., :flush, :].contiguous(), KEY_AXIS))
-        self.keys = window[..., flush:, :].clone() if flush else window  # a fresh tensor that nothing else writes
+        # the window to keep; a concatenation made here is kept as it is, the model's own states are copied
+        self.keys = window if not flush and window is not new else window[..., flush:, :].clone()
         return out
 
     def _update_values(self, new: torch.Tensor) -> torch.Tensor:
@@ -336,14 +342,17 @@ class KiviLayer(BaseQuantizedLayer):
         return packed if self.read == "packed" else packed.materialize()
 
     def _append(self, store: Quantized | None, new: Quantized) -> Quantized:
-        return new if store is None else store.append(new, reserve=self.reserve)
+        if store is None:
+            return new
+        spare = min(2 * self.residual_length, max(self.group_size, store.num_tokens // 8))  # ≤ 1/8 of a long store
+        return store.append(new, reserve=spare)
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, fp16 scales and zero points, and both full-precision windows."""
         return self._held(Quantized.nbytes)
 
     def allocated_nbytes(self) -> int:
-        """`nbytes()` plus the stores' spare room (at most `2 · residual_length` tokens per part)."""
+        """`nbytes()` plus the stores' spare room (at most 1/8 of a long store, and `2 · residual_length` tokens)."""
         return self._held(Quantized.allocated_nbytes)
 
     def _held(self, store_bytes) -> int:
@@ -388,9 +397,10 @@ class KVCache(Cache):
     """A `transformers.Cache` whose layer i stores keys and values at `bits[i]` bits (16 = as they come), or, with
     `value_bits`, keys at `bits[i]` and values at `value_bits[i]` bits.
 
-    Pass it to a model as `cache=` (or to `model.generate(..., cache=...)`). `nbytes()` is what it really holds;
-    `fp16_nbytes()` what an fp16 `DynamicCache` would hold for the same tokens. `read="packed"` needs a model whose
-    attention is lmmlab's (`lmmlab.attention.use_packed_attention`; `load_model` sets it).
+    Pass it to a model as `cache=` (or to `model.generate(..., cache=...)`). `nbytes()` is the bytes of the states it
+    holds; `allocated_nbytes()` adds the stores' spare room; `fp16_nbytes()` is what an fp16 `DynamicCache` would hold
+    for the same tokens. `read="packed"` needs a model whose attention is lmmlab's
+    (`lmmlab.attention.use_packed_attention`; `load_model` sets it, and `kv_cache_for` picks the read).
     """
 
     def __init__(self, bits: Sequence[int], group_size: int = KIVI_GROUP_SIZE, residual_length: int = KIVI_RESIDUAL,
@@ -418,6 +428,10 @@ class KVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(self.nbytes_per_layer())
+
+    def allocated_nbytes(self) -> int:
+        return sum(layer.allocated_nbytes() if isinstance(layer, KiviLayer) else layer_nbytes(layer)
+                   for layer in self.layers)
 
     def fp16_nbytes(self) -> int:
         """Bytes of the same keys and values in an fp16 `DynamicCache`: the reference for compression ratios."""

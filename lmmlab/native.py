@@ -29,13 +29,14 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11",
 
 
 def _cpu_flags() -> str:
+    """What `-march=native` compiles for: the CPU's feature flags (x86 `flags`, Arm `Features` and `CPU part`)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        lines = []
+    keys = ("flags", "Features", "CPU implementer", "CPU part")
+    seen = sorted({line.split(":", 1)[-1].strip() for line in lines if line.split(":", 1)[0].strip() in keys})
+    return "|".join([platform.machine(), platform.processor(), *seen])
 
 
 def _compiler() -> str | None:
@@ -59,6 +60,7 @@ def build(compiler: str, out: Path) -> None:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache load it too
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

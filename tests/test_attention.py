@@ -39,6 +39,10 @@ def test_folded_products_equal_dequantize_then_multiply(bits, layout, backend):
     expected_out = p @ dequantize(stored_v, torch.float32)
     scores, out = packed_scores(q, stored_k, backend), packed_values(p, stored_v, backend)
     assert scores.shape == (B, H, R, T) and out.shape == (B, H, R, D)
+    if backend == "c":  # the kernels themselves ran (the values kernel needs whole chunks of codes per group)
+        assert attention._c_product("kivi_scores", stored_k, q, torch.empty(B, H, R, T))
+        runs_values = G % {2: 4, 3: 8, 4: 2, 6: 4, 8: 1}[bits] == 0
+        assert attention._c_product("kivi_values", stored_v, p, torch.empty(B, H, R, D)) == runs_values
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
 
@@ -97,8 +101,8 @@ def test_a_cache_reads_packed_only_when_asked():
 
 
 def test_stores_grow_in_place_and_count_only_what_they_hold():
-    """A decode step writes its token into the store's spare room (no copy of the store), and `nbytes()` still equals
-    the closed form; the spare room is at most 2·R tokens per part."""
+    """A decode step writes its token into the store's spare room (no copy of the store), `nbytes()` still equals the
+    closed form, and the spare room is min(2·R, max(G, T/8)) tokens per part and head at most."""
     layer = KiviLayer(4, 4, 8)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 200, 16, generator=g)
@@ -111,9 +115,20 @@ def test_stores_grow_in_place_and_count_only_what_they_hold():
             held, copies = base[0], copies + 1
         assert layer.nbytes() == kv_nbytes([4], 2, 16, t + 1, 4, 8, dtype_bytes=4)
         spare = layer.allocated_nbytes() - layer.nbytes()
-        # at most 2·R = 16 tokens per part and head: 8 code bytes + 16 bytes of fp16 scales and zeros per token
-        assert 0 <= spare <= 2 * 2 * 16 * (8 + 16)
-    assert copies == math.ceil((200 - 20) / 17)  # a step's value fits the spare room for 16 steps, then moves
+        # per part and head a spare token holds 8 code bytes + 16 bytes of fp16 scales and zeros
+        assert 0 <= spare <= 2 * 2 * (8 + 16) * min(16, max(4, (t + 1) // 8))
+    assert math.ceil(180 / 17) <= copies <= math.ceil(180 / 5)  # one move per 5 to 17 steps, not one per step
+
+
+def test_appending_twice_to_one_store_leaves_the_first_result_alone():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 12, 16, generator=g)
+    store = quantize(x[:, :, :8], 4, 4, VALUE_AXIS).append(quantize(x[:, :, 8:9], 4, 4, VALUE_AXIS), reserve=8)
+    a = store.append(quantize(x[:, :, 9:10], 4, 4, VALUE_AXIS), reserve=8)
+    before = a.codes.clone()
+    b = store.append(quantize(x[:, :, 10:11], 4, 4, VALUE_AXIS), reserve=8)  # from the same store again
+    assert torch.equal(a.codes, before) and a.base[0] is not b.base[0]
+    assert torch.equal(b.codes[:, :, 9], quantize(x[:, :, 10:11], 4, 4, VALUE_AXIS).codes[:, :, 0])
 
 
 def test_prefill_and_plain_tensors_keep_the_sdpa_path():
@@ -236,5 +251,6 @@ def test_load_model_switches_attention_and_kv_cache_for_reads_packed(tiny_llama_
     assert default.model.config.vision_config._attn_implementation != attention.ATTENTION  # the vision tower's own
     tiny.model.set_attn_implementation("sdpa")
     assert not reads_packed(tiny.model) and kv_cache_for(plan, tiny).read == "dequantize"
-    use_packed_attention(tiny.model)
-    assert reads_packed(tiny.model)
+    assert use_packed_attention(tiny.model) and reads_packed(tiny.model)
+    tiny.model.set_attn_implementation("eager")  # a model on another attention is left as it is
+    assert not use_packed_attention(tiny.model) and kv_cache_for(plan, tiny).read == "dequantize"

@@ -212,15 +212,18 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
                 "decode_tokens_per_s_4bit_dequantize", "decode_tokens_per_s_2bit_dequantize"):
         assert result["lmmlab-default"][key] > 0
     # decode steps at LLaVA-7B's shapes: the plain cache, then each quantized width read both ways
-    assert result["bandwidth_gb_s"] > 0 and result["decode_shape"] == "llava-1.5-7b"
+    assert result["bandwidth_gb_s"] > 0 and result["read_bandwidth_gb_s"] > 0
+    assert result["decode_shape"] == "llava-1.5-7b"
     rows = {(r["bits"], r["path"]): r for r in result["decode"]}
-    assert set(rows) == {(16, "plain")} | {(b, p) for b in (8, 4, 2) for p in ("dequantize", "packed")}
+    assert set(rows) == {(16, "plain"), (16, "static")} | {(b, p) for b in (8, 4, 2) for p in ("dequantize", "packed")}
     for (bits, path), r in rows.items():
         assert r["context"] == 160 and r["tokens_per_s"] > 0
         assert r["limit_tokens_per_s"] == pytest.approx(result["bandwidth_gb_s"] * 1e9 / r["bytes_per_step"])
         assert r["over_plain"] == pytest.approx(r["tokens_per_s"] / rows[16, "plain"]["tokens_per_s"])
+        assert r["over_static"] == pytest.approx(r["tokens_per_s"] / rows[16, "static"]["tokens_per_s"])
+        assert ("kernel_tokens_per_s" in r) == (path == "packed")
     # bytes per step: the cache after the prefill and the warm-up step (161 tokens); 16-bit = fp16
-    assert rows[16, "plain"]["bytes_per_step"] == 32 * 32 * 161 * 128 * 2 * 2
+    assert rows[16, "plain"]["bytes_per_step"] == rows[16, "static"]["bytes_per_step"] == 32 * 32 * 161 * 128 * 2 * 2
     for bits in (8, 4, 2):
         assert rows[bits, "packed"]["bytes_per_step"] == rows[bits, "dequantize"]["bytes_per_step"] == kv_nbytes(
             [bits] * 32, 32, 128, 161)

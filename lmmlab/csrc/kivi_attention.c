@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -156,10 +156,16 @@ typedef float v4f __attribute__((vector_size(16)));
 #define MAXV 16 /* D / 16 code vectors per token, D ≤ 256 */
 
 static inline float hsum(v16f x) {
+#if defined(__clang__) || __GNUC__ >= 12 /* halving adds */
     v8f h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
             __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
     v4f f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
     return (f[0] + f[2]) + (f[1] + f[3]);
+#else
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += x[l];
+    return s;
+#endif
 }
 
 /* 16 bytes -> 16 int32 lanes (zero-extended): one instruction where the CPU has AVX-512 or two with AVX2 (GCC's
@@ -357,12 +363,14 @@ static int fast_values(int bits, int D, int G) { return fast_keys(bits, D, G) &&
 
 static int codes_per_chunk(int bits) { return bits == 3 ? 8 : bits == 6 ? 4 : 8 / bits; }
 
-/* 0 on success, -1 for a width the kernels do not know. */
+/* 0 on success, -1 for a width the kernels do not know, a store of part of a key group, or a 3-/6-bit row that does
+   not end on a whole 3-byte chunk (the caller then uses the torch reference). */
 int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *q, float *scores,
                 int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int ld,
                 int threads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
     const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc;
+    if (T % G || n * (bits == 3 || bits == 6 ? 3 : 1) > P) return -1; /* whole key groups; no read past a row */
     const int block = BLOCK_GROUPS * G, blocks = (T + block - 1) / block;
 #pragma omp parallel num_threads(threads)
     {
@@ -402,7 +410,7 @@ int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
                 int threads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
     const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc, groups = D / G;
-    if (G % pc || D % G) return -1;
+    if (G % pc || D % G || n * (bits == 3 || bits == 6 ? 3 : 1) > P) return -1;
     const int block = BLOCK_GROUPS * G, blocks = T > 0 ? (T + block - 1) / block : 1;
     float *partial = calloc((size_t)BH * blocks * R * D, sizeof(float)); /* one [R, D] sum per work item */
     if (!partial) return -2;
