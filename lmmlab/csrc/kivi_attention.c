@@ -361,6 +361,13 @@ static int fast_keys(int bits, int D, int G) {
 }
 static int fast_values(int bits, int D, int G) { return fast_keys(bits, D, G) && D / G <= 16 && G % (8 / bits) == 0; }
 
+/* Work item `item` of BH × blocks: its batch·head, and its tokens [t0, t1). */
+static inline long work_item(long item, int blocks, int block, int T, int *t0, int *t1) {
+    *t0 = (int)(item % blocks) * block;
+    *t1 = *t0 + block < T ? *t0 + block : T;
+    return item / blocks;
+}
+
 static int codes_per_chunk(int bits) { return bits == 3 ? 8 : bits == 6 ? 4 : 8 / bits; }
 
 /* 0 on success, -1 for a width the kernels do not know, a store of part of a key group, or a 3-/6-bit row that does
@@ -379,8 +386,8 @@ int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
         const int fast = fast_keys(bits, D, G);
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)BH * blocks; item++) {
-            const long bh = item / blocks;
-            const int t0 = (int)(item % blocks) * block, t1 = t0 + block < T ? t0 + block : T;
+            int t0, t1;
+            const long bh = work_item(item, blocks, block, T, &t0, &t1);
             const uint8_t *c = codes + (size_t)bh * codes_stride;
             const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
             const float *qh = q + (size_t)bh * R * D;
@@ -423,8 +430,8 @@ int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
         const int fast = fast_values(bits, D, G);
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)BH * blocks; item++) {
-            const long bh = item / blocks;
-            const int t0 = (int)(item % blocks) * block, t1 = t0 + block < T ? t0 + block : T;
+            int t0, t1;
+            const long bh = work_item(item, blocks, block, T, &t0, &t1);
             const uint8_t *c = codes + (size_t)bh * codes_stride;
             const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
             const float *ph = p + (size_t)bh * R * ld;
