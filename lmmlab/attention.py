@@ -124,16 +124,18 @@ def _packed(product: str, rows: torch.Tensor, store: Quantized, backend: str,
     values [B, H, R, D]. The C values kernel needs whole chunks of codes in a group (G a multiple of the codes per
     chunk); other layouts, and a missing kernel, fall back to the torch reference."""
     chosen = _backend(backend, rows)
-    if out is None:
-        out = rows.new_empty(*rows.shape[:3], store.num_tokens if product == "scores" else store.head_dim)
     if chosen == "c" and (product == "scores" or store.group_size % _chunk(store.bits)[0] == 0):
-        if _c_product(f"kivi_{product}", store, rows, out):
-            return out
+        target = rows.new_empty(*rows.shape[:3], store.num_tokens if product == "scores" else store.head_dim) \
+            if out is None else out
+        if _c_product(f"kivi_{product}", store, rows, target):
+            return target
     if chosen == "triton":
         from lmmlab import triton_attention
 
-        return out.copy_(getattr(triton_attention, f"triton_{product}")(rows.contiguous(), store))
-    return out.copy_((packed_scores_reference if product == "scores" else packed_values_reference)(rows, store))
+        result = getattr(triton_attention, f"triton_{product}")(rows.contiguous(), store)
+    else:
+        result = (packed_scores_reference if product == "scores" else packed_values_reference)(rows, store)
+    return result if out is None else out.copy_(result)  # a copy only where the caller gave the place
 
 
 def _backend(backend: str, x: torch.Tensor) -> str:
