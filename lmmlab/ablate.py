@@ -19,7 +19,7 @@ import torch
 from lmmlab import allocate
 from lmmlab.calibrate import Stats, calibrate
 from lmmlab.database import (MANIFEST, LayerDatabase, batches_fingerprint, build_database, check_levels,
-                             open_database, weights_fingerprint)
+                             open_database, plan_ratios, shared_levels, weights_fingerprint)
 from lmmlab.export import weight_format_bytes
 from lmmlab.kvcache import KVCacheFactory, kv_cache_for, window_warning
 from lmmlab.models import VISION, Loaded, cache_dir
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl", "atp", "alphapruning")
+ALLOCATIONS = ("uniform", "owl", "atp", "alphapruning", "dlp")
+TUNED = ("atp", "dlp")
+TUNING_POINTS = 5  # ATP slopes / DLP alphas tried on the validation split  # allocations with a hyperparameter chosen on the validation split, per method
 PATTERNS = ("2:4", "4:8")
 
 
@@ -78,7 +80,7 @@ class Pruner:
         if self.database is not None and not stitch:
             self.database.forget()  # the model's layers will no longer be what the database last wrote
         if stitch:
-            self.database.apply(self.loaded, plan.sparsity, dense=self.dense)
+            self.database.apply(self.loaded, plan, dense=self.dense)
         elif plan.method == "sparsegpt":
             self.dense.restore(self.loaded)
             apply_sparsegpt(self.loaded, plan, self.batches)
@@ -88,82 +90,131 @@ class Pruner:
             apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
 
-    def attach_database(self, *, levels: Sequence[float], path: str | Path | None = None, progress: bool = True,
-                        inputs: float | None = None) -> LayerDatabase:
-        """Open the SparseGPT layer database of these calibration batches and `levels` at `path` (default: under the
-        model cache, named by the model, the batches' and weights' hashes and the grid), building it first if there
-        is none (from the dense weights: the model is restored). `inputs`: None (the dense model's) or a level
-        (the uniform plan's pruned layers; `database.build_database`)."""
-        levels = check_levels(levels)
+    def attach_database(self, *, levels, reference: CompressionPlan | None = None, path: str | Path | None = None,
+                        progress: bool = True) -> LayerDatabase:
+        """Open the SparseGPT layer database of these calibration batches, `levels` (one grid, or per layer
+        {linear: levels}: `database.count_levels`) and inputs (`reference`: None, the dense model's; or a plan on the
+        levels, whose pruned layers each layer is solved on) at `path` (default: under the model cache, named by the
+        model and a hash of all of these), building it first if there is none (from the dense weights: the model is
+        restored). A folder holding a database of other levels or inputs is a one-line ValueError."""
+        if levels and isinstance(levels[0], (int, float)):
+            levels = check_levels(levels)
+        ref = None if reference is None else plan_ratios(reference, self.loaded)
         if path is None:
             key = hashlib.blake2b(json.dumps([batches_fingerprint(self.batches), weights_fingerprint(
-                self.loaded, self.dense), list(levels)] + ([] if inputs is None else [inputs])).encode(),
-                digest_size=6).hexdigest()
+                self.loaded, self.dense), levels, ref]).encode(), digest_size=6).hexdigest()
             path = cache_dir() / "databases" / f"{Path(self.loaded.name).name}-{key}"
         path = Path(path)
         if (path / MANIFEST).is_file():
-            self.database = open_database(path, self.loaded, dense=self.dense, batches=self.batches)
-            wanted = "dense" if inputs is None else f"uniform-{inputs:g}"
-            if self.database.levels != levels or self.database.manifest.get("inputs", "dense") != wanted:
-                raise ValueError(f"the layer database at {path} has levels {list(self.database.levels)} and inputs "
-                                 f"{self.database.manifest.get('inputs', 'dense')}, not {list(levels)} and {wanted}; "
-                                 "choose another path")
+            database = open_database(path, self.loaded, dense=self.dense, batches=self.batches)
+            wanted = shared_levels(self.loaded, levels) if isinstance(levels[0], (int, float)) else levels
+            if database.module_levels != [{n: list(g) for n, g in layer.items()} for layer in wanted]:
+                raise ValueError(f"the layer database at {path} holds other levels than the ones asked for; "
+                                 "choose another path or omit it")
+            if database.reference != ref:
+                raise ValueError(f"the layer database at {path} was built on {database.inputs} inputs, not on "
+                                 f"{'the dense model' if ref is None else 'the reference plan asked for'}; choose "
+                                 "another path or omit it")
+            self.database = database
         else:
             self.restore()
             self.database = build_database(self.loaded, self.batches, levels=levels, path=path, progress=progress,
-                                           inputs=inputs)
+                                           reference=reference)
             self.database.dense = self.dense
         self.applied = None
         return self.database
 
     def calibration(self, method: str, sequential: bool) -> str:
         """How `method`'s weights are calibrated here (`calibration_of`; SparseGPT stitched from the database:
-        one pass of the dense model)."""
+        "one-pass" on dense inputs, "reference" on a reference plan's)."""
         if method == "sparsegpt" and self.database is not None and not sequential:
-            return "one-pass"
+            return "one-pass" if self.database.reference is None else "reference"
         return calibration_of(method, sequential)
 
-    def allocation(self, name: str, target: float) -> list[float]:
+    def allocation(self, name: str, target: float, method: str = "wanda") -> list[float]:
         """Per-layer sparsities of allocation `name` with mean `target`, all from the dense weights whatever plan the
-        model holds now. ATP's slope is grid-searched on the task's validation split (one-pass Wanda, re-masked)
-        and AlphaPruning's per-layer α computed once; both are remembered."""
+        model holds now. ATP's slope and DLP's α are chosen on the task's validation split for `method`
+        (`tuned`) and AlphaPruning's per-layer α computed once; all are remembered."""
         L = self.loaded.num_layers
         if name == "uniform":
             return allocate.uniform(L, target)
         if name == "owl":
             return allocate.owl(self.loaded, self.stats, target, weights=self.dense)
         if name == "atp":
-            return allocate.atp(L, target, self.atp_slope(target))
+            return allocate.atp(L, target, self.tuned("atp", target, method))
+        if name == "dlp":
+            return self.dlp(target, self.tuned("dlp", target, method))
         if name == "alphapruning":
             if "alpha" not in self.found:
                 self.found["alpha"] = allocate.layer_alphas(self.loaded, weights=self.dense)
             return allocate.alphapruning_from(self.found["alpha"], target)
         raise ValueError(f"unknown allocation {name!r}; allowed: {', '.join(ALLOCATIONS)}")
 
-    def atp_slope(self, target: float, *, n: int | None = None) -> float:
-        """ATP's one hyperparameter: the slope of sparsity in depth, the best of `allocate.atp_slopes` on the
-        validation split (`n` items) with one-pass Wanda at `target`. Leaves the model pruned to the last slope."""
-        if ("atp", target) in self.found:
-            return self.found[("atp", target)]
+    def dlp(self, target: float, alpha: float) -> list[float]:
+        """DLP's sparsities at `alpha` (its layer scores computed once, from the dense weights)."""
+        if "dlp" not in self.found:
+            self.found["dlp"] = allocate.dlp_scores(self.loaded, self.stats, weights=self.dense)
+        return allocate.dlp_from(self.found["dlp"], target, alpha)
+
+    def candidates(self, name: str, target: float) -> dict[float, list[float]]:
+        """The hyperparameter grid of a tuned allocation and the sparsities each value gives: ATP's slopes
+        (`allocate.atp_slopes`, 5 from uniform to the steepest in range) or DLP's α (`allocate.dlp_alphas`)."""
+        L = self.loaded.num_layers
+        if name == "atp":
+            return {slope: allocate.atp(L, target, slope) for slope in allocate.atp_slopes(L, target, n=TUNING_POINTS)}
+        if name == "dlp":
+            return {alpha: self.dlp(target, alpha) for alpha in allocate.dlp_alphas(n=TUNING_POINTS)}
+        raise ValueError(f"allocation {name!r} has no hyperparameter; tuned ones: {', '.join(TUNED)}")
+
+    def tuned(self, name: str, target: float, method: str = "wanda", *, n: int | None = None) -> float:
+        """ATP's slope or DLP's α: the best of `candidates` on the validation split (`n` items) with `method` run as
+        its baseline runs (Wanda and RIA calibrated layer by layer, SparseGPT solved sequentially, magnitude
+        re-masked). Remembered per (name, target, method); leaves the model pruned to the last candidate."""
+        key = (name, target, method)
+        if key in self.found:
+            return self.found[key]
         if self.task is None:
-            raise ValueError("ATP searches its slope on a task's validation split: make the pruner with "
-                             "Pruner.for_task")
-        best = None
-        for slope in allocate.atp_slopes(self.loaded.num_layers, target):
-            self.apply(CompressionPlan(allocate.atp(self.loaded.num_layers, target, slope), method="wanda"))
-            value = self.task.evaluate(self.loaded, split="validation", n=n, with_loss=False).primary
-            log.info("ATP at %.2f, slope %.4f: validation %s %.4f", target, slope, self.task.primary_metric, value)
-            if best is None or self.task.better(value, best[0]):
-                best = (value, slope)
-        self.found[("atp", target)] = best[1]
+            raise ValueError(f"{name.upper()} chooses its hyperparameter on a task's validation split: make the "
+                             "pruner with Pruner.for_task")
+        best, scores = None, {}
+        for value, sparsity in self.candidates(name, target).items():
+            plan = CompressionPlan(sparsity, method=method)
+            seen = ("validation", weight_part(plan, True), n)  # uniform is every tuned allocation's first candidate
+            if seen not in self.found:
+                self.apply(plan, sequential=True)
+                self.found[seen] = self.task.evaluate(self.loaded, split="validation", n=n, with_loss=False).primary
+            score = self.found[seen]
+            log.info("%s at %.2f (%s), %.4f: validation %s %.4f", name, target, method, value,
+                     self.task.primary_metric, score)
+            scores[value] = score
+            if best is None or self.task.better(score, best[0]):
+                best = (score, value)
+        self.found[key] = best[1]
+        self.found[key + ("scores",)] = scores
         return best[1]
+
+    def validation_score(self, name: str, target: float, method: str) -> float | None:
+        """The validation score a tuned allocation reached (uniform: a tuned allocation's first candidate, slope or
+        α 0), or None where none was measured."""
+        for tuned in TUNED:
+            scores = self.found.get((tuned, target, method, "scores"))
+            if scores is not None and name == tuned:
+                return scores[self.found[(tuned, target, method)]]
+            if scores is not None and name == "uniform" and 0.0 in scores:
+                return scores[0.0]
+        return None
+
+    def atp_slope(self, target: float, method: str = "wanda") -> float:
+        """ATP's slope at `target` for `method` (`tuned`)."""
+        return self.tuned("atp", target, method)
 
     def plan(self, method: str, allocation: str, target: float, kv_bits: int | Sequence[int] = 16,
              **options) -> CompressionPlan:
-        """`allocation`'s per-layer ratios at `target`, with `kv_bits` (one width for every layer, or one per layer);
-        `options` are the plan's other fields (pattern, KV group size and window)."""
+        """`allocation`'s per-layer ratios at `target` (tuned for `method`), with `kv_bits` (one width for every
+        layer, or one per layer); `options` are the plan's other fields (pattern, KV group size and window, value
+        bits)."""
         bits = [kv_bits] * self.loaded.num_layers if isinstance(kv_bits, int) else list(kv_bits)
-        return CompressionPlan(self.allocation(allocation, target), bits, method=method, **options)
+        return CompressionPlan(self.allocation(allocation, target, method), bits, method=method, **options)
 
     def restore(self) -> None:
         """Put the dense weights back (and tell the database its record of the layers no longer holds)."""
@@ -194,7 +245,9 @@ class Pruner:
 def weight_part(plan: CompressionPlan, sequential: bool = False) -> tuple:
     """What of a plan decides the weights: method, pattern, per-layer and vision sparsity (not the KV cache), and how
     it was calibrated."""
-    return plan.method, plan.pattern, tuple(plan.sparsity), plan.vision_sparsity, calibration_of(plan.method, sequential)
+    modules = tuple(tuple(sorted(layer.items())) for layer in plan.module_sparsity)
+    return (plan.method, plan.pattern, tuple(plan.sparsity), modules, plan.vision_sparsity,
+            calibration_of(plan.method, sequential))
 
 
 SEQUENTIAL_METHODS = ("wanda", "ria")
@@ -263,9 +316,10 @@ def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
 
 
 def label(r: dict) -> str:
-    """A row's name in tables and tests: method-allocation[-pattern]."""
-    return f"{r['method']}-{r['allocation']}" + ("" if r.get("pattern", "unstructured") == "unstructured"
+    """A row's name in tables and tests: method-allocation[-pattern][-KV plan, when not uniform]."""
+    name = f"{r['method']}-{r['allocation']}" + ("" if r.get("pattern", "unstructured") == "unstructured"
                                                  else f"-{r['pattern']}")
+    return name + ("" if r.get("kv_plan") in (None, "", "uniform") else f"-{r['kv_plan']}")
 
 
 def ablate_calibration(loaded: Loaded, task: Task, methods: Sequence[str] = SEQUENTIAL_METHODS,

@@ -1,4 +1,5 @@
-"""Per-layer sparsity allocations: uniform, OWL (outlier-weighted), ATP (linear in depth), AlphaPruning (spectra).
+"""Per-layer sparsity allocations: uniform, OWL (outlier-weighted), ATP (linear in depth), AlphaPruning (spectra),
+DLP (layer importance from the Wanda metric).
 
 OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): a layer's outlier ratio D_l is the fraction of its
 Wanda scores |W_ij|·‖X_j‖₂ (all prunable linears of the layer together) above M times their mean. Ratios are
@@ -18,6 +19,12 @@ Defaults from the reference code (github haiquanlu/AlphaPruning): x_min at the s
 default metric and the one all its scripts use); s1, s2 = 1 ∓ ε with ε = 0.2, `ww_sparsity`'s own defaults. The
 scripts tune ε per model and method at 70 %: LLaMA-7B 0.2 (Wanda, SparseGPT), 0.3 (magnitude); LLaMA-2-7B 0.3
 (Wanda), 0.2 (SparseGPT), 0.5 (magnitude); main.py's default is 0.3.
+
+DLP (Chen et al. 2025, "DLP: Dynamic Layerwise Pruning in Large Language Models"; github ironartisan/DLP,
+lib/prune.py `get_dlp_ratios`): a layer's score I_l is the mean of the Wanda metric |W_ij|·‖X_j‖₂ over every weight of
+its linears (dense inputs), its importance 1 − I_l / Σ I, min-max scaled to [0, 2α], centred, and kept as density:
+  density_l = 1 − target + Ŝ_l − mean(Ŝ),   Ŝ_l = 2α (u_l − min u) / (max u − min u),   u_l = 1 − I_l / Σ_k I_k,
+so layers with a larger mean metric are pruned more, as the reference computes (its scripts: α = 0.15 at 70 %).
 """
 from __future__ import annotations
 
@@ -247,6 +254,58 @@ def alphapruning(loaded: Loaded, target: float, *, weights=None, s1: float = ALP
     `weights` when given) mapped by `alphapruning_from`."""
     check_alphapruning(target, s1, s2)  # before the SVDs
     return alphapruning_from(layer_alphas(loaded, weights=weights, xmin=xmin), target, s1=s1, s2=s2)
+
+
+# DLP: layer importance from the mean Wanda metric -----------------------------------------------------------------
+
+DLP_ALPHA = 0.15  # the reference's scripts at 70 % (LLaMA-1/2 7B-30B)
+
+
+def dlp_scores(loaded: Loaded, stats: Stats, weights=None) -> list[float]:
+    """I_l: the mean of the Wanda metric |W_ij|·‖X_j‖₂ over every weight of layer l's prunable linears (the
+    reference's mean over their concatenated metrics), of `weights` (indexed by (layer, name)) when given, else of
+    the model's current weights; a block of rows at a time."""
+    scores = []
+    for i in range(loaded.num_layers):
+        total, count = 0.0, 0
+        for name, lin in loaded.linears(i).items():
+            W = lin.weight.detach() if weights is None else weights[(i, name)]
+            x_norm = stats.norm((i, name))
+            rows = max(1, CHUNK // W.shape[1])
+            for r0 in range(0, W.shape[0], rows):
+                total += score("wanda", W[r0:r0 + rows], x_norm).sum(dtype=torch.float64).item()
+            count += W.numel()
+        scores.append(total / count)
+    return scores
+
+
+def dlp_from(scores: list[float], target: float, alpha: float = DLP_ALPHA, *, low: float = 0.0,
+             high: float = 0.99) -> list[float]:
+    """DLP's sparsities from per-layer scores I_l (see the module docstring), mean exactly `target`, then `project`ed
+    into [low, high] (a no-op unless a layer leaves it). Equal scores: uniform."""
+    check_target(target)
+    if alpha < 0:
+        raise ValueError(f"DLP alpha must be >= 0; got {alpha}")
+    I = torch.tensor(scores, dtype=torch.float64)
+    u = 1 - I / I.sum()
+    spread = (u.max() - u.min()).item()
+    scaled = (u - u.min()) / spread * 2 * alpha if spread > 0 else torch.zeros_like(u)
+    density = scaled - scaled.mean() + (1 - target)
+    return project((1 - density).tolist(), target, low, high)
+
+
+def dlp(loaded: Loaded, stats: Stats, target: float, alpha: float = DLP_ALPHA, weights=None) -> list[float]:
+    """DLP (Chen et al. 2025) per-layer sparsities with mean exactly `target` (`dlp_scores` of `weights` if given)."""
+    check_target(target)
+    return dlp_from(dlp_scores(loaded, stats, weights), target, alpha)
+
+
+def dlp_alphas(*, n: int = 7, largest: float = 0.3) -> list[float]:
+    """The grid DLP's α is chosen on: `n` evenly spaced values from 0 (uniform) to `largest` (the reference's 0.15 in
+    the middle); a layer an α pushes out of [0, 0.99] is brought back by `dlp_from`'s projection."""
+    if n < 1 or largest < 0:
+        raise ValueError(f"DLP alpha grid needs n >= 1 points and largest >= 0; got {n}, {largest}")
+    return [0.0] if n == 1 else [round(largest * i / (n - 1), 10) for i in range(n)]
 
 
 def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...], cost: dict[int, float] | None = None

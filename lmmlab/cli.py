@@ -41,6 +41,11 @@ def parse_option(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def show_progress(args) -> bool:
+    """Progress bars on stderr: on a terminal, unless --quiet."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def task_from_args(args):
     """The task the command scores on (checked before any model is loaded): --task, --data, --task-option."""
     from lmmlab.session import default_task
@@ -78,9 +83,13 @@ def attach_database(args, pruner, method: str) -> None:
             raise ValueError("searching sparsegpt needs a layer database: pass --database-levels (e.g. 0.3:0.9:0.05) "
                              "or --database PATH")
         return
+    from lmmlab.plan import CompressionPlan
+
     levels = parse_levels(args.database_levels or "0.3:0.9:0.05")
     inputs = getattr(args, "database_inputs", "dense")
-    pruner.attach_database(levels=levels, path=args.database, inputs=None if inputs == "dense" else float(inputs))
+    reference = None if inputs == "dense" else CompressionPlan.uniform(pruner.loaded.num_layers, float(inputs),
+                                                                       method="sparsegpt")
+    pruner.attach_database(levels=levels, path=args.database, reference=reference, progress=show_progress(args))
 
 
 def check_search_options(args) -> None:
@@ -313,9 +322,13 @@ def cmd_ablate_kv(args) -> None:
 
 
 def cmd_search(args) -> None:
+    if args.space == "staged" and not args.multi_objective:
+        return cmd_staged_search(args)
     from lmmlab import search as tpe
     from lmmlab.storage import check_heartbeat, check_storage, safe_url
 
+    args.method = args.method or "wanda"
+    args.n_trials = args.n_trials or 100
     check_heartbeat(args.heartbeat)
     check_search_options(args)
     check_storage(args.storage)  # a missing driver or an unreachable database: one line, before the model loads
@@ -349,54 +362,119 @@ def cmd_search(args) -> None:
     print(f"wrote {trials_csv} and {plan_json}")
 
 
+def cmd_staged_search(args) -> None:
+    """The staged search (`staged`): its trials, best plan and final candidates."""
+    import pandas as pd
+
+    from lmmlab.staged import StagedSearch, staged_trials_table, two_stage_search
+    from lmmlab.storage import check_storage, safe_url
+
+    if args.kv_budget_unit != "nominal":
+        raise ValueError("the staged search counts nominal KV bits (keys and values apart); use --space per-layer for "
+                         "effective-bit budgets")
+    defaults = build_parser().parse_args(["search"])  # to see which per-layer options were given
+    per_layer = ("objective", "spread", "groups", "worker", "heartbeat", "multi_fidelity", "separate_kv",
+                 "warm_starts", "database_levels", "database", "database_inputs", "kv_widths")
+    given = [name for name in per_layer if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is an option of the per-layer search; add --space per-layer "
+                         "or drop it")
+    config = staged_config(args)
+    check_storage(args.storage)
+    task = task_from_args(args)
+    loaded = load(args, task)
+    pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    if args.two_stage:
+        first, result = two_stage_search(loaded, task, config, pruner=pruner, storage=args.storage,
+                                         study_name=args.study_name, progress=show_progress(args))
+        studies = [first.study, result.study]
+    else:
+        result = StagedSearch(loaded, task, config, pruner=pruner, storage=args.storage, study_name=args.study_name,
+                              progress=show_progress(args)).run()
+        studies = [result.study]
+    name = result.study.study_name
+    table = pd.concat([staged_trials_table(study) for study in studies], ignore_index=True)
+    trials_csv, plan_json = args.out_dir / f"{name}_trials.csv", args.out_dir / f"{name}_best_plan.json"
+    final_csv = args.out_dir / f"{name}_final.csv"
+    write_text_atomic(trials_csv, table.to_csv(index=False))
+    write_table(final_csv, [{k: v for k, v in c.items() if k != "plan"} for c in result.candidates])
+    result.best_plan.save(plan_json)
+    counts = table.groupby("stage").size().to_dict() if len(table) else {}
+    print(f"study {name!r} in {safe_url(args.storage)}: " + ", ".join(f"{n} {stage} trials" for stage, n in
+                                                                    counts.items()))
+    print(pd.DataFrame(result.candidates)[["name", "realize", "validation"]]
+          .rename(columns={"validation": f"validation {task.primary_metric}"}).to_string(index=False))
+    plan = result.best_plan
+    print(f"chosen: {result.candidates[[c['plan'] for c in result.candidates].index(json.loads(plan.to_json()))]['name']}"
+          f" ({result.realize}); mean sparsity {plan.mean_sparsity:.4f}, mean KV bits {plan.mean_kv_bits:g} "
+          f"(keys {plan.mean_key_bits:g}, values {plan.mean_value_bits:g})")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
+    print(f"wrote {trials_csv}, {final_csv} and {plan_json}")
+
+
 def cmd_database(args) -> None:
     from lmmlab.database import parse_levels
 
     levels = parse_levels(args.levels)
     if args.out is not None and args.out.exists() and not (args.out / "manifest.json").is_file():
         raise ValueError(f"{args.out} exists and is not a layer database; remove it or choose another --out")
+    from lmmlab.ablate import ALLOCATIONS
+    from lmmlab.database import project_to_grid
+
+    if args.inputs != "dense" and args.inputs not in ALLOCATIONS:
+        raise ValueError(f"unknown database inputs {args.inputs!r}; allowed: dense or an allocation "
+                         f"({', '.join(ALLOCATIONS)}) at --target")
+    if args.inputs != "dense":
+        project_to_grid([args.target], levels, args.target)  # a target the grid cannot hold fails here
     task = task_from_args(args)
     loaded = load(args, task)
     pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
-    database = pruner.attach_database(levels=levels, path=args.out)
+    reference = None
+    if args.inputs != "dense":
+        from lmmlab.database import layer_numel
+        from lmmlab.plan import CompressionPlan
+
+        numel = layer_numel(loaded)
+        per_layer = pruner.allocation(args.inputs, args.target, "sparsegpt")
+        flat = [per_layer[i] for i, layer in enumerate(numel) for _ in layer]
+        projected, _ = project_to_grid(flat, levels, args.target, [float(n) for layer in numel for n in layer.values()])
+        it = iter(projected)
+        reference = CompressionPlan.per_module([{n: next(it) for n in layer} for layer in numel], numel,
+                                               method="sparsegpt")
+    database = pruner.attach_database(levels=levels, path=args.out, reference=reference, progress=show_progress(args))
     m = database.manifest
-    print(f"layer database at {database.path}: {m['num_layers']} layers × {len(m['levels'])} levels "
-          f"({m['levels'][0]:g}–{m['levels'][-1]:g}), {m.get('bytes', 0) / 2**20:.1f} MiB, "
+    print(f"layer database at {database.path}: {m['num_layers']} layers × {len(levels)} levels "
+          f"({levels[0]:g}–{levels[-1]:g}), inputs {database.inputs}, {m.get('bytes', 0) / 2**20:.1f} MiB, "
           f"built in {m.get('build_seconds', float('nan')):.0f} s")
 
 
 def cmd_ablate_samplers(args) -> None:
     import pandas as pd
 
-    from lmmlab import ablate, plots
-    from lmmlab.database import parse_levels
+    from lmmlab import plots
+    from lmmlab.sampler_ablation import ABLATION_SAMPLERS, sampler_ablation
     from lmmlab.samplers import summarise
-    from lmmlab.search import check_sampler
 
-    for name in args.samplers:
-        check_sampler(name, multi_objective=False)
-    if args.database_levels is not None:
-        parse_levels(args.database_levels)
-    if len(args.seeds) < 1 or args.n_trials < 1:
-        raise ValueError("give at least one seed and one trial")
+    bad = [s for s in args.samplers if s not in ABLATION_SAMPLERS]
+    if bad:
+        raise ValueError(f"unknown sampler {bad[0]!r}; allowed: {', '.join(ABLATION_SAMPLERS)}")
+    if len(args.seeds) < 1 or args.evaluations < 1:
+        raise ValueError("give at least one seed and one evaluation")
+    config = staged_config(args)
     task = task_from_args(args)
     loaded = load(args, task)
-    out = args.out or RESULTS / "tables" / f"{Path(loaded.name).name}-{task.name}_ablate_samplers.csv"
+    out = args.out or RESULTS / "tables" / f"{model_label(loaded)}_ablate_samplers.csv"
     storage = args.storage or f"sqlite:///{out.with_suffix('.db')}"
-    pruner = calibrated_pruner(args, loaded, task)
-    attach_database(args, pruner, args.method)
-    table = ablate.ablate_samplers(loaded, task, pruner, samplers=args.samplers, seeds=args.seeds,
-                                   n_trials=args.n_trials, storage=storage, method=args.method,
-                                   target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget,
-                                   kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, n_eval=args.n_eval,
-                                   objective=args.objective)
+    pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    table = sampler_ablation(loaded, task, config=config, samplers=args.samplers, seeds=args.seeds,
+                             evaluations=args.evaluations, pruner=pruner, storage=storage,
+                             progress=show_progress(args))
     write_text_atomic(out, table.to_csv(index=False))
-    summary = summarise(table)
-    direction = "minimize" if args.objective == "loss" else task.direction
-    figure = plots.save(plots.sampler_ablation_figure(summary, direction), out.stem,
-                        out.parent.parent / "figures")
+    figure = plots.save(plots.sampler_ablation_figure(summarise(table), "minimize", objective="KL fitness"),
+                        out.stem, out.parent.parent / "figures")
     final = table.groupby(["sampler", "seed"]).best_so_far.last().groupby("sampler").agg(["median", "min", "max"])
-    print(pd.DataFrame(final).round(4).to_string())
+    print(f"best KL fitness after {args.evaluations} evaluations, over seeds {args.seeds}:")
+    print(pd.DataFrame(final).round(5).to_string())
     print(f"wrote {out} and {figure}")
 
 
@@ -410,14 +488,57 @@ def cmd_dashboard(args) -> None:
     optuna_dashboard.run_server(storage_for(args.storage), host=args.host, port=args.port)
 
 
-def cmd_compare(args) -> None:
-    from lmmlab.compare import compare
+def cmd_headline(args) -> None:
+    from dataclasses import replace
 
-    from lmmlab.compare import BASELINES, HEADLINE_BASELINES
+    import pandas as pd
+
+    from lmmlab.headline import SEARCH, headline, headline_tests, write_headline
+
+    config = staged_config(args)
+    for budget in args.kv_budgets:
+        replace(config, kv_budget=budget).check()
+    baselines = []
+    for text in args.baselines:
+        method, _, allocation = text.partition("-")
+        from lmmlab.ablate import ALLOCATIONS
+        from lmmlab.plan import METHODS
+
+        if method not in METHODS or allocation not in ALLOCATIONS:
+            raise ValueError(f"bad baseline {text!r}; give method-allocation, method from {', '.join(METHODS)}, "
+                             f"allocation from {', '.join(ALLOCATIONS)}")
+        baselines.append((method, allocation))
+    from lmmlab.storage import check_storage
+
+    check_storage(args.storage)
+    task = task_from_args(args)
+    loaded = load(args, task)
+    out = args.out or RESULTS / "tables" / f"{model_label(loaded)}_headline.csv"
+    pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    rows = headline(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, config=config,
+                    baselines=baselines, kv_baselines=args.kv_baselines, two_stage_at=args.two_stage_at,
+                    storage=args.storage, study_prefix=args.study_prefix, n=args.n, pruner=pruner,
+                    keep_databases=args.keep_databases, progress=show_progress(args))
+    paths = write_headline(rows, task.direction, out)
+    table = pd.DataFrame(rows)
+    from lmmlab.ablate import label
+
+    table["plan"] = [label(r) for r in rows]
+    shown = ["kv_budget_bits", "target_sparsity", "plan", "achieved_sparsity", "mean_kv_bits", "primary", "ci_low",
+             "ci_high", "versus", "p_value", "verdict"]
+    print(f"test {task.primary_metric} ({task.direction}):")
+    print(table[shown].rename(columns={"primary": task.primary_metric}).round(4).to_string(index=False))
+    tests = pd.DataFrame(headline_tests(rows, task.direction))
+    print(f"\n{SEARCH} vs each baseline on the same items (Holm over the baselines of a cell):")
+    print(tests.round(4).to_string(index=False))
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+def cmd_compare(args) -> None:
+    from lmmlab.compare import BASELINES, compare
 
     check_search_options(args)
-    headline = args.command == "headline"
-    baselines = HEADLINE_BASELINES if headline else BASELINES
+    baselines = BASELINES
     task = task_from_args(args)
     loaded = load(args, task)
     pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
@@ -428,11 +549,8 @@ def cmd_compare(args) -> None:
                    kv_residual=args.kv_residual, n=args.n, n_eval=args.n_eval, seed=args.seed,
                    pruner=pruner, sequential=not args.one_pass_baselines, kv_budget_unit=args.kv_budget_unit,
                    kv_context=args.context_tokens, baselines=baselines, **search_options(args))
-    if headline:
-        rows = [{**r, "kv_budget": r["kv_budget_bits"]} for r in rows]
     print(f"test {task.primary_metric} ({task.direction}):")
-    out = args.out or RESULTS / "tables" / f"{model_label(loaded)}_headline.csv"
-    print_comparison(rows, task, out)
+    print_comparison(rows, task, args.out)
 
 
 def model_label(loaded) -> str:
@@ -558,6 +676,54 @@ def add_search_power_args(p: argparse.ArgumentParser, headline: bool = False) ->
                         "(the uniform plan's pruned layers, as sequential SparseGPT)")
 
 
+def add_staged_args(p: argparse.ArgumentParser) -> None:
+    """The staged search's options (`staged.SearchConfig`; defaults from there)."""
+    from lmmlab.staged import BASES, GRANULARITIES, INPUTS, STAGES, SearchConfig
+
+    d = SearchConfig()
+    p.add_argument("--stages", default=",".join(d.stages), help=f"stages to run, in order: {', '.join(STAGES)}")
+    p.add_argument("--granularity", default=d.granularity, help=f"evolution genes: {', '.join(GRANULARITIES)}")
+    p.add_argument("--bases", nargs="+", default=list(d.bases),
+                   help=f"first-stage base allocations and warm starts, from {', '.join(BASES)}")
+    p.add_argument("--kv-pairs", default=None,
+                   help="K >= V pairs a layer may take, e.g. KV8,K8V4,KV4,K4V2,KV2 (default: those, KV16 too at budget 16)")
+    p.add_argument("--kv-clusters", type=int, default=d.kv_clusters, help="layer clusters by KV sensitivity")
+    p.add_argument("--generations", type=int, nargs="+", default=list(d.generations),
+                   help="evolution generations per round (one round per number; each re-bases its database)")
+    p.add_argument("--offspring", type=int, default=d.offspring, help="evolution mutants per generation")
+    p.add_argument("--selection", default=",".join(f"{s}:{t}" for s, t in d.selection),
+                   help="multi-step selection, survivors:tokens per step")
+    p.add_argument("--count-levels", type=int, default=d.count_levels,
+                   help="evolution databases: count levels on each side of the reference plan (EvoPress: 8)")
+    p.add_argument("--first-inputs", default=d.database_inputs, choices=list(INPUTS),
+                   help="the first stage's database: solved on the dense model's inputs, or on the best base's")
+    p.add_argument("--fitness-rows", type=int, default=d.fitness_rows, help="search windows (calibration split)")
+    p.add_argument("--fitness-tokens", type=int, default=d.fitness_tokens, help="tokens per first-stage trial")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="dense next-token probabilities kept per position")
+    p.add_argument("--two-stage", action="store_true",
+                   help="the ablation: weights searched at 16 bits first, then the KV pairs, at equal evaluations")
+
+
+def staged_config(args):
+    """The staged search's config from the command line, checked (before any model loads)."""
+    from lmmlab.evolution import parse_selection
+    from lmmlab.kvpairs import parse_pairs
+    from lmmlab.staged import SearchConfig
+
+    config = SearchConfig(
+        target_sparsity=args.target_sparsity, kv_budget=args.kv_budget,
+        kv_pairs=parse_pairs(args.kv_pairs) if args.kv_pairs else (), kv_clusters=args.kv_clusters,
+        method=args.method or "sparsegpt", granularity=args.granularity,
+        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), sampler=args.sampler,
+        bases=tuple(args.bases), tpe_trials=args.n_trials or SearchConfig().tpe_trials,
+        fitness_tokens=args.fitness_tokens, generations=tuple(args.generations), offspring=args.offspring,
+        selection=parse_selection(args.selection), count_levels=args.count_levels,
+        database_inputs=args.first_inputs, fitness_rows=args.fitness_rows, top_k=args.top_k, n_eval=args.n_eval,
+        kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, seed=args.seed)
+    config.check()
+    return config
+
+
 def add_budget_args(p: argparse.ArgumentParser, search: bool = False) -> None:
     """How a KV budget is counted, and (comparisons) how the baselines calibrate."""
     p.add_argument("--kv-budget-unit", default="nominal", choices=["nominal", "effective"],
@@ -575,6 +741,8 @@ def add_budget_args(p: argparse.ArgumentParser, search: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmmlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (they go to stderr, shown on "
+                                                                  "a terminal only)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="one model and task: dense, pruning, KV widths, TPE joint plans vs baselines")
@@ -680,13 +848,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage_help = ("Optuna storage URL: sqlite:///FILE, postgresql://USER:PASS@HOST:PORT/DB (pip install "
                     "'lmmlab[postgres]') or journal:///FILE (one host, no server)")
 
-    p = sub.add_parser("search", help="joint TPE search over per-layer sparsity and KV bits (resumable Optuna study)")
+    p = sub.add_parser("search", help="joint search over per-linear sparsity and per-layer KV widths: TPE over a "
+                                      "low-dimensional space, then evolution per linear (resumable Optuna study)")
     add_model_args(p)
     add_task_args(p)
+    p.add_argument("--space", default="staged", choices=["staged", "per-layer"],
+                   help="staged (default): TPE + evolution with the KL fitness; per-layer: one Optuna study over "
+                        "per-layer offsets and widths scored on validation (multi-objective, many workers)")
     p.add_argument("--target-sparsity", type=float, default=0.5, help="parameter-weighted mean sparsity, in [0, 1)")
     p.add_argument("--kv-budget", type=float, default=16.0,
                    help="mean KV bits per layer at most this (nominal, or effective: --kv-budget-unit)")
-    p.add_argument("--n-trials", type=int, default=100, help="finished trials the study should hold (resumes)")
+    p.add_argument("--n-trials", type=int, default=None,
+                   help="finished trials the study should hold (resumes); staged: first-stage trials (default 40), "
+                        "per-layer: 100")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help + "; workers naming one storage and "
                    "study share it")
     p.add_argument("--study-name", default=None, help="default: derived from the model, method and budgets")
@@ -699,7 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the task's primary metric (default; accuracy, perplexity, ...) or 'loss'")
     p.add_argument("--multi-objective", action="store_true",
                    help="accuracy vs memory (weights + KV at --context-tokens), searching the budgets too")
-    p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
+    p.add_argument("--method", default=None, choices=PLAN_METHODS,
+                   help="staged: sparsegpt (default; stitched from level databases); per-layer: wanda (default)")
+    add_staged_args(p)
     p.add_argument("--kv-widths", type=int, nargs="+", default=[2, 3, 4, 6, 8, 16], help="allowed KV widths")
     p.add_argument("--spread", type=float, default=0.25, help="per-layer sparsity offsets within ± this")
     p.add_argument("--groups", type=int, default=None, help="bins of consecutive layers sharing one choice")
@@ -717,62 +893,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
 
-    for name in ("compare", "headline"):
-        headline = name == "headline"
-        p = sub.add_parser(name, help="the headline: TPE joint plan over a SparseGPT layer database vs Wanda and "
-                                      "SparseGPT under uniform, OWL, ATP and AlphaPruning allocations, on test; "
-                                      "<model>_headline.csv" if headline else
-                                      "TPE joint plan vs uniform/OWL baselines at the same budgets, on test")
-        add_model_args(p)
-        add_task_args(p)
-        p.add_argument("--sparsities", type=float, nargs="+", default=[0.6, 0.7] if headline else [0.5, 0.6, 0.7])
-        p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
-        p.add_argument("--n-trials", type=int, default=60 if headline else 100)
-        p.add_argument("--method", default="sparsegpt" if headline else "wanda", choices=PLAN_METHODS,
-                       help="the pruning method TPE allocates for (sparsegpt: over the layer database)")
-        p.add_argument("--storage", default=DEFAULT_STORAGE)
-        p.add_argument("--study-prefix", default=name, help="studies are named <prefix>-<task>-<method>-s<S>-kv<B> "
-                                                           "(an existing one is resumed)")
-        add_kv_layout_args(p)
-        p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
-        p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
-        p.add_argument("--seed", type=int, default=0)
-        add_budget_args(p)
-        add_search_power_args(p, headline=headline)
-        p.add_argument("--out", type=Path, default=None if headline else RESULTS / "tables" / "compare.csv",
-                       help="the table (default: results/tables/<model>_headline.csv)" if headline else None)
-        p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("compare", help="TPE joint plan (per-layer space) vs uniform/OWL baselines at the same "
+                                       "budgets, on test")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 4])
+    p.add_argument("--n-trials", type=int, default=100)
+    p.add_argument("--method", default="wanda", choices=PLAN_METHODS,
+                   help="the pruning method TPE allocates for (sparsegpt: over the layer database)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--study-prefix", default="compare", help="studies are named <prefix>-<task>-<method>-s<S>-kv<B> "
+                                                            "(an existing one is resumed)")
+    add_kv_layout_args(p)
+    p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
+    p.add_argument("--seed", type=int, default=0)
+    add_budget_args(p)
+    add_search_power_args(p)
+    p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
+    p.set_defaults(func=cmd_compare)
+
+    from lmmlab.headline import BASELINES as HEADLINE_BASELINES, KV_BASELINES
+
+    p = sub.add_parser("headline", help="the staged search vs Wanda and SparseGPT under uniform, OWL, ATP, "
+                                        "AlphaPruning and DLP (KV uniform and KVTuner-style), on test, paired and "
+                                        "Holm-adjusted; <model>_headline.csv")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 3],
+                   help="mean nominal KV bits per layer, keys and values apart")
+    p.add_argument("--target-sparsity", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--kv-budget", type=float, default=16.0, help=argparse.SUPPRESS)
+    p.add_argument("--n-trials", type=int, default=None, help="first-stage trials per cell (default 40)")
+    p.add_argument("--method", default="sparsegpt", choices=PLAN_METHODS)
+    add_staged_args(p)
+    p.add_argument("--sampler", default="tpe", help="the first stage's sampler")
+    p.add_argument("--baselines", nargs="+", default=[f"{m}-{a}" for m, a in HEADLINE_BASELINES],
+                   help="method-allocation pairs (default: wanda and sparsegpt x uniform owl atp alphapruning dlp)")
+    p.add_argument("--kv-baselines", nargs="+", default=list(KV_BASELINES), choices=list(KV_BASELINES))
+    p.add_argument("--two-stage-at", type=float, nargs="*", default=[0.7],
+                   help="sparsities whose KV-limited cells also run the two-stage ablation")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--study-prefix", default="headline", help="studies are named <prefix>-<task>-s<S>-kv<B> "
+                                                             "(an existing one is resumed)")
+    add_kv_layout_args(p)
+    p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
+    p.add_argument("--n-eval", type=int, default=None, help="validation items for the final choice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-databases", action="store_true", help="keep the level databases (GBs) after each target")
+    p.add_argument("--out", type=Path, default=None, help="the table (default: results/tables/<model>_headline.csv)")
+    p.set_defaults(func=cmd_headline)
 
     p = sub.add_parser("database", help="build (or check) a SparseGPT layer database: every decoder layer solved "
-                                        "at a grid of levels, inputs from the dense model")
+                                        "at a grid of levels, on the dense model's or a reference plan's inputs")
     add_model_args(p)
     add_task_args(p)
     p.add_argument("--levels", default="0.3:0.9:0.05", help="the grid: START:STOP:STEP or a comma list")
+    p.add_argument("--inputs", default="dense",
+                   help="what each layer is solved on: dense (the dense model's inputs), or an allocation's pruned "
+                        "layers at --target (uniform, atp, dlp, ...), projected onto the grid")
+    p.add_argument("--target", type=float, default=0.7, help="the reference allocation's mean sparsity")
     p.add_argument("--out", type=Path, default=None, help="folder (default: under $LMMLAB_CACHE/databases)")
     p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
     p.set_defaults(func=cmd_database)
 
-    from lmmlab.samplers import SAMPLERS
+    from lmmlab.sampler_ablation import ABLATION_SAMPLERS
 
-    p = sub.add_parser("ablate-samplers", help="every sampler at equal trial budgets over several seeds: "
-                                               "best-so-far against trials and seconds")
+    p = sub.add_parser("ablate-samplers", help="the first stage's TPE vs TPE per layer, the evolution, random search "
+                                               "and CMA-ES at equal evaluations of the KL fitness, over seeds")
     add_model_args(p)
     add_task_args(p)
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help=f"from {', '.join(SAMPLERS)}")
+    p.add_argument("--samplers", nargs="+", default=list(ABLATION_SAMPLERS), help=f"from {', '.join(ABLATION_SAMPLERS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-trials", type=int, default=30)
-    p.add_argument("--target-sparsity", type=float, default=0.6)
-    p.add_argument("--kv-budget", type=float, default=4.0)
-    p.add_argument("--method", default="wanda", choices=PLAN_METHODS)
-    p.add_argument("--objective", default=None, help="the task's primary metric (default) or 'loss'")
-    p.add_argument("--database-levels", default=None, help="sparsegpt: the layer database's grid")
-    p.add_argument("--database", type=Path, default=None, help="sparsegpt: the layer database's folder")
+    p.add_argument("--evaluations", type=int, default=40, help="fitness evaluations per run, warm starts included")
+    p.add_argument("--target-sparsity", type=float, default=0.7)
+    p.add_argument("--kv-budget", type=float, default=3.0)
+    p.add_argument("--n-trials", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--method", default="sparsegpt", choices=PLAN_METHODS)
+    add_staged_args(p)
+    p.add_argument("--sampler", default="tpe", help=argparse.SUPPRESS)
     add_kv_layout_args(p)
-    p.add_argument("--n-eval", type=int, default=None, help="validation items per trial (default: the task's)")
+    p.add_argument("--n-eval", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="the calibration's and the search windows' seed")
     p.add_argument("--storage", default=None, help="Optuna storage (default: a sqlite file beside --out)")
     p.add_argument("--out", type=Path, default=None,
-                   help="the table (default: results/tables/<model>-<task>_ablate_samplers.csv; the figure goes "
-                        "to results/figures)")
+                   help="the table (default: results/tables/<model>_ablate_samplers.csv; the figure goes to "
+                        "results/figures)")
     p.set_defaults(func=cmd_ablate_samplers)
 
     p = sub.add_parser("bench", help="benchmarks printed as JSON")

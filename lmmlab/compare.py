@@ -13,7 +13,7 @@ the strongest baseline at its budget on the same test items (`stats.annotate`).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lmmlab.ablate import Pruner, calibration_of, label, row, weight_part
 from lmmlab.kvcache import kv_cache_for
@@ -27,8 +27,6 @@ from lmmlab.tasks import Task
 log = logging.getLogger(__name__)
 
 BASELINES = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform"))
-# The headline's baselines: both published methods under every allocation lmmlab has.
-HEADLINE_BASELINES = tuple((m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "atp", "alphapruning"))
 SPARSITY_TOLERANCE = 0.0005  # 0.05 %: plans further apart in achieved mean sparsity are not compared
 
 
@@ -142,13 +140,15 @@ def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequenc
                     is_baseline=lambda r: r["allocation"] in baselines, label=label)
 
 
-def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -> list[dict]:
+def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe",
+                 family: Callable[[dict], bool] = lambda r: True) -> list[dict]:
     """The `reference` plan against every other plan at the same (sparsity, KV budget), on the same items: the mean
     per-item difference (per_item_metric: correctness, window NLL, ...), its 95 % bootstrap interval, a paired
     p-value (exact McNemar for correctness, paired bootstrap otherwise: `stats.paired_p`), and who is better in the
     task's direction — "tie" unless p < 0.05 — and the same after Holm's correction over the baselines at that
-    budget (`p_holm`, `better_holm`: the verdict for "better than every baseline"). For perplexity the per-item values are window NLLs, so
-    exp(mean difference) is the perplexity ratio."""
+    budget (`p_holm`, `better_holm`: the verdict for "better than every baseline"); `family` picks the rows tested (the
+    Holm family). For perplexity the per-item values are window NLLs, so exp(mean difference) is the perplexity
+    ratio."""
     from lmmlab.stats import paired, paired_p
 
     out = []
@@ -159,11 +159,11 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe") -
         ours = [r for r in group if r["allocation"] == reference]
         for ref in ours:
             tests = []
-            for other in (r for r in group if r is not ref):
+            for other in (r for r in group if r is not ref and family(r)):
                 test = paired(ref["per_item"], other["per_item"])
                 p = paired_p(ref["per_item"], other["per_item"], ref["per_item_metric"])
                 tests.append({"target_sparsity": target, "kv_budget_bits": budget,
-                              "baseline": f"{other['method']}-{other['allocation']}",
+                              "baseline": label(other),
                               "per_item_metric": ref["per_item_metric"], "mean_diff": test.mean_diff,
                               "ci_low": test.low, "ci_high": test.high, "p_value": p, "n": test.n})
             for t, p_holm in zip(tests, holm([t["p_value"] for t in tests])):

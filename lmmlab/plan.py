@@ -9,6 +9,11 @@ costs the mean of its two parts, (k_i + v_i) / 2 bits, and `mean_kv_bits` is the
 on it is a budget on the combined mean. `value_bits` is kept as given (also when equal to kv_bits: such a plan stores
 exactly what the kv_bits-only plan stores, but compares unequal to it) and left out of the JSON when empty, so a plan
 without it writes the same JSON as before.
+
+Linears may have their own ratios too (EvoPress's per-module levels): `module_sparsity[i]` maps a linear's short name
+(q_proj, ..., down_proj) to its ratio in layer i, and `sparsity[i]` is then the layer's parameter-weighted mean (what
+the plan says about the layer as a whole; `CompressionPlan.per_module` computes it). A linear the map leaves out takes
+its layer's `sparsity[i]`. Empty (the default) = every linear at its layer's ratio; left out of the JSON then.
 """
 from __future__ import annotations
 
@@ -71,6 +76,8 @@ class CompressionPlan:
     kv_residual: int = KIVI_RESIDUAL  # keys: quantized R at a time when the window fills; values: the newest R kept
     value_bits: list[int] = field(default_factory=list)  # bits per stored value, per layer; empty = kv_bits (then
     #                                                      kv_bits are both parts' widths, else the keys')
+    module_sparsity: list[dict[str, float]] = field(default_factory=list)  # per layer {linear name: ratio}; empty =
+    #                                                                       each linear at its layer's sparsity
 
     def __post_init__(self) -> None:
         self.sparsity = [float(s) for s in self.sparsity]
@@ -89,6 +96,13 @@ class CompressionPlan:
             raise ValueError(f"value_bits has {len(self.value_bits)} entries but sparsity has {len(self.sparsity)}; "
                              "give one per decoder layer, or none for values at the kv_bits widths")
         check_kv_bits(self.value_bits, "value bit-width")
+        self.module_sparsity = [{str(k): float(v) for k, v in layer.items()} for layer in self.module_sparsity]
+        if self.module_sparsity and len(self.module_sparsity) != len(self.sparsity):
+            raise ValueError(f"module_sparsity has {len(self.module_sparsity)} entries but sparsity has "
+                             f"{len(self.sparsity)}; give one {{linear: ratio}} map per decoder layer, or none")
+        bad = [(i, n, s) for i, layer in enumerate(self.module_sparsity) for n, s in layer.items() if not 0 <= s < 1]
+        if bad:
+            raise ValueError(f"module sparsity must be in [0, 1); got {bad[0][2]} for {bad[0][1]} of layer {bad[0][0]}")
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
         self.vision_sparsity = float(self.vision_sparsity)
@@ -96,6 +110,9 @@ class CompressionPlan:
             raise ValueError(f"vision_sparsity must be in [0, 1); got {self.vision_sparsity}")
         check_kv_layout(self.kv_group_size, self.kv_residual)
         nm = parse_pattern(self.pattern)
+        if nm is not None and self.module_sparsity:
+            raise ValueError(f"pattern {self.pattern} fixes every linear's sparsity; per-linear ratios "
+                             "(module_sparsity) need an unstructured pattern")
         if nm is not None:
             n, m = nm
             fixed = 1 - n / m
@@ -113,6 +130,18 @@ class CompressionPlan:
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
+
+    def ratio(self, layer: int, name: str) -> float:
+        """The fraction of linear `name`'s weights that layer `layer` removes: its own ratio when `module_sparsity`
+        gives one, else the layer's."""
+        if self.module_sparsity:
+            return self.module_sparsity[layer].get(name, self.sparsity[layer])
+        return self.sparsity[layer]
+
+    @property
+    def per_linear(self) -> bool:
+        """Whether some linear has a ratio of its own (`module_sparsity`)."""
+        return any(s != self.sparsity[i] for i, layer in enumerate(self.module_sparsity) for s in layer.values())
 
     @property
     def mean_sparsity(self) -> float:
@@ -167,6 +196,10 @@ class CompressionPlan:
     def mean_effective_kv_bits(self, head_dim: int, context: int = KV_CONTEXT, part: str = "both") -> float:
         return sum(self.effective_kv_bits(head_dim, context, part)) / self.num_layers
 
+    def removed_weights(self, numel: list[dict[str, int]]) -> int:
+        """Weights the plan removes from linears of `numel[i][name]` weights: ⌊numel · ratio⌋ each, summed."""
+        return sum(int(n * self.ratio(i, name)) for i, layer in enumerate(numel) for name, n in layer.items())
+
     def weight_summary(self, weights_per_layer: list[int], bytes_per_weight: int) -> dict:
         """What the plan means for the prunable weights: kept (non-zero) weights and their bytes, dense vs pruned."""
         self.check_layers(len(weights_per_layer))
@@ -187,11 +220,23 @@ class CompressionPlan:
         values = [] if value_bits is None else [value_bits] * num_layers
         return cls([sparsity] * num_layers, [kv_bits] * num_layers, method, pattern, value_bits=values, **options)
 
+    @classmethod
+    def per_module(cls, ratios: list[dict[str, float]], numel: list[dict[str, int]], kv_bits: list[int] | None = None,
+                   **options) -> "CompressionPlan":
+        """A plan with a ratio per linear (`ratios[i][name]`); each layer's `sparsity` is the `numel`-weighted mean
+        of its linears' ratios. `options` are the remaining fields."""
+        if len(ratios) != len(numel):
+            raise ValueError(f"{len(ratios)} layers of ratios for a model of {len(numel)} decoder layers")
+        means = [sum(layer[n] * numel[i][n] for n in layer) / sum(numel[i][n] for n in layer)
+                 for i, layer in enumerate(ratios)]
+        return cls(means, list(kv_bits or []), module_sparsity=[dict(layer) for layer in ratios], **options)
+
     def to_json(self) -> str:
-        """The fields as a JSON object; `value_bits` only when given."""
+        """The fields as a JSON object; `value_bits` and `module_sparsity` only when given."""
         raw = asdict(self)
-        if not raw["value_bits"]:
-            del raw["value_bits"]
+        for optional in ("value_bits", "module_sparsity"):
+            if not raw[optional]:
+                del raw[optional]
         return json.dumps(raw, indent=2)
 
     @classmethod

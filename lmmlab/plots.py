@@ -210,7 +210,8 @@ def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, context_tokens: int
     return fig
 
 
-def sampler_ablation_figure(summary: pd.DataFrame, direction: str) -> plt.Figure:
+def sampler_ablation_figure(summary: pd.DataFrame, direction: str, objective: str = "validation objective",
+                            log_y: bool = False) -> plt.Figure:
     """Best objective so far per sampler against trials and against wall seconds: the median over seeds (line) and
     its min-max range (band). `summary`: `samplers.summarise`'s table (sampler, axis, x, median, min, max)."""
     from lmmlab.samplers import SAMPLERS
@@ -225,8 +226,10 @@ def sampler_ablation_figure(summary: pd.DataFrame, direction: str) -> plt.Figure
             ax.fill_between(part.x, part["min"], part["max"], color=colour, alpha=0.2, linewidth=0)
     better = "lower" if direction == "minimize" else "higher"
     seeds = int(summary.seeds.max()) if "seeds" in summary and len(summary) else 0
-    axes[0].set_ylabel(f"best validation objective so far ({better} is better)")
-    axes[0].set_xlabel("trials")
+    axes[0].set_ylabel(f"best {objective} so far ({better} is better)")
+    axes[0].set_xlabel("trials (evaluations)")
+    if log_y:
+        axes[0].set_yscale("log")
     axes[1].set_xlabel("wall seconds")
     axes[0].set_title(f"Sampler ablation: median and range over {seeds} seeds")
     axes[1].set_title("... against wall time")

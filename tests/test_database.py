@@ -66,15 +66,16 @@ def same_bits(a: dict, b: dict) -> bool:
 
 @torch.no_grad()
 def old_prune(linear, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
-    """SparseGPT.prune as it was before the refactor (verbatim, H mutated in place)."""
+    """SparseGPT.prune as it was before the refactor (verbatim, H mutated in place), but for the precision of H⁻¹:
+    H is now accumulated and factored in float64 and the factor rounded to float32 (thread-independent solves)."""
     columns = linear.weight.shape[1]
     W = linear.weight.data.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(columns, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H += damp * torch.eye(columns, device=H.device, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         W1 = W[:, i1:i2].clone()
@@ -195,16 +196,16 @@ def test_stored_masks_and_bytes_match_the_closed_form(llama, db):
     manifest = json.loads((db.path / "manifest.json").read_text())
     tensor_bytes = 0
     for i, j in itertools.product(range(llama.num_layers), range(len(GRID))):
-        with safe_open(db.path / f"layer{i:03d}_level{j:02d}.safetensors", framework="pt") as f:
-            for name, lin in llama.linears(i).items():
-                mask, values = f.get_tensor(f"{name}.mask"), f.get_tensor(f"{name}.values")
+        for name, lin in llama.linears(i).items():
+            with safe_open(db.path / f"layer{i:03d}.{name}.safetensors", framework="pt") as f:
+                mask, values = f.get_tensor(f"{j}.mask"), f.get_tensor(f"{j}.values")
                 keep = unpack_mask(mask, lin.weight.shape)
                 assert lin.weight.numel() - int(keep.sum()) == removed_count(lin.weight.numel(), GRID[j])
                 assert values.numel() == int(keep.sum()) and values.dtype == lin.weight.dtype
                 tensor_bytes += mask.numel() + values.numel() * values.element_size()
     assert manifest["tensor_bytes"] == tensor_bytes == database_bytes(layer_shapes(llama), GRID, 4)
     assert manifest["bytes"] == sum(p.stat().st_size for p in db.path.glob("*.safetensors")) > tensor_bytes
-    assert manifest["build_seconds"] > 0 and manifest["levels"] == list(GRID)
+    assert manifest["build_seconds"] > 0 and db.levels == GRID and manifest["reference"] is None
     # the closed form at LLaVA-1.5-7B widths is the same formula: one level's mask + values of one 4096² matrix
     one = database_bytes(llama_shapes(1, 4096, 11008), [0.5], 2)
     assert one == sum((d_out * d_in + 7) // 8 + (d_out * d_in - d_out * d_in // 2) * 2
@@ -357,8 +358,8 @@ def test_an_unreachable_target_is_a_one_line_error(target):
 def test_an_off_grid_level_is_refused_before_anything_is_written(llama, db, dense):
     db.apply(llama, [0.3, 0.3, 0.3], dense=dense)
     before = weights(llama)
-    for plan, message in (([0.45, 0.5, 0.3], "level 0.5 of layer 1 is not on the database's grid; allowed: 0.0 or "
-                                             "0.3, 0.45, 0.6, 0.75"),
+    for plan, message in (([0.45, 0.5, 0.3], "level 0.5 of q_proj in layer 1 is not among the database's levels; "
+                                             "allowed: 0.0 or 0.3, 0.45, 0.6, 0.75"),
                           ([0.3, 0.3], "2 levels for a database of 3 decoder layers")):
         with pytest.raises(ValueError) as err:
             db.apply(llama, plan, dense=dense)
@@ -437,5 +438,137 @@ def test_a_stale_or_foreign_database_is_refused(llama, batches, built, dense, ti
     (tmp_path / "copy" / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(ValueError) as err:
         open_database(tmp_path / "copy", llama)
-    assert "has format 99; this lmmlab reads format 1" in one_line(err)
+    assert "has format 99; this lmmlab reads format 2" in one_line(err)
     assert isinstance(open_database(built.path, llama), LayerDatabase) and math.isfinite(manifest["build_seconds"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (f) stacked levels, per-linear levels, databases on a reference plan's inputs, count levels
+
+
+@pytest.mark.parametrize("nm, dtype", [(None, torch.float32), (None, torch.bfloat16), ((2, 4), torch.float32)])
+def test_solving_levels_stacked_is_bit_identical_to_solving_each_alone(nm, dtype):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 64, generator=g) * torch.rand(64, generator=g) * 3
+    lin = torch.nn.Linear(64, 40, bias=False).to(dtype)
+    lin.weight.data.copy_(torch.randn(40, 64, generator=g))
+    solver = SparseGPT(lin)
+    solver.add_batch(X)
+    Hinv, dead = solver.inverse_hessian()
+    levels = [0.5] if nm else [0.2, 0.37, 0.5, 0.81]
+    for max_elements in (1 << 24, 40 * 64 * 2):  # all copies at once, or two at a time
+        stacked = SparseGPT.solve_levels(lin.weight.data, Hinv, dead, levels, nm, 16, max_elements=max_elements)
+        for s, (W, pruned) in zip(levels, stacked):
+            alone, pruned_alone = SparseGPT.solve(lin.weight.data, Hinv, dead, s, nm, 16)
+            assert torch.equal(W, alone) and torch.equal(pruned, pruned_alone) and W.dtype == dtype
+
+
+def module_plan(llama, ratios) -> "CompressionPlan":
+    from lmmlab.database import layer_numel
+    from lmmlab.plan import CompressionPlan
+
+    return CompressionPlan.per_module(ratios, layer_numel(llama), method="sparsegpt")
+
+
+@torch.no_grad()
+def sparsegpt_per_linear_on_dense_inputs(loaded, batches, ratios) -> dict:
+    """The reference for per-linear levels: each layer's Hessians from the dense model's inputs (one per linear, no
+    sharing), `SparseGPT.prune` of each linear at its own ratio, the layer put back to dense after."""
+    solvers, result = {}, {}
+
+    def observe(i):
+        solvers.clear()
+        solvers.update({name: SparseGPT(lin) for name, lin in loaded.linears(i).items()})
+        return {name: s.add_batch for name, s in solvers.items()}
+
+    def prune(i):
+        for name, solver in solvers.items():
+            W0 = solver.linear.weight.detach().clone()
+            if ratios[i][name] > 0:
+                solver.prune(ratios[i][name])
+            result[(i, name)] = solver.linear.weight.detach().clone()
+            solver.linear.weight.copy_(W0)
+
+    layer_by_layer(loaded, batches, observe, prune)
+    return result
+
+
+def test_a_stitched_per_linear_plan_equals_sparsegpt_on_the_same_inputs(llama, batches, db, dense):
+    rng = random.Random(4)
+    ratios = [{name: rng.choice((0.0,) + GRID) for name in llama.linears(i)} for i in range(llama.num_layers)]
+    expected = sparsegpt_per_linear_on_dense_inputs(llama, batches, ratios)
+    db.apply(llama, module_plan(llama, ratios), dense=dense)
+    assert same_bits(weights(llama), expected)
+    for i, layer in enumerate(ratios):
+        for name, s in layer.items():
+            W = llama.linears(i)[name].weight
+            assert int((W == 0).sum()) == removed_count(W.numel(), s)
+
+
+def test_a_database_on_a_reference_plans_inputs_stitches_exactly_sequential_sparsegpt(llama, batches, dense,
+                                                                                     tmp_path):
+    from lmmlab.prune import apply_sparsegpt
+
+    rng = random.Random(5)
+    ratios = [{name: rng.choice((0.0,) + GRID) for name in llama.linears(i)} for i in range(llama.num_layers)]
+    reference = module_plan(llama, ratios)
+    dense.restore(llama)
+    database = build_database(llama, batches, levels=GRID, path=tmp_path / "ref", reference=reference,
+                              progress=False)
+    assert same_bits(weights(llama), {k: dense[k] for k in weights(llama)})  # the build leaves the model dense
+    apply_sparsegpt(llama, reference, batches)
+    sequential = weights(llama)
+    dense.restore(llama)
+    database.forget()
+    database.apply(llama, reference, dense=dense)
+    assert same_bits(weights(llama), sequential)
+    assert database.reference == [{n: float(s) for n, s in layer.items()} for layer in ratios]
+    assert database.inputs.startswith("reference ")
+    dense.restore(llama)
+
+
+def test_count_levels_switch_in_exact_weight_counts(llama, batches, dense, tmp_path):
+    from lmmlab.database import count_levels, layer_numel
+
+    numel = layer_numel(llama)
+    reference = module_plan(llama, [{name: 0.5 for name in llama.linears(i)} for i in range(llama.num_layers)])
+    levels = count_levels(reference, numel, hidden=64, k=3)
+    delta = int(0.5 * 0.5 / 3 * 64 ** 2)
+    for i, layer in enumerate(levels):
+        for name, grid in layer.items():
+            n = numel[i][name]
+            assert len(grid) == 7 and grid[3] == 0.5
+            for j, s in enumerate(grid):
+                if s is not None:
+                    assert removed_count(n, s) == removed_count(n, 0.5) + (j - 3) * delta
+                else:
+                    assert not 1 <= removed_count(n, 0.5) + (j - 3) * delta <= int(n * 0.99)
+    database = build_database(llama, batches, levels=levels, path=tmp_path / "count", reference=reference,
+                              progress=False)
+    total = sum(removed_count(n, 0.5) for layer in numel for n in layer.values())
+    up, down = (0, "gate_proj"), (2, "k_proj")  # one level up in one linear, one down in another (other sizes)
+    ratios = [{name: grid[3] for name, grid in layer.items()} for layer in levels]
+    ratios[up[0]][up[1]] = levels[up[0]][up[1]][4]
+    ratios[down[0]][down[1]] = levels[down[0]][down[1]][2]
+    database.apply(llama, module_plan(llama, ratios), dense=dense)
+    assert sum(int((lin.weight == 0).sum()) for lin in llama.prunable().values()) == total
+    dense.restore(llama)
+    with pytest.raises(ValueError) as err:
+        count_levels(reference, numel, hidden=64, k=0)
+    assert "k >= 1" in one_line(err)
+
+
+def test_a_reference_off_the_levels_is_a_one_line_error_and_builds_nothing(llama, batches, tmp_path):
+    ratios = [{name: 0.5 for name in llama.linears(i)} for i in range(llama.num_layers)]
+    with pytest.raises(ValueError) as err:
+        build_database(llama, batches, levels=GRID, path=tmp_path / "db", reference=module_plan(llama, ratios),
+                       progress=False)
+    assert "reference plan's ratio 0.5 for q_proj of layer 0 is not among the database's levels" in one_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_per_linear_grids_project_with_their_own_levels():
+    grids = [[0.3, 0.5, 0.7], [0.1, 0.2, 0.3, 0.4], [None, 0.55, 0.6, None]]
+    levels, residual = project_to_grid([0.62, 0.21, 0.58], grids, 0.45, [1.0, 2.0, 1.0])
+    assert all(s in [g for g in grid if g is not None] for s, grid in zip(levels, grids))
+    assert abs(residual) <= max(w * step for w, step in ((1, 0.2), (2, 0.1), (1, 0.05))) / 4 / 2 + 1e-12

@@ -400,3 +400,34 @@ def test_compare_refuses_to_rank_plans_with_different_achieved_sparsity():
     rows[2]["achieved_sparsity"] = 0.6982  # what one floor per row used to give
     with pytest.raises(ValueError, match=r"refusing to rank plans at target sparsity 0.7: .*\(wanda-tpe\).*\(wanda-owl\)"):
         check_same_sparsity(rows)
+
+
+def test_sparsegpt_gives_the_same_weights_with_one_and_two_threads(smollm2):
+    """LAPACK's Cholesky reduces in an order that depends on the thread count; SparseGPT factors its float64
+    Hessians on one thread, so sequential SparseGPT on SmolLM2's first two layers (hidden 576, where the float32
+    factor differed between 1 and 2 threads) is bit-identical either way."""
+    from lmmlab.prune import apply_sparsegpt
+
+    layers = smollm2.layers
+    batches = get_task("text").calibration_batches(smollm2, n=4, seed=0)
+    dense = {key: lin.weight.detach().clone() for key, lin in smollm2.prunable().items()}
+    results = []
+    try:
+        smollm2.layers = layers[:2]
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                apply_sparsegpt(smollm2, CompressionPlan.uniform(2, 0.7, method="sparsegpt"), batches)
+            finally:
+                torch.set_num_threads(previous)
+            results.append({key: lin.weight.detach().clone() for key, lin in smollm2.prunable().items()})
+            with torch.no_grad():
+                for key, lin in smollm2.prunable().items():
+                    lin.weight.copy_(dense[key])
+    finally:
+        smollm2.layers = layers
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 14
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+        assert int((results[0][key] == 0).sum()) == int(results[0][key].numel() * 0.7)

@@ -22,7 +22,7 @@ LAYERS = 6  # the toy model's decoder layers: a trial suggests s0..s5 and kv0..k
 
 
 def worker(storage: str, study: str, name: str, n_trials: int, out_dir) -> subprocess.Popen:
-    args = ["search", "--model", "lmmlab-default", "--task", "shapes", "--target-sparsity", "0.5", "--kv-budget", "6",
+    args = ["search", "--space", "per-layer", "--model", "lmmlab-default", "--task", "shapes", "--target-sparsity", "0.5", "--kv-budget", "6",
             "--n-trials", str(n_trials), "--storage", storage, "--study-name", study, "--worker", name,
             "--heartbeat", "1", "--n-eval", "16", "--kv-group-size", "8", "--kv-residual", "8",
             "--out-dir", str(out_dir / name)]

@@ -119,7 +119,7 @@ def _finished(storage: str, name: str) -> int:
 
 def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    args = ["search", "--target-sparsity", "0.5", "--kv-budget", "6", "--n-trials", "200", "--storage", storage,
+    args = ["search", "--space", "per-layer", "--target-sparsity", "0.5", "--kv-budget", "6", "--n-trials", "200", "--storage", storage,
             "--study-name", "k", "--n-eval", "32", "--kv-group-size", "8", "--kv-residual", "8",
             "--out-dir", str(tmp_path), "--heartbeat", "1"]  # the study's heartbeat: a killed trial is stale after 3 s
     proc = subprocess.Popen([sys.executable, "-m", "lmmlab", *args], stdout=subprocess.DEVNULL,
@@ -168,7 +168,7 @@ def test_search_command_writes_the_trials_and_the_best_plan(default, tmp_path, c
     from lmmlab.plan import CompressionPlan
 
     storage = f"sqlite:///{tmp_path / 'c.db'}"
-    assert main(["search", "--target-sparsity", "0.6", "--kv-budget", "4", "--n-trials", "3", "--storage", storage,
+    assert main(["search", "--space", "per-layer", "--target-sparsity", "0.6", "--kv-budget", "4", "--n-trials", "3", "--storage", storage,
                  "--study-name", "cli", "--n-eval", "32", "--kv-group-size", "8", "--kv-residual", "8",
                  "--out-dir", str(tmp_path)]) == 0
     import pandas as pd

@@ -172,15 +172,15 @@ def test_atp_and_alphapruning_are_warm_starts(llama, task, pruner, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["search", "--sampler", "annealing"], "unknown sampler 'annealing'"),
+    (["search", "--space", "per-layer", "--sampler", "annealing"], "unknown sampler 'annealing'"),
     (["search", "--sampler", "cmaes", "--multi-objective"], "sampler 'cmaes' optimises one objective"),
-    (["search", "--database-levels", "0.9:0.3:0.1"], "level"),
-    (["search", "--database-levels", ""], "level"),
-    (["search", "--database-levels", "0.3,1.2"], "level"),
-    (["search", "--warm-starts", "owl", "lottery"], "unknown warm start 'lottery'"),
-    (["ablate-samplers", "--samplers", "tpe", "hillclimb"], "unknown sampler 'hillclimb'"),
+    (["search", "--space", "per-layer", "--database-levels", "0.9:0.3:0.1"], "level"),
+    (["search", "--space", "per-layer", "--database-levels", ""], "level"),
+    (["search", "--space", "per-layer", "--database-levels", "0.3,1.2"], "level"),
+    (["search", "--space", "per-layer", "--warm-starts", "owl", "lottery"], "unknown warm start 'lottery'"),
     (["database", "--levels", "0.5,0.5"], "level"),
-    (["search", "--database-levels", "0.3,0.5", "--database-inputs", "0.4"], "--database-inputs '0.4'"),
+    (["search", "--space", "per-layer", "--database-levels", "0.3,0.5", "--database-inputs", "0.4"],
+     "--database-inputs '0.4'"),
 ])
 def test_bad_search_power_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -197,10 +197,11 @@ def test_a_database_on_the_uniform_plans_inputs_stitches_sequential_sparsegpt(ll
     try:
         pruner.apply(plan, sequential=True)  # no database: SparseGPT layer by layer
         reference = {k: lin.weight.detach().clone() for k, lin in llama.prunable().items()}
-        for inputs, equal in ((0.5, True), (None, False)):
-            pruner.attach_database(levels=GRID, path=tmp_path / f"db-{inputs}", inputs=inputs, progress=False)
+        for inputs, equal in ((plan, True), (None, False)):
+            pruner.attach_database(levels=GRID, path=tmp_path / f"db-{inputs is None}", reference=inputs,
+                                   progress=False)
             pruner.apply(plan)
-            assert pruner.database.manifest["inputs"] == ("dense" if inputs is None else "uniform-0.5")
+            assert (pruner.database.inputs == "dense") == (inputs is None)
             same = all(torch.allclose(reference[k], lin.weight, atol=1e-6) for k, lin in llama.prunable().items())
             assert same == equal
             pruner.database = None

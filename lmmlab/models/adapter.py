@@ -19,6 +19,7 @@ from torch import nn
 CACHE_ENV = "LMMLAB_CACHE"
 VISION = -1  # the "layer" index in (layer, name) keys for linears of the vision tower and the projector
 PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention block's linears; the others are the MLP's
 
 
 def cache_dir() -> Path:
@@ -94,6 +95,19 @@ class Loaded:
     def head_dim(self) -> int:
         c = self.text_config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The token a multimodal prompt's image features replace (None for a text-only model)."""
+        config = self.model.config
+        if not self.is_multimodal:
+            return None
+        token = getattr(config, "image_token_id", None)
+        return getattr(config, "image_token_index", None) if token is None else token
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
 
     @property
     def device(self) -> torch.device:

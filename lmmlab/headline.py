@@ -1,0 +1,172 @@
+"""The headline: the staged search's plan against every baseline at the same budgets, on the test split, each claim
+with its interval and a paired test, Holm-adjusted over every baseline of its cell.
+
+Cells: target sparsity × KV budget (mean nominal bits per layer, keys and values apart). In every cell:
+  search      `staged.staged_search` (TPE over the low-dimensional space, then the evolution per linear on re-based
+              databases; the final plan chosen on validation), realized as it chose (stitched or sequential)
+  baselines   Wanda and SparseGPT × uniform / OWL / ATP / AlphaPruning / DLP, run as published (Wanda calibrated
+              layer by layer, SparseGPT solved sequentially; ATP's slope and DLP's α chosen on validation for the
+              method), each with uniform KV at the budget (the widest width w ≤ budget for keys and values) and, below
+              16 bits, with KVTuner-style pairs (`kvpairs.kvtuner_plan` on the measured sensitivities)
+  two-stage   (at `two_stage_at`, below 16 bits) the ablation the joint search answers to: weights searched first at 16
+              bits, then the KV pairs on those weights, at equal evaluations (`staged.two_stage_search`)
+Every row removes the same weights (achieved sparsity within `compare.SPARSITY_TOLERANCE`; checked). The paired
+table holds the search against every baseline of its cell (Holm over them) and against the two-stage plan.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from lmmlab import kvpairs
+from lmmlab.ablate import Pruner, label, row
+from lmmlab.compare import check_same_sparsity
+from lmmlab.kvcache import kv_cache_for
+from lmmlab.models import Loaded
+from lmmlab.plan import KV_BITS, CompressionPlan
+from lmmlab.staged import SearchConfig, StagedSearch, realize_plan, two_stage_search
+from lmmlab.stats import annotate
+from lmmlab.tasks import Task
+
+log = logging.getLogger(__name__)
+
+BASELINES = tuple((m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "atp", "alphapruning", "dlp"))
+KV_BASELINES = ("uniform", "kvtuner")
+SEARCH = "search"  # the searched plan's allocation label
+TWO_STAGE = "two-stage"
+
+
+def uniform_pairs(budget: float, num_layers: int) -> list[kvpairs.Pair]:
+    """Keys and values of every layer at the widest width within `budget`."""
+    width = max(b for b in KV_BITS if b <= budget + 1e-9)
+    return [(width, width)] * num_layers
+
+
+def with_pairs(plan: CompressionPlan, pairs: Sequence[kvpairs.Pair], config: SearchConfig) -> CompressionPlan:
+    return replace(plan, kv_bits=[k for k, _ in pairs], value_bits=[v for _, v in pairs],
+                   kv_group_size=config.kv_group_size, kv_residual=config.kv_residual)
+
+
+def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 0.6, 0.7),
+             kv_budgets: Sequence[float] = (16, 3), config: SearchConfig = SearchConfig(),
+             baselines: Sequence[tuple[str, str]] = BASELINES, kv_baselines: Sequence[str] = KV_BASELINES,
+             two_stage_at: Sequence[float] = (0.7,), storage: str = "sqlite:///results/studies.db",
+             study_prefix: str = "headline", n: int | None = None, pruner: Pruner | None = None,
+             keep_databases: bool = False, progress: bool = False) -> list[dict]:
+    """The headline rows (see the module docstring): one per (cell, plan), with interval, strongest baseline, paired
+    p-value and verdict (`stats.annotate`), the search's timings on its row (`search_seconds`, `database_seconds`)."""
+    for budget in kv_budgets:
+        if budget < 16:
+            kvpairs.check_budget(budget, replace(config, kv_budget=budget).pairs)
+    pruner = pruner or Pruner.for_task(loaded, task, seed=config.seed)
+    rows: list[dict] = []
+    sensitivity: list[float] | None = None
+    from tqdm.auto import tqdm
+
+    cells = [(t, b) for t in sparsities for b in kv_budgets]
+    bar = tqdm(total=len(cells), desc="headline (cells)", disable=not progress)
+    try:
+        for target in sparsities:
+            databases: set[str] = set()
+            plans: list[tuple[float, str, str, CompressionPlan, str, str | None, dict]] = []
+            for budget in kv_budgets:
+                cell = replace(config, target_sparsity=target, kv_budget=float(budget))
+                name = f"{study_prefix}-{task.name}-s{target:g}-kv{budget:g}"
+                search = StagedSearch(loaded, task, cell, pruner=pruner, storage=storage, study_name=name,
+                                      progress=progress)
+                result = search.run()
+                databases |= {c["database"] for c in result.candidates if c["database"]}
+                timing = {"search_seconds": round(sum(v for k, v in result.timings.items()
+                                                      if not k.startswith(("database", "bases"))), 1),
+                          "database_seconds": round(sum(v for k, v in result.timings.items()
+                                                        if k.startswith("database")), 1),
+                          "fitness_tokens": cell.evaluations()}
+                plans.append((budget, SEARCH, "search", result.best_plan, result.realize, result.database, timing))
+                if budget < 16 and sensitivity is None:
+                    sensitivity = search.study.user_attrs.get("kv_sensitivity")
+                if budget < 16 and target in two_stage_at:
+                    first, second = two_stage_search(loaded, task, cell, pruner=pruner, storage=storage,
+                                                     study_name=f"{name}-two-stage", progress=progress)
+                    databases |= {c["database"] for r in (first, second) for c in r.candidates if c["database"]}
+                    plans.append((budget, TWO_STAGE, "search", second.best_plan, second.realize, second.database,
+                                  {"fitness_tokens": cell.evaluations()}))
+                for method, allocation in baselines:
+                    weights = pruner.plan(method, allocation, target, 16)
+                    kinds = [k for k in kv_baselines if budget < 16 or k == "uniform"]
+                    for kind in kinds:
+                        pairs = (uniform_pairs(budget, loaded.num_layers) if kind == "uniform" else
+                                 kvpairs.kvtuner_plan(sensitivity or [0.0] * loaded.num_layers, budget, cell.pairs))
+                        plans.append((budget, allocation, kind, with_pairs(weights, pairs, cell), "sequential",
+                                      None, {}))
+                bar.update(1)
+            rows += evaluate_cell_plans(loaded, task, pruner, target, plans, n, config.seed)
+            if not keep_databases:
+                pruner.restore()
+                pruner.database = None
+                for path in databases:
+                    shutil.rmtree(path, ignore_errors=True)
+    finally:
+        bar.close()
+        pruner.restore()
+    return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
+                    is_baseline=lambda r: r["allocation"] not in (SEARCH, TWO_STAGE), label=label)
+
+
+def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: float, plans: list, n: int | None,
+                        seed: int) -> list[dict]:
+    """Every plan of one target on the test split, plans with the same weights one after another (each solved
+    once); rows in the order given."""
+    from lmmlab.ablate import weight_part
+
+    order = sorted(range(len(plans)), key=lambda k: (plans[k][4], str(plans[k][5]),
+                                                     weight_part(plans[k][3], plans[k][4] == "sequential")))
+    scored: dict[int, dict] = {}
+    for k in order:
+        budget, allocation, kind, plan, realize, database, extra = plans[k]
+        start = time.perf_counter()
+        realize_plan(pruner, plan, realize, database)
+        metrics = task.evaluate(loaded, split="test", n=n, make_cache=lambda: kv_cache_for(plan, loaded))
+        scored[k] = {**row(plan, allocation, target, loaded, metrics, task, "test", seed,
+                           sequential=realize == "sequential",
+                           calibration={"sequential": "sequential", "stitched": "stitched"}.get(realize, realize)),
+                     "kv_budget_bits": float(budget), "kv_plan": kind if allocation not in (SEARCH, TWO_STAGE) else "",
+                     "realize": realize, "eval_seconds": round(time.perf_counter() - start, 1), **extra}
+        log.info("s=%.2f kv<=%g %s: %s %.4f", target, budget, label(scored[k]), task.primary_metric, metrics.primary)
+    by_budget: dict[float, list[dict]] = {}
+    for r in scored.values():
+        by_budget.setdefault(r["kv_budget_bits"], []).append(r)
+    for group in by_budget.values():
+        check_same_sparsity(group)
+    return [scored[k] for k in range(len(plans))]
+
+
+def headline_tests(rows: Sequence[dict], direction: str) -> list[dict]:
+    """The search against every baseline of its cell (Holm over them: `compare.paired_table`) and against the
+    two-stage plan (its own test, outside the family)."""
+    from lmmlab.compare import paired_table
+
+    tests = paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] != TWO_STAGE)
+    for t in paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] == TWO_STAGE):
+        tests.append({**t, "p_holm": t["p_value"], "better_holm": t["better"]})
+    return tests
+
+
+def write_headline(rows: Sequence[dict], direction: str, out: str | Path) -> list[Path]:
+    """The table, its per-item values and its paired tests: `out`, `<out>_items.csv`, `<out>_paired.csv`."""
+    import pandas as pd
+
+    from lmmlab.files import write_table, write_text_atomic
+
+    out = Path(out)
+    items = pd.DataFrame({f"{label(r)}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}": r["per_item"]
+                          for r in rows})
+    tests = pd.DataFrame(headline_tests(rows, direction))
+    write_table(out, rows)
+    paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
+    write_text_atomic(paths[1], items.to_csv(index=False))
+    write_text_atomic(paths[2], tests.to_csv(index=False))
+    return paths
