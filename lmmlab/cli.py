@@ -515,11 +515,18 @@ def cmd_headline(args) -> None:
     loaded = load(args, task)
     out = args.out or RESULTS / "tables" / f"{model_label(loaded)}_headline.csv"
     pruner = calibrated_pruner(args, loaded, task, seed=args.seed)
+    checkpoint = out.with_name(out.stem + ".partial.json")
     rows = headline(loaded, task, sparsities=args.sparsities, kv_budgets=args.kv_budgets, config=config,
                     baselines=baselines, kv_baselines=args.kv_baselines, two_stage_at=args.two_stage_at,
                     storage=args.storage, study_prefix=args.study_prefix, n=args.n, pruner=pruner,
-                    keep_databases=args.keep_databases, progress=show_progress(args))
+                    keep_databases=args.keep_databases, checkpoint=checkpoint, progress=show_progress(args))
     paths = write_headline(rows, task.direction, out)
+    gaps = headline_gaps(args, loaded, task, pruner, config)
+    if gaps:
+        gap_csv = out.with_name(out.stem.replace("_headline", "") + "_stitching_gap.csv")
+        write_table(gap_csv, gaps)
+        paths.append(gap_csv)
+    checkpoint.unlink(missing_ok=True)
     table = pd.DataFrame(rows)
     from lmmlab.ablate import label
 
@@ -532,6 +539,36 @@ def cmd_headline(args) -> None:
     print(f"\n{SEARCH} vs each baseline on the same items (Holm over the baselines of a cell):")
     print(tests.round(4).to_string(index=False))
     print("wrote " + ", ".join(map(str, paths)))
+
+
+def headline_gaps(args, loaded, task, pruner, config) -> list[dict]:
+    """Every headline cell's stitching gaps (from its study's final candidates), and at --dense-gap-at the gap of a
+    database on the dense model's inputs for that cell's first-stage plan."""
+    import optuna
+
+    from dataclasses import replace
+
+    from lmmlab.headline import dense_input_gap, stitching_gaps
+    from lmmlab.staged import first_grid
+    from lmmlab.storage import storage_for
+
+    rows = []
+    for target in args.sparsities:
+        for budget in args.kv_budgets:
+            name = f"{args.study_prefix}-{task.name}-s{target:g}-kv{budget:g}"
+            final = optuna.load_study(study_name=name, storage=storage_for(args.storage)).user_attrs.get("final")
+            if not final:
+                continue
+            cell = {"target_sparsity": target, "kv_budget_bits": budget}
+            rows += [{**cell, **gap} for gap in stitching_gaps(final["candidates"])]
+            if target in args.dense_gap_at and budget >= 16:
+                from lmmlab.plan import CompressionPlan
+
+                tpe = next(c for c in final["candidates"] if c["name"] == "tpe")
+                grid = first_grid(target, replace(config, target_sparsity=target).grid_step)
+                rows.append({**cell, **dense_input_gap(loaded, task, pruner, CompressionPlan(**tpe["plan"]), grid,
+                                                      n=args.n_eval, progress=show_progress(args))})
+    return rows
 
 
 def cmd_compare(args) -> None:
@@ -943,6 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=None, help="validation items for the final choice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-databases", action="store_true", help="keep the level databases (GBs) after each target")
+    p.add_argument("--dense-gap-at", type=float, nargs="*", default=[0.7],
+                   help="sparsities at which a dense-input database is built to measure its stitching gap (KV 16)")
     p.add_argument("--out", type=Path, default=None, help="the table (default: results/tables/<model>_headline.csv)")
     p.set_defaults(func=cmd_headline)
 

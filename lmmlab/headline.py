@@ -15,6 +15,7 @@ table holds the search against every baseline of its cell (Holm over them) and a
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -22,9 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from lmmlab import kvpairs
 from lmmlab.ablate import Pruner, label, row
 from lmmlab.compare import check_same_sparsity
+from lmmlab.files import write_json
 from lmmlab.kvcache import kv_cache_for
 from lmmlab.models import Loaded
 from lmmlab.plan import KV_BITS, CompressionPlan
@@ -56,9 +60,12 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
              baselines: Sequence[tuple[str, str]] = BASELINES, kv_baselines: Sequence[str] = KV_BASELINES,
              two_stage_at: Sequence[float] = (0.7,), storage: str = "sqlite:///results/studies.db",
              study_prefix: str = "headline", n: int | None = None, pruner: Pruner | None = None,
-             keep_databases: bool = False, progress: bool = False) -> list[dict]:
+             keep_databases: bool = False, checkpoint: str | Path | None = None,
+             progress: bool = False) -> list[dict]:
     """The headline rows (see the module docstring): one per (cell, plan), with interval, strongest baseline, paired
-    p-value and verdict (`stats.annotate`), the search's timings on its row (`search_seconds`, `database_seconds`)."""
+    p-value and verdict (`stats.annotate`), the search's timings on its row (`search_seconds`, `database_seconds`).
+    `checkpoint`: a JSON file the rows of every finished target are kept in; a run that finds it skips those targets
+    (the studies themselves resume from `storage`)."""
     for budget in kv_budgets:
         if budget < 16:
             kvpairs.check_budget(budget, replace(config, kv_budget=budget).pairs)
@@ -68,9 +75,15 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
     from tqdm.auto import tqdm
 
     cells = [(t, b) for t in sparsities for b in kv_budgets]
+    done = json.loads(Path(checkpoint).read_text()) if checkpoint and Path(checkpoint).is_file() else {}
     bar = tqdm(total=len(cells), desc="headline (cells)", disable=not progress)
     try:
         for target in sparsities:
+            if f"{target:g}" in done:
+                rows += done[f"{target:g}"]["rows"]
+                sensitivity = sensitivity or done[f"{target:g}"].get("sensitivity")
+                bar.update(len(kv_budgets))
+                continue
             databases: set[str] = set()
             plans: list[tuple[float, str, str, CompressionPlan, str, str | None, dict]] = []
             for budget in kv_budgets:
@@ -103,7 +116,11 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
                         plans.append((budget, allocation, kind, with_pairs(weights, pairs, cell), "sequential",
                                       None, {}))
                 bar.update(1)
-            rows += evaluate_cell_plans(loaded, task, pruner, target, plans, n, config.seed)
+            finished = evaluate_cell_plans(loaded, task, pruner, target, plans, n, config.seed)
+            rows += finished
+            if checkpoint:
+                done[f"{target:g}"] = {"rows": finished, "sensitivity": sensitivity}
+                write_json(checkpoint, done)
             if not keep_databases:
                 pruner.restore()
                 pruner.database = None
@@ -170,3 +187,40 @@ def write_headline(rows: Sequence[dict], direction: str, out: str | Path) -> lis
     write_text_atomic(paths[1], items.to_csv(index=False))
     write_text_atomic(paths[2], tests.to_csv(index=False))
     return paths
+
+
+def stitching_gaps(study_rows: Sequence[dict]) -> list[dict]:
+    """Each database's stitching gap from a staged search's final candidates (`StagedResult.candidates`): a plan
+    stitched from a database against the same plan solved sequentially at its own ratios, on validation —
+    the first stage's database (on the best base's inputs: "tpe" vs "tpe-sequential") and the last round's
+    re-based one (on the round's starting plan: its plan vs "sequential")."""
+    by_name = {c["name"]: c for c in study_rows}
+    rounds = sorted(n for n in by_name if n.startswith("evolution"))
+    pairs = [("first (best base's inputs)", "tpe", "tpe-sequential")]
+    if rounds:
+        pairs.append((f"re-based ({rounds[-1]}: its start's inputs)", rounds[-1], "sequential"))
+    out = []
+    for kind, stitched, sequential in pairs:
+        if stitched in by_name and sequential in by_name:
+            a, b = by_name[stitched]["validation"], by_name[sequential]["validation"]
+            out.append({"database": kind, "stitched": a, "sequential": b, "gap_pct": 100 * (a / b - 1)})
+    return out
+
+
+@torch.no_grad()
+def dense_input_gap(loaded: Loaded, task: Task, pruner: Pruner, plan: CompressionPlan, grid: Sequence[float], *,
+                    n: int | None = None, progress: bool = False) -> dict:
+    """The gap of a database on the dense model's inputs (EvoPress's): `plan` (on `grid`) stitched from a dense-input
+    database of `grid` against the same plan solved sequentially, on validation. The database is removed after."""
+    database = pruner.attach_database(levels=grid, progress=progress)
+    try:
+        pruner.apply(plan)
+        stitched = task.evaluate(loaded, split="validation", n=n, with_loss=False).primary
+        pruner.apply(plan, sequential=True)
+        sequential = task.evaluate(loaded, split="validation", n=n, with_loss=False).primary
+    finally:
+        pruner.restore()
+        pruner.database = None
+        shutil.rmtree(database.path, ignore_errors=True)
+    return {"database": "dense inputs (EvoPress)", "stitched": stitched, "sequential": sequential,
+            "gap_pct": 100 * (stitched / sequential - 1), "build_seconds": database.manifest.get("build_seconds")}

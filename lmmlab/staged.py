@@ -15,9 +15,10 @@ the best plan so far, with the KL divergence from the dense model as the fitness
                a database of count levels (`database.count_levels`) around the best plan so far, built on that plan's
                own inputs (re-basing), then `evolution.Evolution` from it: per-linear levels (or per layer) and per-layer
                KV pairs, multi-step selection; the round's last parent is the next round's reference
-  final        each round's best plan (stitched), the last one solved sequentially at its own ratios, and the best
-               base as its baseline runs it (where the search started) are scored on the validation split; the best is
-               the result (every candidate recorded)
+  final        the first stage's and each round's best plan (stitched), the first stage's and the last one solved
+               sequentially at their own ratios (each pair gives its database's stitching gap), and the best base as
+               its baseline runs it (where the search started) are scored on the validation split; the best is the
+               result (every candidate recorded)
 
 Every trial is recorded in one Optuna study with its stage (`stage` user attribute): first-stage trials are Optuna
 trials; each evolution candidate is added with `study.add_trial` (COMPLETE for a generation's winner, PRUNED for the
@@ -74,7 +75,7 @@ class SearchConfig:
     bases: tuple[str, ...] = ("uniform", "atp", "dlp")  # the first stage's base allocations and warm starts
     tpe_trials: int = 40  # first-stage trials, warm starts included
     fitness_tokens: int = 1024  # tokens each first-stage trial is scored on (the same rows for every trial)
-    generations: tuple[int, ...] = (24, 12)  # evolution generations per round; one round per entry (re-based)
+    generations: tuple[int, ...] = (16, 8)  # evolution generations per round; one round per entry (re-based)
     offspring: int = 16  # mutants per generation (EvoPress: 64 on a GPU)
     selection: tuple[tuple[int, int], ...] = ((4, 256), (1, 1024))  # (survivors, tokens) per selection step
     count_levels: int = 5  # evolution databases: levels on each side of the reference (EvoPress: 8)
@@ -540,6 +541,8 @@ class StagedSearch:
                 best, _ = space.plan(space.warm_params(self.best_base(self.base_ratios)))
         if "tpe" in config.stages:
             candidates.append(("tpe", best, realize, database))
+            if "evolution" in config.stages and config.method == "sparsegpt" and self.weights is None:
+                candidates.append(("tpe-sequential", best, "sequential", None))  # the first database's stitching gap
         if "evolution" in config.stages:
             current = best
             for r in range(1, len(config.generations) + 1):

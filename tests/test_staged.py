@@ -264,8 +264,10 @@ def test_the_staged_search_meets_the_budgets_in_every_stage_and_resumes(llama, t
                 CompressionPlan(**t.user_attrs["plan"]).removed_weights(numel))
     assert all(len(counts) == 1 for counts in by_round.values())
     names = [c["name"] for c in result.candidates]
-    assert names[:4] == ["tpe", "evolution1", "evolution2", "sequential"] and names[4].startswith("base:")
-    assert len(names) == 5 and result.candidates[4]["plan"].get("module_sparsity") is None  # the base as published
+    assert names[:5] == ["tpe", "tpe-sequential", "evolution1", "evolution2", "sequential"]
+    assert names[5].startswith("base:") and len(names) == 6
+    assert result.candidates[5]["plan"].get("module_sparsity") is None  # the base as its baseline runs it
+    assert result.candidates[0]["plan"] == result.candidates[1]["plan"]  # one plan stitched and solved: the gap
     assert result.realize in ("stitched", "sequential")
     best = min(result.candidates, key=lambda c: c["validation"])
     assert result.best_plan == CompressionPlan(**best["plan"])
@@ -417,3 +419,25 @@ def test_the_headline_ranks_the_search_against_every_baseline_with_paired_tests(
     paths = write_headline(rows, task.direction, tmp_path / "tables" / "tiny_headline.csv")
     assert all(p.is_file() for p in paths)
     assert not list((tmp_path / "cache").glob("databases/*"))  # the level databases were removed after the target
+
+
+def test_the_headline_command_writes_its_tables_and_the_stitching_gaps(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    import pandas as pd
+
+    monkeypatch.setenv("LMMLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tables" / "tiny_headline.csv"
+    argv = ["headline", "--model", str(tiny_llama_dir), "--task", "text", "--task-option", "seqlen=64",
+            "--task-option", "batch_size=4", "--sparsities", "0.6", "--kv-budgets", "16", "3", "--n-trials", "3",
+            "--generations", "1", "--offspring", "2", "--selection", "1:64", "--count-levels", "2",
+            "--fitness-rows", "2", "--top-k", "8", "--n", "4", "--n-eval", "4", "--kv-group-size", "8",
+            "--kv-residual", "16", "--baselines", "sparsegpt-uniform", "wanda-atp", "--two-stage-at",
+            "--dense-gap-at", "0.6", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(out)]
+    assert main(argv) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 2 + 1 + 4 + 1  # KV 16: search + 2 baselines; KV 3: search + 2 × (uniform, kvtuner)
+    gaps = pd.read_csv(tmp_path / "tables" / "tiny_stitching_gap.csv")
+    assert set(gaps.database.str.split(" ").str[0]) == {"first", "re-based", "dense"}
+    assert {"tiny_headline_items.csv", "tiny_headline_paired.csv"} <= {p.name for p in out.parent.iterdir()}
+    assert not out.with_name("tiny_headline.partial.json").exists()
+    assert "Holm" in capsys.readouterr().out
