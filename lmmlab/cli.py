@@ -48,7 +48,7 @@ def show_progress(args) -> bool:
 
 def task_from_args(args):
     """The task the command scores on (checked before any model is loaded): --task, --data, --task-option."""
-    from lmmlab.session import default_task
+    from lmmlab.lab.session import default_task
     from lmmlab.tasks import get_task
 
     options = dict(parse_option(o) for o in getattr(args, "task_option", None) or [])
@@ -58,7 +58,7 @@ def task_from_args(args):
 def calibrated_pruner(args, loaded, task, n: int | None = None, seed: int = 0):
     """Calibration on --calibration-task (e.g. text windows for a LLaVA, as the seed code calibrates on C4), else on
     the task itself."""
-    from lmmlab.ablate import Pruner
+    from lmmlab.prune.pruner import Pruner
     from lmmlab.tasks import get_task
 
     name = getattr(args, "calibration_task", None)
@@ -76,7 +76,7 @@ def search_options(args) -> dict:
 def attach_database(args, pruner, method: str) -> None:
     """With --database-levels (or --database), give the pruner its SparseGPT layer database (built once, then
     reused); a SparseGPT search needs one."""
-    from lmmlab.database import parse_levels
+    from lmmlab.prune.database import parse_levels
 
     if args.database_levels is None and args.database is None:
         if method == "sparsegpt":
@@ -94,8 +94,8 @@ def attach_database(args, pruner, method: str) -> None:
 
 def check_search_options(args) -> None:
     """Bad sampler names and level grids fail before any model loads."""
-    from lmmlab.database import parse_levels
-    from lmmlab.search import WARM_CHOICES, check_sampler
+    from lmmlab.prune.database import parse_levels
+    from lmmlab.search.per_layer import WARM_CHOICES, check_sampler
 
     check_sampler(args.sampler, multi_objective=getattr(args, "multi_objective", False))
     levels = parse_levels(args.database_levels) if args.database_levels is not None else None
@@ -130,8 +130,9 @@ def cmd_train_default(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from lmmlab.kvcache import kv_cache_for
-    from lmmlab.plan import CompressionPlan, check_kv_bits
+    from lmmlab.kv.cache import kv_cache_for
+    from lmmlab.plan import CompressionPlan
+    from lmmlab.kv.budget import check_kv_bits
 
     task = task_from_args(args)
     check_kv_bits(args.kv_bits)
@@ -158,8 +159,9 @@ def cmd_demo(args) -> None:
     against the baselines at the same budgets, final numbers on the test split."""
     import pandas as pd
 
-    from lmmlab import ablate, plots
-    from lmmlab.compare import compare
+    from lmmlab.lab import ablate
+    from lmmlab.lab import plots
+    from lmmlab.lab.compare import compare
 
     start = time.perf_counter()
     task = task_from_args(args)
@@ -213,9 +215,9 @@ def cmd_demo(args) -> None:
 
 def cmd_prune(args) -> None:
     from lmmlab import models
-    from lmmlab.export import check_out
+    from lmmlab.prune.export import check_out
     from lmmlab.plan import CompressionPlan, parse_pattern
-    from lmmlab.prune import sparsity_of
+    from lmmlab.prune.scores import sparsity_of
 
     out = Path(args.out)
     check_out(out)
@@ -255,7 +257,7 @@ def cmd_prune(args) -> None:
 
 def print_export(loaded, plan, out: Path) -> None:
     """Export the pruned model to `out` and print its format and bytes."""
-    from lmmlab.export import FORMATS, disk_bytes, export, weight_format_bytes
+    from lmmlab.prune.export import FORMATS, disk_bytes, export, weight_format_bytes
 
     config = export(loaded, plan, out)
     mib = {fmt: weight_format_bytes(loaded, fmt, pattern=plan.pattern) / 2**20 for fmt in FORMATS}
@@ -267,7 +269,7 @@ def print_export(loaded, plan, out: Path) -> None:
 def cmd_ablate_prune(args) -> None:
     import pandas as pd
 
-    from lmmlab import ablate
+    from lmmlab.lab import ablate
 
     task = task_from_args(args)
     loaded = load(args, task)
@@ -286,7 +288,7 @@ def cmd_ablate_prune(args) -> None:
 def cmd_ablate_calibration(args) -> None:
     import pandas as pd
 
-    from lmmlab import ablate
+    from lmmlab.lab import ablate
 
     task = task_from_args(args)
     loaded = load(args, task)
@@ -307,7 +309,7 @@ def cmd_ablate_calibration(args) -> None:
 def cmd_ablate_kv(args) -> None:
     import pandas as pd
 
-    from lmmlab import ablate
+    from lmmlab.lab import ablate
 
     task = task_from_args(args)
     loaded = load(args, task)
@@ -324,8 +326,8 @@ def cmd_ablate_kv(args) -> None:
 def cmd_search(args) -> None:
     if args.space == "staged" and not args.multi_objective:
         return cmd_staged_search(args)
-    from lmmlab import search as tpe
-    from lmmlab.storage import check_heartbeat, check_storage, safe_url
+    from lmmlab.search import per_layer as tpe
+    from lmmlab.search.storage import check_heartbeat, check_storage, safe_url
 
     args.method = args.method or "wanda"
     args.n_trials = args.n_trials or 100
@@ -366,8 +368,8 @@ def cmd_staged_search(args) -> None:
     """The staged search (`staged`): its trials, best plan and final candidates."""
     import pandas as pd
 
-    from lmmlab.staged import StagedSearch, staged_trials_table, two_stage_search
-    from lmmlab.storage import check_storage, safe_url
+    from lmmlab.search.staged import StagedSearch, staged_trials_table, two_stage_search
+    from lmmlab.search.storage import check_storage, safe_url
 
     if args.kv_budget_unit != "nominal":
         raise ValueError("the staged search counts nominal KV bits (keys and values apart); use --space per-layer for "
@@ -413,13 +415,13 @@ def cmd_staged_search(args) -> None:
 
 
 def cmd_database(args) -> None:
-    from lmmlab.database import parse_levels
+    from lmmlab.prune.database import parse_levels
 
     levels = parse_levels(args.levels)
     if args.out is not None and args.out.exists() and not (args.out / "manifest.json").is_file():
         raise ValueError(f"{args.out} exists and is not a layer database; remove it or choose another --out")
-    from lmmlab.ablate import ALLOCATIONS
-    from lmmlab.database import project_to_grid
+    from lmmlab.prune.allocate import ALLOCATIONS
+    from lmmlab.prune.database import project_to_grid
 
     if args.inputs != "dense" and args.inputs not in ALLOCATIONS:
         raise ValueError(f"unknown database inputs {args.inputs!r}; allowed: dense or an allocation "
@@ -431,7 +433,7 @@ def cmd_database(args) -> None:
     pruner = calibrated_pruner(args, loaded, task, n=args.n_calibration)
     reference = None
     if args.inputs != "dense":
-        from lmmlab.database import layer_numel
+        from lmmlab.prune.database import layer_numel
         from lmmlab.plan import CompressionPlan
 
         numel = layer_numel(loaded)
@@ -451,9 +453,9 @@ def cmd_database(args) -> None:
 def cmd_ablate_samplers(args) -> None:
     import pandas as pd
 
-    from lmmlab import plots
-    from lmmlab.sampler_ablation import ABLATION_SAMPLERS, sampler_ablation
-    from lmmlab.samplers import summarise
+    from lmmlab.lab import plots
+    from lmmlab.lab.sampler_ablation import ABLATION_SAMPLERS, sampler_ablation
+    from lmmlab.search.samplers import summarise
 
     bad = [s for s in args.samplers if s not in ABLATION_SAMPLERS]
     if bad:
@@ -481,7 +483,7 @@ def cmd_ablate_samplers(args) -> None:
 def cmd_dashboard(args) -> None:
     import optuna_dashboard
 
-    from lmmlab.storage import safe_url, storage_for
+    from lmmlab.search.storage import safe_url, storage_for
 
     print(f"optuna-dashboard for {safe_url(args.storage)} on http://{args.host}:{args.port}/ (Ctrl-C stops it)",
           flush=True)
@@ -493,7 +495,7 @@ def cmd_headline(args) -> None:
 
     import pandas as pd
 
-    from lmmlab.headline import SEARCH, headline, headline_tests, write_headline
+    from lmmlab.lab.headline import SEARCH, headline, headline_tests, write_headline
 
     config = staged_config(args)
     for budget in args.kv_budgets:
@@ -501,14 +503,14 @@ def cmd_headline(args) -> None:
     baselines = []
     for text in args.baselines:
         method, _, allocation = text.partition("-")
-        from lmmlab.ablate import ALLOCATIONS
+        from lmmlab.prune.allocate import ALLOCATIONS
         from lmmlab.plan import METHODS
 
         if method not in METHODS or allocation not in ALLOCATIONS:
             raise ValueError(f"bad baseline {text!r}; give method-allocation, method from {', '.join(METHODS)}, "
                              f"allocation from {', '.join(ALLOCATIONS)}")
         baselines.append((method, allocation))
-    from lmmlab.storage import check_storage
+    from lmmlab.search.storage import check_storage
 
     check_storage(args.storage)
     task = task_from_args(args)
@@ -528,7 +530,7 @@ def cmd_headline(args) -> None:
         paths.append(gap_csv)
     checkpoint.unlink(missing_ok=True)
     table = pd.DataFrame(rows)
-    from lmmlab.ablate import label
+    from lmmlab.lab.ablate import label
 
     table["plan"] = [label(r) for r in rows]
     shown = ["kv_budget_bits", "target_sparsity", "plan", "achieved_sparsity", "mean_kv_bits", "primary", "ci_low",
@@ -548,9 +550,9 @@ def headline_gaps(args, loaded, task, pruner, config) -> list[dict]:
 
     from dataclasses import replace
 
-    from lmmlab.headline import dense_input_gap, stitching_gaps
-    from lmmlab.staged import first_grid
-    from lmmlab.storage import storage_for
+    from lmmlab.lab.headline import dense_input_gap, stitching_gaps
+    from lmmlab.search.staged import first_grid
+    from lmmlab.search.storage import storage_for
 
     rows = []
     for target in args.sparsities:
@@ -572,7 +574,7 @@ def headline_gaps(args, loaded, task, pruner, config) -> list[dict]:
 
 
 def cmd_compare(args) -> None:
-    from lmmlab.compare import BASELINES, compare
+    from lmmlab.lab.compare import BASELINES, compare
 
     check_search_options(args)
     baselines = BASELINES
@@ -601,7 +603,7 @@ def print_comparison(rows: list[dict], task, out: Path) -> None:
     per-item values and its pairwise tests (TPE vs each baseline); print them."""
     import pandas as pd
 
-    from lmmlab.compare import claims, paired_table
+    from lmmlab.lab.compare import claims, paired_table
 
     table = pd.DataFrame(rows)
     items = pd.DataFrame({f"{r['method']}-{r['allocation']}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}":
@@ -623,10 +625,10 @@ def print_comparison(rows: list[dict], task, out: Path) -> None:
 
 
 def cmd_bench(args) -> None:
-    from lmmlab.bench import bench_kv, bench_prune, bench_search
+    from lmmlab.lab.bench import bench_kv, bench_prune, bench_search
 
     if args.what == "memory":
-        from lmmlab.bench_memory import bench_memory, check_shape
+        from lmmlab.lab.bench_memory import bench_memory, check_shape
 
         check_shape(args.shape, args.layers)  # before anything is built
         result = bench_memory(args.shape, layers=args.layers, dtype=args.dtype or "float16")
@@ -640,8 +642,8 @@ def cmd_bench(args) -> None:
         elif args.what == "search":
             database = None
             if args.database_levels:
-                from lmmlab.ablate import Pruner
-                from lmmlab.database import parse_levels
+                from lmmlab.prune.pruner import Pruner
+                from lmmlab.prune.database import parse_levels
 
                 database = Pruner.for_task(loaded, task).attach_database(levels=parse_levels(args.database_levels))
                 database.dense = None  # the bench's own pruner gives the dense weights
@@ -683,7 +685,7 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
-    from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL
+    from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL
 
     p.add_argument("--kv-group-size", type=int, default=KIVI_GROUP_SIZE,
                    help=f"tokens per key group, channels per value group (default {KIVI_GROUP_SIZE}, KIVI's)")
@@ -693,8 +695,8 @@ def add_kv_layout_args(p: argparse.ArgumentParser) -> None:
 
 def add_search_power_args(p: argparse.ArgumentParser, headline: bool = False) -> None:
     """The search's sampler, multi-fidelity trials, separate K/V widths, warm starts and SparseGPT layer database."""
-    from lmmlab.samplers import SAMPLERS
-    from lmmlab.search import WARM_ALLOCATIONS, WARM_CHOICES
+    from lmmlab.search.samplers import SAMPLERS
+    from lmmlab.search.per_layer import WARM_ALLOCATIONS, WARM_CHOICES
 
     p.add_argument("--sampler", default="tpe", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default tpe)")
     p.add_argument("--multi-fidelity", action="store_true",
@@ -715,7 +717,7 @@ def add_search_power_args(p: argparse.ArgumentParser, headline: bool = False) ->
 
 def add_staged_args(p: argparse.ArgumentParser) -> None:
     """The staged search's options (`staged.SearchConfig`; defaults from there)."""
-    from lmmlab.staged import BASES, GRANULARITIES, INPUTS, STAGES, SearchConfig
+    from lmmlab.search.staged import BASES, GRANULARITIES, INPUTS, STAGES, SearchConfig
 
     d = SearchConfig()
     p.add_argument("--stages", default=",".join(d.stages), help=f"stages to run, in order: {', '.join(STAGES)}")
@@ -743,9 +745,9 @@ def add_staged_args(p: argparse.ArgumentParser) -> None:
 
 def staged_config(args):
     """The staged search's config from the command line, checked (before any model loads)."""
-    from lmmlab.evolution import parse_selection
-    from lmmlab.kvpairs import parse_pairs
-    from lmmlab.staged import SearchConfig
+    from lmmlab.search.evolution import parse_selection
+    from lmmlab.kv.pairs import parse_pairs
+    from lmmlab.search.staged import SearchConfig
 
     config = SearchConfig(
         target_sparsity=args.target_sparsity, kv_budget=args.kv_budget,
@@ -811,7 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    from lmmlab.ablate import ALLOCATIONS, METHODS, SPARSITIES
+    from lmmlab.prune.allocate import ALLOCATIONS
+    from lmmlab.plan import METHODS
+    from lmmlab.lab.ablate import SPARSITIES
     from lmmlab.plan import METHODS as PLAN_METHODS
 
     p = sub.add_parser("prune", help="prune a model (calibrating on the calibration split) and save it with its plan")
@@ -867,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_calibration.csv")
     p.set_defaults(func=cmd_ablate_calibration)
 
-    from lmmlab.ablate import KV_WIDTHS
+    from lmmlab.lab.ablate import KV_WIDTHS
 
     p = sub.add_parser("ablate-kv", help="accuracy and KV bytes of uniform and mixed per-layer KV widths as CSV")
     add_model_args(p)
@@ -879,8 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "ablate_kv.csv")
     p.set_defaults(func=cmd_ablate_kv)
 
-    from lmmlab.search import DEFAULT_STORAGE
-    from lmmlab.storage import HEARTBEAT_S
+    from lmmlab.search.per_layer import DEFAULT_STORAGE
+    from lmmlab.search.storage import HEARTBEAT_S
 
     storage_help = ("Optuna storage URL: sqlite:///FILE, postgresql://USER:PASS@HOST:PORT/DB (pip install "
                     "'lmmlab[postgres]') or journal:///FILE (one host, no server)")
@@ -951,7 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "tables" / "compare.csv")
     p.set_defaults(func=cmd_compare)
 
-    from lmmlab.headline import BASELINES as HEADLINE_BASELINES, KV_BASELINES
+    from lmmlab.lab.headline import BASELINES as HEADLINE_BASELINES, KV_BASELINES
 
     p = sub.add_parser("headline", help="the staged search vs Wanda and SparseGPT under uniform, OWL, ATP, "
                                         "AlphaPruning and DLP (KV uniform and KVTuner-style), on test, paired and "
@@ -998,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
     p.set_defaults(func=cmd_database)
 
-    from lmmlab.sampler_ablation import ABLATION_SAMPLERS
+    from lmmlab.lab.sampler_ablation import ABLATION_SAMPLERS
 
     p = sub.add_parser("ablate-samplers", help="the first stage's TPE vs TPE per layer, the evolution, random search "
                                                "and CMA-ES at equal evaluations of the KL fitness, over seeds")

@@ -1,10 +1,19 @@
-"""Atomic writes: a temporary file in the same folder, then a rename, so a killed run never leaves half a result."""
+"""Files: atomic writes (a temporary file in the same folder, then a rename, so a killed run never leaves half a result),
+the results folder, and lmmlab's cache folder."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+CACHE_ENV = "LMMLAB_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where lmmlab keeps what it builds once (embedded models, compiled kernels, layer databases): $LMMLAB_CACHE, else
+    ~/.cache/lmmlab."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmmlab")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -22,13 +22,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lmmlab.files import write_text_atomic
+from lmmlab.kv.budget import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_CONTEXT, check_kv_bits, check_kv_layout,
+                              effective_bits, effective_key_bits, effective_value_bits)
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
-KV_BITS = (2, 3, 4, 6, 8, 16)
-# KIVI's group size and full-precision window, sized for LLaVA's ~600-token prompts; the default model's ~20-token
-# prompts need 8 / 8.
-KIVI_GROUP_SIZE, KIVI_RESIDUAL = 32, 128
-KV_CONTEXT = 1024  # the context at which KV bytes and effective bits are stated unless another is given
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -42,23 +39,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"bad pattern {pattern!r}: N:M needs 0 < N < M (N weights kept in every M)")
     return n, m
-
-
-def check_kv_bits(bits, name: str = "kv bit-width") -> None:
-    """One clear error for the first width not in KV_BITS."""
-    bad = [b for b in bits if b not in KV_BITS]
-    if bad:
-        raise ValueError(f"{name} {bad[0]} not supported; allowed: {', '.join(map(str, KV_BITS))}")
-
-
-def check_kv_layout(group_size: int, residual_length: int) -> None:
-    """KIVI's grouping: keys are quantized in whole groups of `group_size` tokens, flushed `residual_length` at a time."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"kv group size must be a positive integer; got {group_size!r}")
-    if (isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < group_size
-            or residual_length % group_size):
-        raise ValueError(f"kv residual length must be a positive multiple of the kv group size {group_size} "
-                         f"(keys are quantized in whole groups of tokens); got {residual_length!r}")
 
 
 @dataclass
@@ -181,8 +161,6 @@ class CompressionPlan:
         points and the full-precision windows; a 16-bit part as fp16 storage. `part` "both" counts the layer's keys
         and values together, each at its own width (`kvcache.effective_bits`), "key" or "value" one part alone
         (`kvcache.effective_key_bits`, `effective_value_bits`); "both" is the mean of the two."""
-        from lmmlab.kvcache import effective_bits, effective_key_bits, effective_value_bits
-
         layout = dict(head_dim=head_dim, context=context, group_size=self.kv_group_size,
                       residual_length=self.kv_residual)
         if part == "key":

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from lmmlab import allocate
+from lmmlab.prune import allocate
 from lmmlab.tasks import shapes as data
-from lmmlab.calibrate import calibrate
+from lmmlab.prune.calibrate import calibrate
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_owl_mean_is_exactly_the_target_and_outlier_rich_layers_keep_more(defaul
 
 
 def test_outlier_ratio_matches_its_definition(default, stats):
-    from lmmlab.prune import score
+    from lmmlab.prune.scores import score
 
     i = 2
     S = torch.cat([score("wanda", lin.weight, stats.norm((i, n))).flatten() for n, lin in default.linears(i).items()])

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmmlab import attention, native
-from lmmlab.attention import (decode_attention, kivi_attention_forward, packed_scores, packed_scores_reference,
-                              packed_values, reads_packed, use_packed_attention)
-from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, PackedStates, dequantize, kv_cache_for,
-                            kv_nbytes, quantize)
+from lmmlab.kv import attention
+from lmmlab.kv import native
+from lmmlab.kv.attention import (decode_attention, kivi_attention_forward, packed_scores, packed_scores_reference, packed_values, reads_packed, use_packed_attention)
+from lmmlab.kv.quant import KEY_AXIS, VALUE_AXIS, PackedStates, dequantize, quantize
+from lmmlab.kv.cache import KiviLayer, KVCache, kv_cache_for
+from lmmlab.kv.budget import kv_nbytes
 from lmmlab.plan import CompressionPlan
 
 WIDTHS = (2, 3, 4, 6, 8)

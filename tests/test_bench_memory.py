@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmmlab.bench_memory import MODEL_SHAPES, bench_memory, extrapolate
+from lmmlab.lab.bench_memory import MODEL_SHAPES, bench_memory, extrapolate
 
 
 def llama_parameters(hidden, intermediate, vocab, layers):

@@ -3,7 +3,7 @@ import torch
 
 from lmmlab import models
 from lmmlab.tasks import shapes as data
-from lmmlab.calibrate import calibrate
+from lmmlab.prune.calibrate import calibrate
 
 
 def test_input_norms_match_a_direct_computation_on_a_text_model(tiny_llama_dir):

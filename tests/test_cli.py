@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from lmmlab.cli import main
-from lmmlab.kvcache import kv_nbytes
+from lmmlab.kv.budget import kv_nbytes
 
 
 def run(*args):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lmmlab import models
-from lmmlab.allocate import project
-from lmmlab.database import (LayerDatabase, build_database, check_levels, database_bytes, layer_shapes, level_grid,
-                             llama_shapes, open_database, pack_mask, parse_levels, project_to_grid, unpack_bits,
-                             unpack_mask)
-from lmmlab.prune import DenseWeights, SparseGPT, layer_by_layer, removed_count
+from lmmlab.prune.allocate import project
+from lmmlab.prune.database import (LayerDatabase, build_database, check_levels, database_bytes, layer_shapes, level_grid, llama_shapes, open_database, pack_mask, parse_levels, project_to_grid, unpack_bits, unpack_mask)
+from lmmlab.prune.scores import DenseWeights, removed_count
+from lmmlab.prune.sparsegpt import SparseGPT
+from lmmlab.prune.sequential import layer_by_layer
 from lmmlab.tasks import get_task
 
 GRID = (0.3, 0.45, 0.6, 0.75)
@@ -463,8 +463,8 @@ def test_solving_levels_stacked_is_bit_identical_to_solving_each_alone(nm, dtype
             assert torch.equal(W, alone) and torch.equal(pruned, pruned_alone) and W.dtype == dtype
 
 
-def module_plan(llama, ratios) -> "CompressionPlan":
-    from lmmlab.database import layer_numel
+def module_plan(llama, ratios):
+    from lmmlab.prune.database import layer_numel
     from lmmlab.plan import CompressionPlan
 
     return CompressionPlan.per_module(ratios, layer_numel(llama), method="sparsegpt")
@@ -507,7 +507,7 @@ def test_a_stitched_per_linear_plan_equals_sparsegpt_on_the_same_inputs(llama, b
 
 def test_a_database_on_a_reference_plans_inputs_stitches_exactly_sequential_sparsegpt(llama, batches, dense,
                                                                                      tmp_path):
-    from lmmlab.prune import apply_sparsegpt
+    from lmmlab.prune.sparsegpt import apply_sparsegpt
 
     rng = random.Random(5)
     ratios = [{name: rng.choice((0.0,) + GRID) for name in llama.linears(i)} for i in range(llama.num_layers)]
@@ -528,7 +528,7 @@ def test_a_database_on_a_reference_plans_inputs_stitches_exactly_sequential_spar
 
 
 def test_count_levels_switch_in_exact_weight_counts(llama, batches, dense, tmp_path):
-    from lmmlab.database import count_levels, layer_numel
+    from lmmlab.prune.database import count_levels, layer_numel
 
     numel = layer_numel(llama)
     reference = module_plan(llama, [{name: 0.5 for name in llama.linears(i)} for i in range(llama.num_layers)])

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lmmlab import export as ex
-from lmmlab.ablate import Pruner
+from lmmlab.models.checkpoint import decompress_weight
+from lmmlab.prune import export as ex
+from lmmlab.prune.pruner import Pruner
 from lmmlab.cli import main
 from lmmlab.models import load_model
 from lmmlab.plan import CompressionPlan
@@ -95,13 +96,13 @@ def test_bitmask_layout_is_compressed_tensors():
     assert t["bitmask"].tolist() == [[0b10, 0b1], [0b1, 0]]  # bit j % 8 of byte j // 8, per row
     assert t["row_offsets"].tolist() == [0, 2] and t["shape"].tolist() == [2, 9]
     assert sum(x.numel() * x.element_size() for x in t.values()) == ex.compressed_bytes(W, "sparse-bitmask")
-    assert torch.equal(ex.decompress_weight(t), W)
+    assert torch.equal(decompress_weight(t), W)
 
     W24 = torch.tensor([[0.0, 1.0, -3.0, 0.0, 0.0, 0.0, 0.0, 2.0]])  # the second group holds one non-zero
     t = ex.compress_weight(W24, "sparse-24-bitmask")
     assert t["compressed"].shape == (1, 4) and t["shape"].shape == (2, 1) and "row_offsets" not in t
     assert sum(x.numel() * x.element_size() for x in t.values()) == ex.compressed_bytes(W24, "sparse-24-bitmask")
-    assert torch.equal(ex.decompress_weight(t), W24)
+    assert torch.equal(decompress_weight(t), W24)
     assert ex.compressed_bytes(torch.ones(2, 8), "sparse-24-bitmask") is None  # not 2:4: cannot take the format
     with pytest.raises(ValueError, match="allowed: dense, bitmask, nonzeros"):
         ex.weight_format_bytes(None, "csr")

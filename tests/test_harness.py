@@ -11,8 +11,8 @@ pytest.importorskip("lm_eval", reason="the harness extra (lm-eval) is not instal
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from lmmlab.harness import HarnessLM, evaluate_harness  # noqa: E402
-from lmmlab.kvcache import KVCache  # noqa: E402
+from lmmlab.tasks.harness import HarnessLM, evaluate_harness  # noqa: E402
+from lmmlab.kv.cache import KVCache  # noqa: E402
 from lmmlab.models import load_model  # noqa: E402
 
 # Words the tiny Llama's word-level tokenizer knows (lmmlab.tasks.shapes.vocabulary); every context is longer than

@@ -7,8 +7,9 @@ from transformers.cache_utils import DynamicLayer
 
 from lmmlab.tasks import shapes as data
 from lmmlab.tasks.shapes import answer_loss, evaluate
-from lmmlab.kvcache import (KEY_AXIS, VALUE_AXIS, KiviLayer, KVCache, dequantize, effective_bits, effective_key_bits,
-                            effective_value_bits, kv_cache_for, kv_nbytes, pack, quantize, unpack, window_warning)
+from lmmlab.kv.quant import KEY_AXIS, VALUE_AXIS, dequantize, pack, quantize, unpack
+from lmmlab.kv.cache import KiviLayer, KVCache, kv_cache_for, window_warning
+from lmmlab.kv.budget import effective_bits, effective_key_bits, effective_value_bits, kv_nbytes
 from lmmlab.plan import CompressionPlan
 
 WIDTHS = (2, 3, 4, 6, 8)
@@ -379,7 +380,7 @@ def test_window_warning_names_layers_that_quantized_nothing():
 def test_bench_ratio_by_context_is_what_filled_caches_hold():
     """`bench kv`'s `ratio_by_context` (closed form, at any shape) equals bytes held ÷ fp16 bytes of caches really
     filled with fp16 states, depends on the context and not on layers or heads, and is effective bits / 16."""
-    from lmmlab.bench import kv_ratio_by_context, kv_ratios
+    from lmmlab.lab.bench import kv_ratio_by_context, kv_ratios
 
     by_context = kv_ratio_by_context(2, 2, 128)
     assert list(by_context) == ["1000", "1024", "4096"]

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from lmmlab.kvcache import kv_cache_for
+from lmmlab.kv.cache import kv_cache_for
 from lmmlab.plan import CompressionPlan
 from lmmlab.tasks import shapes as data
 from lmmlab.tasks.base import buckets, in_item_order

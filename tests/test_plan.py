@@ -84,7 +84,7 @@ def test_a_plan_without_value_widths_means_and_writes_what_it_did_before():
 
 
 def test_effective_bits_per_part_and_together():
-    from lmmlab.kvcache import effective_bits, effective_key_bits, effective_value_bits
+    from lmmlab.kv.budget import effective_bits, effective_key_bits, effective_value_bits
 
     plan = CompressionPlan([0.5] * 3, [2, 16, 4], value_bits=[16, 3, 4], kv_group_size=16, kv_residual=64)
     layout = dict(head_dim=64, context=1000, group_size=16, residual_length=64)

@@ -3,9 +3,9 @@ import torch
 
 from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
-from lmmlab.calibrate import calibrate
+from lmmlab.prune.calibrate import calibrate
 from lmmlab.plan import CompressionPlan
-from lmmlab.prune import DenseWeights, apply_plan, make_mask, mask_nm, score, sparsity_of
+from lmmlab.prune.scores import DenseWeights, apply_plan, make_mask, mask_nm, score, sparsity_of
 
 
 def brute_score(method, W, x_norm):
@@ -123,7 +123,7 @@ def test_achieved_sparsity_per_layer_equals_the_plan(default, calibrated, method
 def test_every_method_removes_the_plans_count_to_one_weight_per_matrix(tiny_llama_dir, method, pattern):
     """Same budget, same zeros: every linear loses ⌊numel · s⌋ weights (N:M: exactly 1 − N/M) whatever the method,
     at ratios where d_out does not divide the count."""
-    from lmmlab.ablate import Pruner
+    from lmmlab.prune.pruner import Pruner
     from lmmlab.models import load_model
 
     loaded = load_model(tiny_llama_dir, device="cpu")
@@ -188,7 +188,7 @@ def reconstruction_error(W, W_hat, gram):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_layer_reconstruction_error_is_ordered_sparsegpt_wanda_magnitude(default, pattern):
-    from lmmlab.prune import SparseGPT
+    from lmmlab.prune.sparsegpt import SparseGPT
 
     stats = calibrate(default, data.batches(default, data.split("calibration", 64)), gram=True)
     nm = None if pattern == "unstructured" else (2, 4)
@@ -212,7 +212,7 @@ def test_layer_reconstruction_error_is_ordered_sparsegpt_wanda_magnitude(default
 
 
 def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
-    from lmmlab.prune import apply_sparsegpt
+    from lmmlab.prune.sparsegpt import apply_sparsegpt
 
     dense = DenseWeights(default)
     batches = data.batches(default, data.split("calibration", 32))
@@ -233,7 +233,7 @@ def test_sparsegpt_prunes_the_model_sequentially_to_the_plan(default):
 
 
 def test_pruner_results_do_not_depend_on_what_ran_before(default):
-    from lmmlab.ablate import Pruner
+    from lmmlab.prune.pruner import Pruner
 
     pruner = Pruner.for_task(default, get_task("shapes"), n=32)
     plan = CompressionPlan.uniform(default.num_layers, 0.5, method="wanda")
@@ -252,7 +252,7 @@ def test_pruner_results_do_not_depend_on_what_ran_before(default):
 
 
 def test_vision_side_is_dense_unless_asked_and_pruned_to_its_ratio_when_asked(default):
-    from lmmlab.ablate import Pruner
+    from lmmlab.prune.pruner import Pruner
     from lmmlab.models import VISION
 
     pruner = Pruner.for_task(default, get_task("shapes"), n=32)
@@ -343,7 +343,7 @@ def test_a_model_that_no_longer_matches_its_checkpoint_keeps_a_host_copy(tiny_ll
 def test_block_wise_pruning_equals_the_whole_matrix_mask_with_ties(monkeypatch, dtype, method, nm):
     """`prune_into` works a block of rows at a time (here 8 rows of 24); its result is W times the mask of the
     whole matrix, ties and all, in the weight's own dtype."""
-    import lmmlab.prune as prune
+    from lmmlab.prune import scores as prune
 
     monkeypatch.setattr(prune, "CHUNK", 8 * 24)
     g = torch.Generator().manual_seed(3)
@@ -361,7 +361,7 @@ def test_sequential_calibration_equals_a_direct_layer_by_layer_computation(tiny_
     """Layer i's input norms come from the outputs of the already-pruned layers before it: recompute that directly —
     prune layer 0 from the dense model's statistics, rerun the model, take layer 1's from the pruned model, ... — and
     compare weight for weight. It differs from one pass of the dense model."""
-    from lmmlab.ablate import Pruner
+    from lmmlab.prune.pruner import Pruner
     from lmmlab.models import load_model
 
     loaded = load_model(tiny_llama_dir, device="cpu")
@@ -392,7 +392,7 @@ def test_sequential_calibration_equals_a_direct_layer_by_layer_computation(tiny_
 
 
 def test_compare_refuses_to_rank_plans_with_different_achieved_sparsity():
-    from lmmlab.compare import check_same_sparsity
+    from lmmlab.lab.compare import check_same_sparsity
 
     rows = [{"method": "wanda", "allocation": a, "target_sparsity": 0.7, "achieved_sparsity": s}
             for a, s in (("uniform", 0.7), ("owl", 0.70049), ("tpe", 0.69999))]
@@ -406,7 +406,7 @@ def test_sparsegpt_gives_the_same_weights_with_one_and_two_threads(smollm2):
     """LAPACK's Cholesky reduces in an order that depends on the thread count; SparseGPT factors its float64
     Hessians on one thread, so sequential SparseGPT on SmolLM2's first two layers (hidden 576, where the float32
     factor differed between 1 and 2 threads) is bit-identical either way."""
-    from lmmlab.prune import apply_sparsegpt
+    from lmmlab.prune.sparsegpt import apply_sparsegpt
 
     layers = smollm2.layers
     batches = get_task("text").calibration_batches(smollm2, n=4, seed=0)

@@ -10,9 +10,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from lmmlab.plan import KV_BITS
-from lmmlab.samplers import (GENERATION, PARENT, SAMPLERS, SAMPLERS_MULTI, EvolutionSampler, make_sampler, mutate,
-                             run_sampler_ablation, summarise)
+from lmmlab.kv.budget import KV_BITS
+from lmmlab.search.samplers import (GENERATION, PARENT, SAMPLERS, SAMPLERS_MULTI, EvolutionSampler, make_sampler, mutate, run_sampler_ablation, summarise)
 
 matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -178,7 +177,7 @@ def test_evolution_without_a_warm_start_begins_at_the_origin():
 
 
 def test_ablation_runner_summary_and_figure():
-    from lmmlab.plots import sampler_ablation_figure
+    from lmmlab.lab.plots import sampler_ablation_figure
 
     names = ("tpe", "random", "evolution")
     table = run_sampler_ablation(lambda: objective, samplers=names, seeds=(0, 1), n_trials=8, direction="minimize",

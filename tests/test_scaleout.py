@@ -13,8 +13,8 @@ import optuna
 import pytest
 
 from lmmlab.cli import main
-from lmmlab.search import SearchSpace, open_study, run_until, trials_ahead, worker_seed
-from lmmlab.storage import HeartbeatJournalStorage, check_storage, resolve_url, storage_for
+from lmmlab.search.per_layer import SearchSpace, open_study, run_until, trials_ahead, worker_seed
+from lmmlab.search.storage import HeartbeatJournalStorage, check_storage, resolve_url, storage_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING

@@ -12,13 +12,14 @@ import optuna
 import pytest
 import torch
 
-from lmmlab import allocate
+from lmmlab.kv.budget import fit_kv_bits
+from lmmlab.prune import allocate
 from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
-from lmmlab.ablate import Pruner
+from lmmlab.prune.pruner import Pruner
 from lmmlab.cli import main
 from lmmlab.plan import CompressionPlan
-from lmmlab.search import SearchSpace, search, suggest_plan, trials_table, warm_start_params
+from lmmlab.search.per_layer import SearchSpace, search, suggest_plan, trials_table, warm_start_params
 
 SHAPES = get_task("shapes")
 
@@ -47,13 +48,13 @@ def test_kv_projection_meets_the_budget_and_only_lowers_widths():
         n = int(torch.randint(1, 33, (1,), generator=g))
         raw = [widths[int(i)] for i in torch.randint(0, 6, (n,), generator=g)]
         budget = float(torch.rand(1, generator=g)) * 14 + 2
-        bits = allocate.fit_kv_bits(raw, budget, widths)
+        bits = fit_kv_bits(raw, budget, widths)
         assert sum(bits) / n <= budget + 1e-9 and all(b in widths for b in bits)
         assert all(b <= r for b, r in zip(bits, raw))
         if sum(raw) / n <= budget:
             assert bits == raw
     with pytest.raises(ValueError, match="below the narrowest allowed width 2"):
-        allocate.fit_kv_bits([4, 4], 1.5, widths)
+        fit_kv_bits([4, 4], 1.5, widths)
 
 
 def test_a_trial_plan_is_the_projection_of_its_suggestion():
@@ -236,7 +237,7 @@ def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path)
 
 
 def test_bench_search_reports_overhead_and_throughput(default):
-    from lmmlab.bench import bench_search
+    from lmmlab.lab.bench import bench_search
 
     result = bench_search(default, SHAPES, n_trials=3, multi_fidelity_trials=6)
     for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials",
@@ -284,7 +285,7 @@ def test_search_on_the_text_task_minimises_perplexity_on_a_tiny_llama(tiny_llama
 def test_kv_projection_in_effective_bits_meets_the_budget_in_that_unit():
     """A budget in effective bits (what a width really stores at a context: codes, scales, zero points, windows)
     is met in that unit; a budget a nominal width meets may not be met effectively."""
-    from lmmlab.kvcache import effective_bits
+    from lmmlab.kv.budget import effective_bits
 
     widths = (2, 3, 4, 6, 8, 16)
     cost = {b: effective_bits(b, head_dim=64, context=1000, group_size=32, residual_length=128) for b in widths}
@@ -294,10 +295,10 @@ def test_kv_projection_in_effective_bits_meets_the_budget_in_that_unit():
         n = int(torch.randint(1, 33, (1,), generator=g))
         raw = [widths[int(i)] for i in torch.randint(0, 6, (n,), generator=g)]
         budget = float(torch.rand(1, generator=g)) * 12 + cost[2]
-        bits = allocate.fit_kv_bits(raw, budget, widths, cost)
+        bits = fit_kv_bits(raw, budget, widths, cost)
         assert sum(cost[b] for b in bits) / n <= budget + 1e-9 and all(b <= r for b, r in zip(bits, raw))
-    assert allocate.fit_kv_bits([4, 4], 6.0, widths) == [4, 4]  # nominal: 4 bits meet a 6-bit budget
-    assert allocate.fit_kv_bits([4, 4], 6.0, widths, cost) == [4, 3]  # effectively 4 bits cost 6.28 here
+    assert fit_kv_bits([4, 4], 6.0, widths) == [4, 4]  # nominal: 4 bits meet a 6-bit budget
+    assert fit_kv_bits([4, 4], 6.0, widths, cost) == [4, 3]  # effectively 4 bits cost 6.28 here
     space = SearchSpace(4, kv_budget_bits=6.0, kv_unit="effective", kv_cost=tuple(cost[b] for b in widths))
     assert space.widest_in_budget == 3 and SearchSpace(4, kv_budget_bits=6.0).widest_in_budget == 6
     with pytest.raises(ValueError, match="unknown KV budget unit 'bytes'; allowed: nominal, effective"):

@@ -6,14 +6,16 @@ import optuna
 import pytest
 import torch
 
-from lmmlab import allocate, models
-from lmmlab.ablate import Pruner
+from lmmlab.kv.budget import fit_kv_pairs
+from lmmlab.prune import allocate
+from lmmlab import models
+from lmmlab.prune.pruner import Pruner
 from lmmlab.cli import main
-from lmmlab.database import grid_index
+from lmmlab.prune.database import grid_index
 from lmmlab.plan import CompressionPlan
-from lmmlab.prune import sparsity_of
-from lmmlab.samplers import SAMPLERS
-from lmmlab.search import finished, search, trials_table
+from lmmlab.prune.scores import sparsity_of
+from lmmlab.search.samplers import SAMPLERS
+from lmmlab.search.per_layer import finished, search, trials_table
 from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
 
@@ -150,12 +152,12 @@ def test_fit_kv_pairs_meets_a_combined_budget_stepping_the_widest_part_down():
         keys = [rng.choice(widths) for _ in range(n)]
         values = [rng.choice(widths) for _ in range(n)]
         budget = rng.uniform(2, 16)
-        k, v = allocate.fit_kv_pairs(keys, values, budget, widths)
+        k, v = fit_kv_pairs(keys, values, budget, widths)
         assert (sum(k) + sum(v)) / (2 * n) <= budget + 1e-9
         assert all(a <= b for a, b in zip(k + v, keys + values))
         if (sum(keys) + sum(values)) / (2 * n) <= budget:
             assert (k, v) == (keys, values)
-    assert allocate.fit_kv_pairs([16, 2], [16, 2], 8, widths) == ([16, 2], [8, 2])  # values step down first
+    assert fit_kv_pairs([16, 2], [16, 2], 8, widths) == ([16, 2], [8, 2])  # values step down first
 
 
 def test_atp_and_alphapruning_are_warm_starts(llama, task, pruner, tmp_path):

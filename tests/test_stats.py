@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lmmlab.stats import (annotate, bootstrap_interval, mcnemar_exact, mean_interval, paired, paired_bootstrap_p,
-                          paired_p, perplexity_interval, row_interval, wilson_interval)
+from lmmlab.lab.stats import (annotate, bootstrap_interval, mcnemar_exact, mean_interval, paired, paired_bootstrap_p, paired_p, perplexity_interval, row_interval, wilson_interval)
 
 
 def test_mean_interval_covers_the_mean_and_narrows_with_more_items():
@@ -41,7 +40,7 @@ def test_paired_rejects_unpaired_inputs():
 
 
 def test_paired_table_names_the_better_plan_in_the_task_direction():
-    from lmmlab.compare import paired_table
+    from lmmlab.lab.compare import paired_table
 
     rng = np.random.default_rng(3)
     nll = rng.normal(3.0, 0.5, 64)

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from lmmlab import models
-from lmmlab.kvcache import KVCache
+from lmmlab.kv.cache import KVCache
 from lmmlab.tasks import get_task
 from lmmlab.tasks.text import (DEFAULT_SIZES, TextTask, chunk_mismatch, default_corpus, split_documents, tokenize,
                                unread_store, window_nll)

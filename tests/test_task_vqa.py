@@ -273,7 +273,7 @@ def test_item_lengths_are_what_the_processor_builds(tiny, data):
 def test_a_2bit_cache_gives_each_item_what_it_gives_alone(tiny, data):
     """Batches hold one token length (no pads in the key groups): answers and bytes as each item alone, losses
     up to the float rounding of a batched matrix product (kernels round a 1-row product differently)."""
-    from lmmlab.kvcache import kv_cache_for
+    from lmmlab.kv.cache import kv_cache_for
     from lmmlab.plan import CompressionPlan
 
     plan = CompressionPlan.uniform(tiny.num_layers, 0.0, kv_bits=2, kv_group_size=4, kv_residual=8)

@@ -16,10 +16,10 @@ INTERPRET = "1" in (os.environ.get("LMMLAB_TRITON_INTERPRET"), os.environ.get("T
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when lmmlab.triton_attention defines its kernels
 
-from lmmlab import triton_attention  # noqa: E402
-from lmmlab.attention import packed_scores_reference, packed_values_reference  # noqa: E402
-from lmmlab.kvcache import KEY_AXIS, VALUE_AXIS, quantize  # noqa: E402
-from lmmlab.triton_attention import triton_scores, triton_values  # noqa: E402
+from lmmlab.kv import triton_attention  # noqa: E402
+from lmmlab.kv.attention import packed_scores_reference, packed_values_reference  # noqa: E402
+from lmmlab.kv.quant import KEY_AXIS, VALUE_AXIS, quantize  # noqa: E402
+from lmmlab.kv.triton_attention import triton_scores, triton_values  # noqa: E402
 
 if INTERPRET:
     if triton_attention.triton is None:

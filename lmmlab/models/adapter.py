@@ -6,7 +6,6 @@ prunable, how many KV heads they have — lives here. Nothing else in lmmlab loo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,15 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-CACHE_ENV = "LMMLAB_CACHE"
+
 VISION = -1  # the "layer" index in (layer, name) keys for linears of the vision tower and the projector
 PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention block's linears; the others are the MLP's
-
-
-def cache_dir() -> Path:
-    """Where embedded models are kept: $LMMLAB_CACHE, else ~/.cache/lmmlab."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmmlab")
 
 
 def save_atomic(model, processor, out: Path, extra: dict[str, dict] | None = None) -> None:
@@ -186,8 +180,8 @@ def load_model(
         config = AutoConfig.from_pretrained(source)
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {err}") from None
-    from lmmlab.attention import use_packed_attention
-    from lmmlab.export import exported_model
+    from lmmlab.kv.attention import use_packed_attention
+    from lmmlab.models.checkpoint import exported_model
 
     model = exported_model(source, config, dtype)  # a compressed-tensors export (lmmlab.export), decompressed
     # straight onto an accelerator (no full copy in host memory on the way); on the CPU the weights stay mapped

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lmmlab.models.adapter import cache_dir, save_atomic
+from lmmlab.files import cache_dir
+from lmmlab.models.adapter import save_atomic
 
 log = logging.getLogger(__name__)
 

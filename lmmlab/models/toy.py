@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmmlab.models.adapter import DEFAULT_MODEL, cache_dir, save_atomic
+from lmmlab.models.adapter import DEFAULT_MODEL, save_atomic
+from lmmlab.files import cache_dir
 from lmmlab.tasks import shapes as data
 
 log = logging.getLogger(__name__)

@@ -180,7 +180,7 @@ def new_cache(loaded, make_cache: CacheFactory | None):
 
 def cache_bytes(cache) -> int:
     """Bytes a cache really stores: its own count when it keeps one (quantized caches), else its tensors' sizes."""
-    from lmmlab.kvcache import layer_nbytes
+    from lmmlab.kv.cache import layer_nbytes
 
     if hasattr(cache, "nbytes"):
         return int(cache.nbytes())

@@ -106,8 +106,8 @@ def host_peak() -> int:
 def measure(path: str, device: str, dtype: str, seqlen: int, n_calibration: int, n_eval: int,
             repeat: int) -> dict:
     """Peaks of every phase for the checkpoint at `path` (run in a fresh process: peaks are per process)."""
-    from lmmlab.ablate import Pruner
-    from lmmlab.kvcache import KVCacheFactory
+    from lmmlab.prune.pruner import Pruner
+    from lmmlab.kv.cache import KVCacheFactory
     from lmmlab.models import load_model
     from lmmlab.plan import CompressionPlan
 

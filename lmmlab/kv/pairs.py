@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from lmmlab.plan import KV_BITS
+from lmmlab.kv.budget import KV_BITS
 
 Pair = tuple[int, int]  # (key bits, value bits)
 KVTUNER_PAIRS = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))

@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from lmmlab.ablate import Pruner, calibration_of, label, row, weight_part
-from lmmlab.kvcache import kv_cache_for
+from lmmlab.prune.pruner import Pruner, calibration_of, weight_part
+from lmmlab.lab.ablate import label, row
+from lmmlab.kv.cache import kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, KV_CONTEXT, CompressionPlan
-from lmmlab.prune import sparsity_of
-from lmmlab.search import DEFAULT_STORAGE, KV_UNITS, effective_costs, memory_bytes, search
-from lmmlab.stats import annotate
+from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, KV_CONTEXT
+from lmmlab.plan import CompressionPlan
+from lmmlab.prune.scores import sparsity_of
+from lmmlab.search.per_layer import DEFAULT_STORAGE, KV_UNITS, effective_costs, memory_bytes, search
+from lmmlab.lab.stats import annotate
 from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe",
     budget (`p_holm`, `better_holm`: the verdict for "better than every baseline"); `family` picks the rows tested (the
     Holm family). For perplexity the per-item values are window NLLs, so exp(mean difference) is the perplexity
     ratio."""
-    from lmmlab.stats import paired, paired_p
+    from lmmlab.lab.stats import paired, paired_p
 
     out = []
     keyed = {}

@@ -6,7 +6,7 @@ recorded, so every trial meets the budget and none is thrown away:
   - sparsity: s_l = clip(target + offset_l + ν, 0, max_sparsity), with the one shift ν that makes the
     parameter-weighted mean exactly the target (the weighted least-squares projection, `allocate.project`);
   - KV bits: while the mean width is over the budget, the widest layer steps down to the next allowed width
-    (`allocate.fit_kv_bits`); a suggestion within budget is kept as is. The budget counts nominal widths, or
+    (`kv.budget.fit_kv_bits`); a suggestion within budget is kept as is. The budget counts nominal widths, or
     (`kv_budget_unit="effective"`) the bits per element a layer really stores at `context_tokens`: packed codes,
     fp16 scales and zero points and the full-precision windows, a 16-bit layer as fp16 (`kvcache.effective_bits`).
 TPE models the raw suggestions; projecting them is a deterministic repair, so equal suggestions give equal plans.
@@ -20,14 +20,14 @@ Options (issue 13):
     close to the target as the grid allows; the residual is the trial's `budget_residual`, 0 when the target is a
     multiple of the grid step over the layer count).
   - `separate_kv`: keys (`kv{b}`) and values (`v{b}`) at their own widths, the budget on their combined mean
-    (`allocate.fit_kv_pairs`; in effective bits each part costs what it stores).
+    (`kv.budget.fit_kv_pairs`; in effective bits each part costs what it stores).
   - `multi_fidelity`: a trial is scored on 1/16, then 1/4 of the validation items (`trial.report`: the loss there,
     signed in the study's direction), and Optuna's
     successive-halving pruner stops it (PRUNED, `pruned_at`) unless it is in the best quarter at that step; warm
     starts are always scored in full. Pruned trials count towards `n_trials` and are never the best.
   - `warm_allocations`: uniform plus any of OWL, ATP, AlphaPruning (`Pruner.allocation`).
 
-A trial is cheap: the calibration and the pruning scores are computed once (`ablate.Pruner`), so it re-masks, builds
+A trial is cheap: the calibration and the pruning scores are computed once (`prune.pruner.Pruner`), so it re-masks, builds
 a fresh KV cache per batch and evaluates the task on its validation split (the test split is for final reports only).
 The objective is the task's primary metric in its direction (accuracy ↑, perplexity ↓), or its loss. The uniform and
 OWL plans (with uniform KV at the budget) are enqueued first, so the best plan found is never worse than either on
@@ -64,18 +64,19 @@ from typing import Sequence
 
 import optuna
 
-from lmmlab import allocate
-from lmmlab.ablate import Pruner
-from lmmlab.export import weight_format_bytes
-from lmmlab.database import project_to_grid
-from lmmlab.kvcache import (KVCacheFactory, effective_bits, effective_key_bits, effective_value_bits, kv_cache_for,
-                            kv_nbytes, window_warning)
-from lmmlab.samplers import make_sampler
-from lmmlab.storage import HEARTBEAT_S, check_heartbeat, check_storage, safe_url, storage_for
+from lmmlab.prune import allocate
+from lmmlab.prune.pruner import Pruner
+from lmmlab.prune.export import weight_format_bytes
+from lmmlab.prune.database import project_to_grid
+from lmmlab.kv.cache import KVCacheFactory, kv_cache_for, window_warning
+from lmmlab.kv.budget import effective_bits, effective_key_bits, effective_value_bits, kv_nbytes
+from lmmlab.search.samplers import make_sampler
+from lmmlab.search.storage import HEARTBEAT_S, check_heartbeat, check_storage, safe_url, storage_for
 from lmmlab.models import Loaded
 from lmmlab.tasks import Task
-from lmmlab.plan import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, METHODS, CompressionPlan, check_kv_bits,
-                         check_kv_layout)
+from lmmlab.kv.budget import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, check_kv_bits, check_kv_layout, fit_kv_bits,
+                              fit_kv_pairs)
+from lmmlab.plan import METHODS, CompressionPlan
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,10 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, weights: list[float], 
         sparsity, residual = project_to_grid(sparsity, levels, target, weights)
         trial.set_user_attr("budget_residual", residual)
     if not space.separate_kv:
-        kv_bits = allocate.fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths, space.cost)
+        kv_bits = fit_kv_bits([widths[b] for b in space.bins], budget, space.kv_widths, space.cost)
         return CompressionPlan(sparsity, kv_bits, method=method, **plan_options)
     values = [trial.suggest_categorical(f"v{b}", sorted(space.kv_widths)) for b in range(n_bins)]
-    keys, values = allocate.fit_kv_pairs([widths[b] for b in space.bins], [values[b] for b in space.bins], budget,
+    keys, values = fit_kv_pairs([widths[b] for b in space.bins], [values[b] for b in space.bins], budget,
                                          space.kv_widths, *space.part_cost)
     return CompressionPlan(sparsity, keys, method=method, value_bits=values, **plan_options)
 

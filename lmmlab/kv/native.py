@@ -44,7 +44,7 @@ def _compiler() -> str | None:
 
 
 def library_path(compiler: str) -> Path:
-    from lmmlab.models.adapter import cache_dir
+    from lmmlab.files import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *version, _cpu_flags()]).encode()).hexdigest()

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from lmmlab.ablate import ALLOCATIONS, Pruner
-from lmmlab.kvcache import kv_cache_for
-from lmmlab.plan import KV_BITS, METHODS, CompressionPlan
-from lmmlab.search import memory_bytes
+from lmmlab.prune.allocate import ALLOCATIONS
+from lmmlab.prune.pruner import Pruner
+from lmmlab.kv.cache import kv_cache_for
+from lmmlab.kv.budget import KV_BITS
+from lmmlab.plan import METHODS, CompressionPlan
+from lmmlab.search.per_layer import memory_bytes
 from lmmlab.tasks import Metrics, Task
 
 

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from lmmlab.kvcache import KEY_AXIS, VALUE_AXIS, Quantized, _chunk
+from lmmlab.kv.quant import KEY_AXIS, VALUE_AXIS, Quantized, _chunk
 
 try:  # Triton is optional: without it (or without CUDA) `available()` is False and nothing here is called
     import triton

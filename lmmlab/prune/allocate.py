@@ -32,10 +32,11 @@ import math
 
 import torch
 
-from lmmlab.calibrate import Stats
+from lmmlab.prune.calibrate import Stats
 from lmmlab.models import Loaded
-from lmmlab.prune import CHUNK, score
+from lmmlab.prune.scores import CHUNK, score
 
+ALLOCATIONS = ("uniform", "owl", "atp", "alphapruning", "dlp")  # the allocations lmmlab resolves by name
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
 ALPHA_XMIN = "peak"  # AlphaPruning's default metric, alpha_peak
@@ -308,54 +309,3 @@ def dlp_alphas(*, n: int = 7, largest: float = 0.3) -> list[float]:
     return [0.0] if n == 1 else [round(largest * i / (n - 1), 10) for i in range(n)]
 
 
-def fit_kv_bits(raw: list[int], budget: float, widths: tuple[int, ...], cost: dict[int, float] | None = None
-                ) -> list[int]:
-    """Per-layer KV widths whose mean cost is at most `budget`: while it is over, the widest layer (the deepest of
-    equals) steps down to the next allowed width. `cost[b]` is what a width costs in the budget's unit: the nominal
-    width (default), or the effective bits per element it really stores at a stated context
-    (`kvcache.effective_bits`). A plan already within the budget is returned unchanged."""
-    widths = tuple(sorted(set(widths)))
-    cost = cost or {b: float(b) for b in widths}
-    if budget < cost[widths[0]]:
-        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]} "
-                         f"({cost[widths[0]]:.4g} bits)")
-    bad = [b for b in raw if b not in widths]
-    if bad:
-        raise ValueError(f"kv width {bad[0]} is not among the allowed {', '.join(map(str, widths))}")
-    bits = list(raw)
-    while sum(cost[b] for b in bits) > budget * len(bits) + 1e-9:
-        widest = max(range(len(bits)), key=lambda i: (bits[i], i))
-        bits[widest] = widths[widths.index(bits[widest]) - 1]
-    return bits
-
-
-def fit_kv_pairs(keys: list[int], values: list[int], budget: float, widths: tuple[int, ...],
-                 key_cost: dict[int, float] | None = None, value_cost: dict[int, float] | None = None
-                 ) -> tuple[list[int], list[int]]:
-    """Per-layer key and value widths whose combined mean cost, mean over layers of (key_cost[k] + value_cost[v]) / 2,
-    is at most `budget`: while it is over, the widest part steps down to the next allowed width — on a tie, values
-    before keys (KIVI: keys carry the per-channel outliers), then the deepest layer. Costs as in `fit_kv_bits`
-    (nominal widths by default, or each part's effective bits). A plan already within the budget is unchanged."""
-    widths = tuple(sorted(set(widths)))
-    key_cost = key_cost or {b: float(b) for b in widths}
-    value_cost = value_cost or key_cost
-    narrowest = (key_cost[widths[0]] + value_cost[widths[0]]) / 2
-    if budget < narrowest - 1e-9:
-        raise ValueError(f"KV budget {budget} bits is below the narrowest allowed width {widths[0]} "
-                         f"({narrowest:.4g} bits)")
-    bad = [b for b in keys + values if b not in widths]
-    if bad:
-        raise ValueError(f"kv width {bad[0]} is not among the allowed {', '.join(map(str, widths))}")
-    if len(keys) != len(values):
-        raise ValueError(f"{len(keys)} key widths but {len(values)} value widths; give one of each per layer")
-    parts = [list(keys), list(values)]
-    costs = (key_cost, value_cost)
-
-    def spent() -> float:
-        return sum(costs[p][b] for p in (0, 1) for b in parts[p])
-
-    while spent() > 2 * budget * len(keys) + 1e-9:
-        p, i = max(((p, i) for p in (0, 1) for i in range(len(keys)) if parts[p][i] > widths[0]),
-                   key=lambda pi: (parts[pi[0]][pi[1]], pi[0], pi[1]))
-        parts[p][i] = widths[widths.index(parts[p][i]) - 1]
-    return parts[0], parts[1]

@@ -21,10 +21,12 @@ from typing import Sequence
 
 import optuna
 
-from lmmlab import allocate, kvpairs
-from lmmlab.database import project_to_grid
+from lmmlab.prune import allocate
+from lmmlab.kv import pairs as kvpairs
+from lmmlab.prune.database import project_to_grid
 from lmmlab.models import ATTENTION
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
+from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL
+from lmmlab.plan import CompressionPlan
 
 BINS = 8  # the seed code's bins of layers
 OFFSET = 0.05  # each bin's offset from the target, in ± (the seed code's target ± 0.05)

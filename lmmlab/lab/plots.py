@@ -214,7 +214,7 @@ def sampler_ablation_figure(summary: pd.DataFrame, direction: str, objective: st
                             log_y: bool = False) -> plt.Figure:
     """Best objective so far per sampler against trials and against wall seconds: the median over seeds (line) and
     its min-max range (band). `summary`: `samplers.summarise`'s table (sampler, axis, x, median, min, max)."""
-    from lmmlab.samplers import SAMPLERS
+    from lmmlab.search.samplers import SAMPLERS
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     names = list(dict.fromkeys(summary.sampler))

@@ -25,15 +25,17 @@ from typing import Sequence
 
 import torch
 
-from lmmlab import kvpairs
-from lmmlab.ablate import Pruner, label, row
-from lmmlab.compare import check_same_sparsity
+from lmmlab.kv import pairs as kvpairs
+from lmmlab.prune.pruner import Pruner
+from lmmlab.lab.ablate import label, row
+from lmmlab.lab.compare import check_same_sparsity
 from lmmlab.files import write_json
-from lmmlab.kvcache import kv_cache_for
+from lmmlab.kv.cache import kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import KV_BITS, CompressionPlan
-from lmmlab.staged import SearchConfig, StagedSearch, realize_plan, two_stage_search
-from lmmlab.stats import annotate
+from lmmlab.kv.budget import KV_BITS
+from lmmlab.plan import CompressionPlan
+from lmmlab.search.staged import SearchConfig, StagedSearch, realize_plan, two_stage_search
+from lmmlab.lab.stats import annotate
 from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: floa
                         seed: int) -> list[dict]:
     """Every plan of one target on the test split, plans with the same weights one after another (each solved
     once); rows in the order given."""
-    from lmmlab.ablate import weight_part
+    from lmmlab.prune.pruner import weight_part
 
     order = sorted(range(len(plans)), key=lambda k: (plans[k][4], str(plans[k][5]),
                                                      weight_part(plans[k][3], plans[k][4] == "sequential")))
@@ -164,7 +166,7 @@ def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: floa
 def headline_tests(rows: Sequence[dict], direction: str) -> list[dict]:
     """The search against every baseline of its cell (Holm over them: `compare.paired_table`) and against the
     two-stage plan (its own test, outside the family)."""
-    from lmmlab.compare import paired_table
+    from lmmlab.lab.compare import paired_table
 
     tests = paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] != TWO_STAGE)
     for t in paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] == TWO_STAGE):

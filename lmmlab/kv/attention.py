@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from lmmlab.kvcache import PackedStates, Quantized, _chunk, unpack
+from lmmlab.kv.quant import PackedStates, Quantized, _chunk, unpack
 
 ATTENTION = "lmmlab_kivi"
 BACKENDS = ("auto", "c", "triton", "torch")
@@ -88,7 +88,7 @@ def _rows_apart(x: torch.Tensor) -> int | None:
 def _c_product(name: str, store: Quantized, rows: torch.Tensor, out: torch.Tensor) -> bool:
     """Run kivi_scores (rows = queries, out = scores) or kivi_values (rows = attention weights, out = values); False
     where the kernels are missing or cannot take this layout."""
-    from lmmlab.native import kernels
+    from lmmlab.kv.native import kernels
 
     if rows.device.type != "cpu" or store.codes.device.type != "cpu":
         return False
@@ -130,7 +130,7 @@ def _packed(product: str, rows: torch.Tensor, store: Quantized, backend: str,
         if _c_product(f"kivi_{product}", store, rows, target):
             return target
     if chosen == "triton":
-        from lmmlab import triton_attention
+        from lmmlab.kv import triton_attention
 
         result = getattr(triton_attention, f"triton_{product}")(rows.contiguous(), store)
     else:
@@ -149,7 +149,7 @@ def _backend(backend: str, x: torch.Tensor) -> str:
 
 
 def _triton() -> bool:
-    from lmmlab.triton_attention import available
+    from lmmlab.kv.triton_attention import available
 
     return available()
 
@@ -157,7 +157,7 @@ def _triton() -> bool:
 def fast_packed_reads(device: torch.device | str) -> bool:
     """Whether packed decode attention has a fused kernel on `device`: the C kernels on a CPU where they build, the
     Triton kernels on CUDA where Triton is installed."""
-    from lmmlab.native import kernels
+    from lmmlab.kv.native import kernels
 
     kind = torch.device(device).type
     return (kind == "cpu" and kernels() is not None) or (kind == "cuda" and _triton())

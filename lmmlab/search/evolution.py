@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lmmlab import kvpairs
+from lmmlab.kv import pairs as kvpairs
 
 log = logging.getLogger(__name__)
 

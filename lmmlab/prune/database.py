@@ -53,11 +53,13 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from lmmlab.allocate import project
+from lmmlab.prune.allocate import project
 from lmmlab.files import write_json
 from lmmlab.models import Loaded
 from lmmlab.plan import CompressionPlan
-from lmmlab.prune import DenseWeights, LayerHessians, SparseGPT, layer_by_layer, removed_count
+from lmmlab.prune.scores import DenseWeights, removed_count
+from lmmlab.prune.sparsegpt import LayerHessians, SparseGPT
+from lmmlab.prune.sequential import layer_by_layer
 
 FORMAT = 2
 MANIFEST = "manifest.json"

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmmlab.models import Loaded
 

@@ -34,21 +34,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from lmmlab import allocate, kvpairs
-from lmmlab.ablate import Pruner, TUNED
-from lmmlab.database import count_levels, layer_numel, level_grid, plan_ratios, project_to_grid
-from lmmlab.evolution import Evolution, Genome, check_selection
-from lmmlab.fitness import DenseReference, kl_divergence, reference
-from lmmlab.kvcache import kv_cache_for
+from lmmlab.prune import allocate
+from lmmlab.kv import pairs as kvpairs
+from lmmlab.prune.pruner import Pruner
+from lmmlab.prune.database import count_levels, layer_numel, level_grid, plan_ratios, project_to_grid
+from lmmlab.search.evolution import Evolution, Genome, check_selection
+from lmmlab.search.fitness import DenseReference, kl_divergence, reference
+from lmmlab.kv.cache import kv_cache_for
 from lmmlab.models import Loaded
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, CompressionPlan
-from lmmlab.samplers import make_sampler
-from lmmlab.space import LowDimSpace
-from lmmlab.storage import safe_url, storage_for
+from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL
+from lmmlab.plan import CompressionPlan
+from lmmlab.search.samplers import make_sampler
+from lmmlab.search.space import LowDimSpace
+from lmmlab.search.storage import safe_url, storage_for
 from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,8 @@ class SearchConfig:
 
     def check(self) -> None:
         """One-line ValueErrors for settings no search can run with (checked before any model loads)."""
-        from lmmlab.evolution import check_selection
         from lmmlab.plan import METHODS
-        from lmmlab.samplers import SAMPLERS
+        from lmmlab.search.samplers import SAMPLERS
 
         allocate.check_target(self.target_sparsity)
         if self.method not in METHODS:
@@ -164,7 +164,7 @@ def realize_plan(pruner: Pruner, plan: CompressionPlan, realize: str, database: 
     re-masked."""
     if realize == "stitched" and database is not None:
         if pruner.database is None or str(pruner.database.path) != str(database):
-            from lmmlab.database import open_database
+            from lmmlab.prune.database import open_database
 
             pruner.restore()
             pruner.database = open_database(database, pruner.loaded, dense=pruner.dense, batches=pruner.batches)

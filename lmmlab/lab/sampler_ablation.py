@@ -15,15 +15,14 @@ from typing import Callable, Sequence
 import numpy as np
 import optuna
 
-from lmmlab import kvpairs
-from lmmlab.ablate import Pruner
-from lmmlab.database import project_to_grid
-from lmmlab.evolution import Evolution, Genome
+from lmmlab.kv import pairs as kvpairs
+from lmmlab.prune.pruner import Pruner
+from lmmlab.search.evolution import Evolution, Genome
 from lmmlab.models import Loaded
 from lmmlab.plan import CompressionPlan
-from lmmlab.samplers import make_sampler
-from lmmlab.space import LowDimSpace
-from lmmlab.staged import SearchConfig, StagedSearch, cache_factory, first_grid, plan_of_levels
+from lmmlab.search.samplers import make_sampler
+from lmmlab.search.space import LowDimSpace
+from lmmlab.search.staged import SearchConfig, StagedSearch, plan_of_levels
 from lmmlab.tasks import Task
 
 ABLATION_SAMPLERS = ("tpe", "tpe-per-layer", "evolution", "random", "cmaes")

@@ -22,12 +22,15 @@ import time
 
 import torch
 
-from lmmlab.attention import kivi_attention_forward, packed_scores, packed_values
-from lmmlab.calibrate import calibrate
-from lmmlab.kvcache import KVCache, kv_cache_for, kv_nbytes
+from lmmlab.kv.attention import kivi_attention_forward, packed_scores, packed_values
+from lmmlab.prune.calibrate import calibrate
+from lmmlab.kv.cache import KVCache, kv_cache_for
+from lmmlab.kv.budget import kv_nbytes
 from lmmlab.models import Loaded
-from lmmlab.plan import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, CompressionPlan
-from lmmlab.prune import DenseWeights, apply_plan, apply_sparsegpt, sparsity_of
+from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS
+from lmmlab.plan import CompressionPlan
+from lmmlab.prune.scores import DenseWeights, apply_plan, sparsity_of
+from lmmlab.prune.sparsegpt import apply_sparsegpt
 from lmmlab.tasks import Task
 
 
@@ -312,10 +315,10 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
 
     import optuna
 
-    from lmmlab.ablate import Pruner
-    from lmmlab.kvcache import KVCacheFactory
-    from lmmlab.search import search, trials_table
-    from lmmlab.stats import paired_p, row_interval
+    from lmmlab.prune.pruner import Pruner
+    from lmmlab.kv.cache import KVCacheFactory
+    from lmmlab.search.per_layer import search, trials_table
+    from lmmlab.lab.stats import paired_p, row_interval
 
     pruner = Pruner.for_task(loaded, task)
     options = dict(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size, kv_residual=kv_residual,
