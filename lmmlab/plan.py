@@ -41,6 +41,15 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def pattern_sparsity(pattern: str, sparsity: float) -> float:
+    """The ratio a pattern removes: N:M fixes it at 1 − N/M, unstructured takes `sparsity` (checked in [0, 1))."""
+    nm = parse_pattern(pattern)
+    ratio = 1 - nm[0] / nm[1] if nm else sparsity
+    if not 0 <= ratio < 1:
+        raise ValueError(f"--sparsity must be in [0, 1); got {ratio}")
+    return ratio
+
+
 @dataclass
 class CompressionPlan:
     """Per-layer sparsity and KV bit-widths (keys and values alike, or each at its own); validated on construction;

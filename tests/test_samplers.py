@@ -11,7 +11,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from lmmlab.kv.budget import KV_BITS
-from lmmlab.search.samplers import (GENERATION, PARENT, SAMPLERS, SAMPLERS_MULTI, EvolutionSampler, make_sampler, mutate, run_sampler_ablation, summarise)
+from lmmlab.lab.sampler_ablation import summarise
+from lmmlab.search.samplers import (GENERATION, PARENT, SAMPLERS, SAMPLERS_MULTI, EvolutionSampler, make_sampler,
+                                   mutate)
 
 matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -78,8 +80,6 @@ def test_bad_sampler_names_and_single_objective_samplers_are_refused():
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=EvolutionSampler(seed=0))
     with pytest.raises(ValueError, match="one objective"):
         study.optimize(two_objectives, n_trials=1)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        run_sampler_ablation(lambda: objective, samplers=("tpe", "sa"), n_trials=2, direction="minimize")
 
 
 def test_tpe_is_the_searchs_sampler():
@@ -176,18 +176,31 @@ def test_evolution_without_a_warm_start_begins_at_the_origin():
         check_switch(study.trials[0].params, t.params)
 
 
-def test_ablation_runner_summary_and_figure():
+def runs(names, seeds, n_trials):
+    """Each sampler × seed minimising `objective` from the UNIFORM warm start: the table `summarise` reads."""
+    import time
+
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        for seed in seeds:
+            study = optuna.create_study(sampler=make_sampler(name, seed=seed, population=3), direction="minimize")
+            study.enqueue_trial(UNIFORM)
+            start = time.perf_counter()
+            study.optimize(objective, n_trials=n_trials)
+            values = [t.value for t in study.trials]
+            rows += [{"sampler": name, "seed": seed, "trial": k, "value": v, "best_so_far": b,
+                      "seconds": time.perf_counter() - start + k * 1e-6}
+                     for k, (v, b) in enumerate(zip(values, np.minimum.accumulate(values)))]
+    return pd.DataFrame(rows)
+
+
+def test_ablation_summary_and_figure():
     from lmmlab.lab.plots import sampler_ablation_figure
 
     names = ("tpe", "random", "evolution")
-    table = run_sampler_ablation(lambda: objective, samplers=names, seeds=(0, 1), n_trials=8, direction="minimize",
-                                 enqueue=[UNIFORM], population=3)
-    assert list(table.columns) == ["sampler", "seed", "trial", "value", "best_so_far", "seconds"]
-    assert table.groupby(["sampler", "seed"]).size().tolist() == [8] * 6
-    for _, run in table.groupby(["sampler", "seed"]):
-        assert run.best_so_far.is_monotonic_decreasing and run.seconds.is_monotonic_increasing
-        assert run.best_so_far.tolist() == np.minimum.accumulate(run.value).tolist()
-        assert run.value.iloc[0] == pytest.approx(objective(optuna.trial.FixedTrial(UNIFORM)))  # the warm start
+    table = runs(names, (0, 1), 8)
     summary = summarise(table, points=20)
     by_trials = summary[(summary.axis == "trials") & (summary.sampler == "random")]
     assert by_trials.x.tolist() == list(range(1, 9))

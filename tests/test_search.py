@@ -19,7 +19,7 @@ from lmmlab.tasks import shapes as data
 from lmmlab.prune.pruner import Pruner
 from lmmlab.cli import main
 from lmmlab.plan import CompressionPlan
-from lmmlab.search.per_layer import SearchSpace, search, suggest_plan, trials_table, warm_start_params
+from lmmlab.search.per_layer import PerLayerConfig, SearchSpace, search, suggest_plan, trials_table, warm_start_params
 
 SHAPES = get_task("shapes")
 
@@ -78,7 +78,7 @@ def test_a_trial_plan_is_the_projection_of_its_suggestion():
 def test_bad_search_arguments_fail_clearly_and_write_nothing(default, tmp_path, kwargs, message):
     db = tmp_path / "s.db"
     with pytest.raises(ValueError, match=message):
-        search(default, SHAPES, n_trials=2, storage=f"sqlite:///{db}", **kwargs)
+        search(default, SHAPES, PerLayerConfig(n_trials=2, **kwargs), storage=f"sqlite:///{db}")
     assert not db.exists()
 
 
@@ -89,8 +89,8 @@ def pruner(default):
 
 def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    first = search(default, SHAPES, target_sparsity=0.6, kv_budget_bits=4, n_trials=3, storage=storage, study_name="s",
-                   pruner=pruner, **FAST)
+    first = search(default, SHAPES, PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, n_trials=3, **FAST),
+                   storage=storage, study_name="s", pruner=pruner)
     trials = first.study.trials
     assert [t.user_attrs["source"] for t in trials] == ["uniform", "owl", "tpe"]
     assert trials[0].user_attrs["plan"]["sparsity"] == pytest.approx([0.6] * default.num_layers)
@@ -100,8 +100,8 @@ def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, t
     for t in trials:
         assert t.user_attrs["mean_sparsity"] == pytest.approx(0.6) and t.user_attrs["mean_kv_bits"] <= 4
 
-    again = search(default, SHAPES, target_sparsity=0.6, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
-                   pruner=pruner, **FAST)
+    again = search(default, SHAPES, PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, n_trials=5, **FAST),
+                   storage=storage, study_name="s", pruner=pruner)
     resumed = again.study.trials
     assert len(resumed) == 5 and [t.params for t in resumed[:3]] == [t.params for t in trials]
     assert [t.value for t in resumed[:3]] == [t.value for t in trials]
@@ -109,8 +109,8 @@ def test_warm_starts_come_first_and_a_rerun_resumes_the_study(default, pruner, t
     assert list(table.trial) == [0, 1, 2, 3, 4] and (table.best_so_far.diff().dropna() >= 0).all()
 
     with pytest.raises(ValueError, match="was created with other settings"):
-        search(default, SHAPES, target_sparsity=0.7, kv_budget_bits=4, n_trials=5, storage=storage, study_name="s",
-               pruner=pruner, **FAST)
+        search(default, SHAPES, PerLayerConfig(target_sparsity=0.7, kv_budget_bits=4, n_trials=5, **FAST),
+               storage=storage, study_name="s", pruner=pruner)
 
 
 def _finished(storage: str, name: str) -> int:
@@ -140,8 +140,8 @@ def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_
     before = optuna.load_study(study_name="k", storage=storage).get_trials(
         states=(optuna.trial.TrialState.COMPLETE,))
     assert len(before) >= 3
-    resumed = search(default, SHAPES, target_sparsity=0.5, kv_budget_bits=6, n_trials=len(before) + 1, storage=storage,
-                     study_name="k", pruner=pruner, **FAST)
+    resumed = search(default, SHAPES, PerLayerConfig(target_sparsity=0.5, kv_budget_bits=6, n_trials=len(before) + 1, **FAST),
+                     storage=storage, study_name="k", pruner=pruner)
     after = resumed.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(after) == len(before) + 1
     assert [(t.number, t.value, t.params) for t in after[: len(before)]] == [(t.number, t.value, t.params)
@@ -149,8 +149,8 @@ def test_a_search_killed_mid_trial_loses_no_finished_trial(default, pruner, tmp_
 
 
 def test_multi_objective_returns_a_non_dominated_front(default, pruner, tmp_path):
-    result = search(default, SHAPES, multi_objective=True, n_trials=14, storage=f"sqlite:///{tmp_path / 'm.db'}",
-                    study_name="m", pruner=pruner, target_range=(0.4, 0.8), **FAST)
+    result = search(default, SHAPES, PerLayerConfig(multi_objective=True, n_trials=14, target_range=(0.4, 0.8), **FAST),
+                    storage=f"sqlite:///{tmp_path / 'm.db'}", study_name="m", pruner=pruner)
     complete = result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     front = result.study.best_trials
     assert front and len(result.front) == len(front)
@@ -219,14 +219,14 @@ def test_warm_start_parameters_cover_uniform_and_owl_in_both_modes():
 
 
 def test_a_window_longer_than_the_prompts_is_reported(default, pruner, tmp_path, caplog):
-    search(default, SHAPES, target_sparsity=0.5, kv_budget_bits=4, n_trials=1, storage=f"sqlite:///{tmp_path / 'w.db'}",
-           pruner=pruner, n_eval=16)  # KIVI's 32 / 128 on ~20-token prompts
+    search(default, SHAPES, PerLayerConfig(target_sparsity=0.5, kv_budget_bits=4, n_trials=1, n_eval=16),
+           storage=f"sqlite:///{tmp_path / 'w.db'}", pruner=pruner)  # KIVI's 32 / 128 on ~20-token prompts
     assert "quantized nothing" in caplog.text and "128-token residual window" in caplog.text
 
 
 def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path):
-    result = search(default, SHAPES, target_sparsity=0.7, kv_budget_bits=16, n_trials=3, objective="loss", groups=2,
-                    storage=f"sqlite:///{tmp_path / 'l.db'}", pruner=pruner, **FAST)
+    result = search(default, SHAPES, PerLayerConfig(target_sparsity=0.7, kv_budget_bits=16, n_trials=3, objective="loss", groups=2, **FAST),
+                    storage=f"sqlite:///{tmp_path / 'l.db'}", pruner=pruner)
     trials = result.study.trials
     assert result.study.direction == optuna.study.StudyDirection.MINIMIZE
     assert [t.value for t in trials] == [t.user_attrs["loss"] for t in trials]
@@ -261,8 +261,8 @@ def test_search_on_the_text_task_minimises_perplexity_on_a_tiny_llama(tiny_llama
     corpus.write_text(" ".join(rng.choice(words) for _ in range(6000)))
     loaded = load_model(tiny_llama_dir, device="cpu")
     task = get_task("text", data=str(corpus), seqlen=32, prefill=16, chunk=4)
-    result = search(loaded, task, target_sparsity=0.5, kv_budget_bits=4, n_trials=4, n_eval=4,
-                    storage=f"sqlite:///{tmp_path / 't.db'}", kv_group_size=8, kv_residual=8)
+    result = search(loaded, task, PerLayerConfig(target_sparsity=0.5, kv_budget_bits=4, n_trials=4, n_eval=4, kv_group_size=8, kv_residual=8),
+                    storage=f"sqlite:///{tmp_path / 't.db'}")
     trials = result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert result.study.direction == optuna.study.StudyDirection.MINIMIZE
     assert all(t.user_attrs["primary_metric"] == "perplexity" for t in trials)
@@ -270,9 +270,8 @@ def test_search_on_the_text_task_minimises_perplexity_on_a_tiny_llama(tiny_llama
     assert result.study.best_value == min(t.value for t in trials)
     assert result.best_plan.kv_bits == result.study.best_trial.user_attrs["plan"]["kv_bits"]
     assert all(t.user_attrs["mean_kv_bits"] <= 4 for t in trials)
-    effective = search(loaded, task, target_sparsity=0.5, kv_budget_bits=9, n_trials=3, n_eval=4,
-                       storage=f"sqlite:///{tmp_path / 't.db'}", kv_group_size=8, kv_residual=8,
-                       kv_budget_unit="effective", context_tokens=100)  # a study of its own: the budget differs
+    effective = search(loaded, task, PerLayerConfig(target_sparsity=0.5, kv_budget_bits=9, n_trials=3, n_eval=4, kv_group_size=8, kv_residual=8, kv_budget_unit="effective", context_tokens=100),
+                       storage=f"sqlite:///{tmp_path / 't.db'}")  # a study of its own: the budget differs
     assert effective.study.study_name.endswith("kv9e")  # 9 effective bits: 4-bit costs 8.48 at 100 tokens
     for t in effective.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         plan = CompressionPlan(**t.user_attrs["plan"])

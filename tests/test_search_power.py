@@ -15,7 +15,7 @@ from lmmlab.prune.database import grid_index
 from lmmlab.plan import CompressionPlan
 from lmmlab.prune.scores import sparsity_of
 from lmmlab.search.samplers import SAMPLERS
-from lmmlab.search.per_layer import finished, search, trials_table
+from lmmlab.search.per_layer import PerLayerConfig, finished, search, trials_table
 from lmmlab.tasks import get_task
 from lmmlab.tasks import shapes as data
 
@@ -51,11 +51,11 @@ def pruner(llama, task):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_runs_a_study_through_search_and_resumes(llama, task, pruner, tmp_path, sampler):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    first = search(llama, task, n_trials=4, n_eval=4, storage=storage, study_name="s", sampler=sampler,
-                   pruner=pruner, **FAST)
+    first = search(llama, task, PerLayerConfig(n_trials=4, n_eval=4, sampler=sampler, **FAST),
+                   storage=storage, study_name="s", pruner=pruner)
     before = [t.params for t in first.study.trials]
-    again = search(llama, task, n_trials=7, n_eval=4, storage=storage, study_name="s", sampler=sampler,
-                   pruner=pruner, **FAST)
+    again = search(llama, task, PerLayerConfig(n_trials=7, n_eval=4, sampler=sampler, **FAST),
+                   storage=storage, study_name="s", pruner=pruner)
     trials = again.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 7 and [t.params for t in trials[:4]] == before
     assert [t.user_attrs["source"] for t in trials[:2]] == ["uniform", "owl"]
@@ -67,18 +67,19 @@ def test_every_sampler_runs_a_study_through_search_and_resumes(llama, task, prun
 
 def test_a_study_refuses_another_sampler_and_unknown_ones_fail_first(llama, task, pruner, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    search(llama, task, n_trials=2, n_eval=4, storage=storage, study_name="s", pruner=pruner, **FAST)
+    search(llama, task, PerLayerConfig(n_trials=2, n_eval=4, **FAST), storage=storage, study_name="s", pruner=pruner)
     with pytest.raises(ValueError, match="created with other settings.*sampler"):
-        search(llama, task, n_trials=3, n_eval=4, storage=storage, study_name="s", sampler="random", pruner=pruner,
-               **FAST)
+        search(llama, task, PerLayerConfig(n_trials=3, n_eval=4, sampler="random", **FAST),
+               storage=storage, study_name="s", pruner=pruner)
     with pytest.raises(ValueError, match="unknown sampler 'annealing'; allowed: tpe, random, cmaes, gp, evolution"):
-        search(llama, task, n_trials=2, storage=f"sqlite:///{tmp_path / 'x.db'}", sampler="annealing", pruner=pruner)
+        search(llama, task, PerLayerConfig(n_trials=2, sampler="annealing"),
+               storage=f"sqlite:///{tmp_path / 'x.db'}", pruner=pruner)
     assert not (tmp_path / "x.db").exists()
 
 
 def test_multi_fidelity_prunes_hopeless_trials_and_never_picks_one(llama, task, pruner, tmp_path):
-    result = search(llama, task, n_trials=14, n_eval=16, storage=f"sqlite:///{tmp_path / 'm.db'}",
-                    multi_fidelity=True, sampler="random", pruner=pruner, **FAST)
+    result = search(llama, task, PerLayerConfig(n_trials=14, n_eval=16, multi_fidelity=True, sampler="random", **FAST),
+                    storage=f"sqlite:///{tmp_path / 'm.db'}", pruner=pruner)
     trials = result.study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -95,16 +96,16 @@ def test_multi_fidelity_prunes_hopeless_trials_and_never_picks_one(llama, task, 
 
 def test_a_sparsegpt_search_stitches_database_levels_at_the_budget(llama, task, pruner, tmp_path):
     with pytest.raises(ValueError, match="sparsegpt needs a layer database"):
-        search(llama, task, n_trials=2, storage=f"sqlite:///{tmp_path / 'n.db'}", method="sparsegpt", pruner=pruner,
-               **FAST)
+        search(llama, task, PerLayerConfig(n_trials=2, method="sparsegpt", **FAST),
+               storage=f"sqlite:///{tmp_path / 'n.db'}", pruner=pruner)
     database = pruner.attach_database(levels=GRID, path=tmp_path / "db", progress=False)
     try:
         with pytest.raises(ValueError, match="grid"):  # 0.8 is above every level: no plan can meet it
-            search(llama, task, n_trials=2, storage=f"sqlite:///{tmp_path / 'g.db'}", method="sparsegpt",
-                   pruner=pruner, **{**FAST, "target_sparsity": 0.8})
+            search(llama, task, PerLayerConfig(n_trials=2, method="sparsegpt", **{**FAST, "target_sparsity": 0.8}),
+                   storage=f"sqlite:///{tmp_path / 'g.db'}", pruner=pruner)
         assert not (tmp_path / "g.db").exists()
-        result = search(llama, task, n_trials=5, n_eval=4, storage=f"sqlite:///{tmp_path / 'd.db'}",
-                        method="sparsegpt", pruner=pruner, **FAST)
+        result = search(llama, task, PerLayerConfig(n_trials=5, n_eval=4, method="sparsegpt", **FAST),
+                        storage=f"sqlite:///{tmp_path / 'd.db'}", pruner=pruner)
         for t in result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             plan = CompressionPlan(**t.user_attrs["plan"])
             assert all(grid_index(s, GRID) is not None for s in plan.sparsity)
@@ -131,9 +132,8 @@ def test_a_sparsegpt_search_stitches_database_levels_at_the_budget(llama, task, 
 
 def test_keys_and_values_get_their_own_widths_under_one_combined_budget(llama, task, pruner, tmp_path):
     for unit, budget in (("nominal", 5.0), ("effective", 9.0)):
-        result = search(llama, task, n_trials=6, n_eval=4, storage=f"sqlite:///{tmp_path / 'kv.db'}", separate_kv=True,
-                        kv_budget_unit=unit, context_tokens=100, pruner=pruner,
-                        **{**FAST, "kv_budget_bits": budget})
+        result = search(llama, task, PerLayerConfig(n_trials=6, n_eval=4, separate_kv=True, kv_budget_unit=unit, context_tokens=100, **{**FAST, "kv_budget_bits": budget}),
+                        storage=f"sqlite:///{tmp_path / 'kv.db'}", pruner=pruner)
         assert result.study.study_name.endswith("-kv")
         plans = [CompressionPlan(**t.user_attrs["plan"])
                  for t in result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
@@ -161,8 +161,8 @@ def test_fit_kv_pairs_meets_a_combined_budget_stepping_the_widest_part_down():
 
 
 def test_atp_and_alphapruning_are_warm_starts(llama, task, pruner, tmp_path):
-    result = search(llama, task, n_trials=4, n_eval=4, storage=f"sqlite:///{tmp_path / 'w.db'}", pruner=pruner,
-                    warm_allocations=("uniform", "owl", "atp", "alphapruning"), **FAST)
+    result = search(llama, task, PerLayerConfig(n_trials=4, n_eval=4, warm_allocations=("uniform", "owl", "atp", "alphapruning"), **FAST),
+                    storage=f"sqlite:///{tmp_path / 'w.db'}", pruner=pruner)
     trials = result.study.trials
     assert [t.user_attrs["source"] for t in trials] == ["uniform", "owl", "atp", "alphapruning"]
     for t, name in zip(trials[2:], ("atp", "alphapruning")):

@@ -380,7 +380,7 @@ def test_a_database_on_other_inputs_than_asked_is_refused(llama, pruner, tmp_pat
 
 def test_the_sampler_ablation_runs_every_sampler_at_equal_evaluations(llama, task, pruner, tmp_path, monkeypatch):
     from lmmlab.lab.sampler_ablation import ABLATION_SAMPLERS, sampler_ablation
-    from lmmlab.search.samplers import summarise
+    from lmmlab.lab.sampler_ablation import summarise
 
     monkeypatch.setenv("LMMLAB_CACHE", str(tmp_path / "cache"))
     config = SearchConfig(target_sparsity=0.6, kv_budget=3.0, **TINY)

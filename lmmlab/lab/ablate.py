@@ -154,28 +154,3 @@ def ablate_kv(loaded: Loaded, task: Task, widths: Sequence[int] = KV_WIDTHS, mix
                      "kv_ratio": cache.nbytes() / cache.fp16_nbytes()})
         log.info("kv %s: %s %.4f, %.0f bytes/item", name, metrics.primary_metric, metrics.primary, metrics.kv_bytes)
     return annotate(rows, direction=task.direction, group_by=(), label=lambda r: r["kv_plan"])
-
-
-def ablate_samplers(loaded: Loaded, task: Task, pruner: Pruner, *, samplers: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
-                    n_trials: int = 30, storage: str, study_prefix: str = "samplers", **search_options):
-    """Every sampler × seed runs the same search (`search.search`: same budget, warm starts, validation objective)
-    for `n_trials` trials. Returns one row per finished trial: sampler, seed, trial, objective, best_so_far and the
-    seconds since the study's first trial started (`samplers.summarise` turns it into median and range)."""
-    import pandas as pd
-
-    from lmmlab.search.per_layer import search, trials_table
-
-    frames = []
-    for name in samplers:
-        for seed in seeds:
-            result = search(loaded, task, n_trials=n_trials, storage=storage, sampler=name, seed=seed,
-                            study_name=f"{study_prefix}-{name}-seed{seed}", pruner=pruner, **search_options)
-            table = trials_table(result.study)
-            t0 = min(t.datetime_start for t in result.study.get_trials(deepcopy=False))
-            ends = {t.number: (t.datetime_complete - t0).total_seconds()
-                    for t in result.study.get_trials(deepcopy=False) if t.datetime_complete}
-            frames.append(pd.DataFrame({"sampler": name, "seed": seed, "trial": range(len(table)),
-                                        "value": table.objective.values, "best_so_far": table.best_so_far.values,
-                                        "seconds": [ends[n] for n in table.trial]}))
-            log.info("sampler %s seed %d: best %.4f", name, seed, table.best_so_far.iloc[-1])
-    return pd.concat(frames, ignore_index=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -317,16 +318,16 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
 
     from lmmlab.prune.pruner import Pruner
     from lmmlab.kv.cache import KVCacheFactory
-    from lmmlab.search.per_layer import search, trials_table
+    from lmmlab.search.per_layer import PerLayerConfig, search, trials_table
     from lmmlab.lab.stats import paired_p, row_interval
 
     pruner = Pruner.for_task(loaded, task)
-    options = dict(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size, kv_residual=kv_residual,
-                   pruner=pruner)
+    base = PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size, kv_residual=kv_residual)
 
     def study(tmp: str, name: str, trials: int, **extra):
         start = time.perf_counter()
-        result = search(loaded, task, n_trials=trials, storage=f"sqlite:///{tmp}/{name}.db", **options, **extra)
+        result = search(loaded, task, replace(base, n_trials=trials, **extra), pruner=pruner,
+                        storage=f"sqlite:///{tmp}/{name}.db")
         return result, time.perf_counter() - start
 
     def best_until(result, seconds: float):
@@ -382,3 +383,23 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
             "best_objective_multifidelity": b["primary"],
             "multifidelity_within_interval": bool(low <= b["primary"] <= high),
             "paired_p": paired_p(a["per_item"], b["per_item"], a["metric"]), **db}
+
+
+def run(what: str, loaded: Loaded, task: Task, *, database_levels: str | None = None,
+        decode_contexts: tuple[int, ...] = (1024, 4096)) -> dict:
+    """`lmmlab bench prune|kv|search` on a loaded model: `bench_prune`, `bench_kv`, or `bench_search` (with
+    `database_levels`, also over a SparseGPT layer database of that grid)."""
+    if what == "kv":
+        return bench_kv(loaded, decode_contexts=decode_contexts)
+    if what == "search":
+        database = None
+        if database_levels:
+            from lmmlab.prune.database import parse_levels
+            from lmmlab.prune.pruner import Pruner
+
+            database = Pruner.for_task(loaded, task).attach_database(levels=parse_levels(database_levels))
+            database.dense = None  # the bench's own pruner gives the dense weights
+        return bench_search(loaded, task, database=database)
+    if what == "prune":
+        return bench_prune(loaded, task)
+    raise ValueError(f"unknown benchmark {what!r}; allowed: prune, kv, search, memory")

@@ -13,17 +13,20 @@ the strongest baseline at its budget on the same test items (`stats.annotate`).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
-from lmmlab.prune.pruner import Pruner, calibration_of, weight_part
-from lmmlab.lab.ablate import label, row
+from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL
 from lmmlab.kv.cache import kv_cache_for
-from lmmlab.models import Loaded
-from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_BITS, KV_CONTEXT
-from lmmlab.plan import CompressionPlan
-from lmmlab.prune.scores import sparsity_of
-from lmmlab.search.per_layer import DEFAULT_STORAGE, KV_UNITS, effective_costs, memory_bytes, search
+from lmmlab.lab.ablate import label, row
 from lmmlab.lab.stats import annotate
+from lmmlab.models import Loaded
+from lmmlab.plan import CompressionPlan
+from lmmlab.prune.pruner import Pruner, calibration_of, weight_part
+from lmmlab.prune.scores import sparsity_of
+from lmmlab.search.per_layer import (DEFAULT_STORAGE, KV_UNITS, PerLayerConfig, effective_costs, memory_bytes,
+                                     search)
 from lmmlab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -43,62 +46,66 @@ def check_same_sparsity(rows: Sequence[dict], tolerance: float = SPARSITY_TOLERA
                          f"{tolerance:.2%} apart; plans compared must remove the same number of weights")
 
 
-def compare(loaded: Loaded, task: Task, sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
-            n_trials: int = 100, method: str = "wanda", storage: str = DEFAULT_STORAGE, study_prefix: str = "compare",
-            kv_group_size: int = KIVI_GROUP_SIZE, kv_residual: int = KIVI_RESIDUAL, kv_widths: Sequence[int] = KV_BITS,
-            split: str = "test", n: int | None = None, n_eval: int | None = None, seed: int = 0,
-            pruner: Pruner | None = None, sequential: bool = True, kv_budget_unit: str = "nominal",
-            kv_context: int = KV_CONTEXT, baselines: Sequence[tuple[str, str]] = BASELINES,
-            **search_options) -> list[dict]:
-    """One row per (budget, method): TPE's best plan (allocation "tpe") and every baseline, on `split`, with
-    `ci_low`/`ci_high`, and `p_value`/`verdict` against the strongest baseline at the same budget. Each row keeps its
-    per-item values (`per_item`) for `paired_table`. `sequential`: the Wanda baselines calibrate layer by layer.
-    `kv_budget_unit`: the KV budgets count nominal widths or effective bits per element at `kv_context` tokens.
-    `baselines`: (method, allocation) pairs. `search_options` go to `search.search` (sampler, multi_fidelity,
-    separate_kv, warm_allocations); `method="sparsegpt"` searches over the pruner's layer database."""
-    if kv_budget_unit not in KV_UNITS:
-        raise ValueError(f"unknown KV budget unit {kv_budget_unit!r}; allowed: {', '.join(KV_UNITS)}")
-    cost = (effective_costs(loaded, kv_widths, kv_context, kv_group_size, kv_residual)
-            if kv_budget_unit == "effective" else {b: float(b) for b in kv_widths})
+def compare(loaded: Loaded, task: Task, config: PerLayerConfig = PerLayerConfig(), *,
+            sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 4),
+            storage: str = DEFAULT_STORAGE, study_prefix: str = "compare", split: str = "test", n: int | None = None,
+            pruner: Pruner | None = None, sequential: bool = True,
+            baselines: Sequence[tuple[str, str]] = BASELINES) -> list[dict]:
+    """One row per (budget, method): the per-layer search's best plan (allocation "tpe"; `search.per_layer.search`
+    with `config` at each target and budget) and every baseline, on `split`, with `ci_low`/`ci_high`, and
+    `p_value`/`verdict` against the strongest baseline at the same budget. Each row keeps its per-item values
+    (`per_item`) for `paired_table`. `sequential`: the Wanda baselines calibrate layer by layer. The KV budgets count
+    `config.kv_budget_unit` (nominal widths or effective bits at `config.context_tokens`); `baselines`: (method,
+    allocation) pairs, with uniform KV at the widest width in budget."""
+    if config.kv_budget_unit not in KV_UNITS:
+        raise ValueError(f"unknown KV budget unit {config.kv_budget_unit!r}; allowed: {', '.join(KV_UNITS)}")
+    widths = config.kv_widths
+    layout = {"kv_group_size": config.kv_group_size, "kv_residual": config.kv_residual}
+    cost = (effective_costs(loaded, widths, config.context_tokens, config.kv_group_size, config.kv_residual)
+            if config.kv_budget_unit == "effective" else {b: float(b) for b in widths})
     for budget in kv_budgets:
         if not any(c <= budget + 1e-9 for c in cost.values()):
-            raise ValueError(f"KV budget {budget:g} {kv_budget_unit} bits is below every allowed width's "
+            raise ValueError(f"KV budget {budget:g} {config.kv_budget_unit} bits is below every allowed width's "
                              f"(narrowest: {min(cost.values()):.4g})")
-    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
+    pruner = pruner or Pruner.for_task(loaded, task, seed=config.seed)
+    unit = "e" if config.kv_budget_unit == "effective" else ""
     rows = []
     try:
         for target in sparsities:
             runs = []  # (budget, label, plan, sequential), in table order
             for budget in kv_budgets:
-                kv = max(b for b in kv_widths if cost[b] <= budget + 1e-9)  # uniform: the widest in budget
-                runs += [(budget, allocation, pruner.plan(m, allocation, target, kv, kv_group_size=kv_group_size,
-                                                          kv_residual=kv_residual), sequential)
+                kv = max(b for b in widths if cost[b] <= budget + 1e-9)  # uniform: the widest in budget
+                runs += [(budget, allocation, pruner.plan(m, allocation, target, kv, **layout), sequential)
                          for m, allocation in baselines]
-                result = search(loaded, task, target_sparsity=target, kv_budget_bits=budget, n_trials=n_trials,
-                                storage=storage, study_name=f"{study_prefix}-{task.name}-{method}-s{target:g}-kv{budget:g}"
-                                           + ("e" if kv_budget_unit == "effective" else ""),
-                                method=method, kv_widths=tuple(kv_widths), kv_group_size=kv_group_size,
-                                kv_residual=kv_residual, n_eval=n_eval, seed=seed, pruner=pruner,
-                                kv_budget_unit=kv_budget_unit, context_tokens=kv_context, **search_options)
+                cell = replace(config, target_sparsity=target, kv_budget_bits=budget)
+                result = search(loaded, task, cell, pruner=pruner, storage=storage,
+                                study_name=f"{study_prefix}-{task.name}-{config.method}-s{target:g}-kv{budget:g}{unit}")
                 runs.append((budget, "tpe", result.best_plan, False))
-            # Evaluate plans with the same weights one after another, so each is pruned (SparseGPT: solved) once.
-            order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2], runs[r][3]))
-            scored = {}
-            for r in order:
-                budget, allocation, plan, seq = runs[r]
-                pruner.apply(plan, sequential=seq)
-                metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
-                scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, seed, sequential=seq,
-                                   kv_context=kv_context, calibration=pruner.calibration(plan.method, seq)),
-                             "kv_budget_bits": budget, "kv_budget_unit": kv_budget_unit, "trials": n_trials if allocation == "tpe" else 0}
-                log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation,
-                         task.primary_metric, metrics.primary)
-            check_same_sparsity(list(scored.values()))
-            rows += [scored[r] for r in range(len(runs))]
+            rows += score_runs(loaded, task, pruner, target, runs, config, split, n)
     finally:
         pruner.restore()
     return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
                     is_baseline=lambda r: r["allocation"] != "tpe", label=label)
+
+
+def score_runs(loaded: Loaded, task: Task, pruner: Pruner, target: float, runs: list, config: PerLayerConfig,
+               split: str, n: int | None) -> list[dict]:
+    """Each (budget, label, plan, sequential) of one target on `split`, plans with the same weights one after
+    another (each pruned, or solved, once); rows in the order given, checked to remove the same weights."""
+    order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2], runs[r][3]))
+    scored = {}
+    for r in order:
+        budget, allocation, plan, seq = runs[r]
+        pruner.apply(plan, sequential=seq)
+        metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
+        scored[r] = {**row(plan, allocation, target, loaded, metrics, task, split, config.seed, sequential=seq,
+                           kv_context=config.context_tokens, calibration=pruner.calibration(plan.method, seq)),
+                     "kv_budget_bits": budget, "kv_budget_unit": config.kv_budget_unit,
+                     "trials": config.n_trials if allocation == "tpe" else 0}
+        log.info("s=%.2f kv<=%g %s %s: %s %.4f", target, budget, plan.method, allocation, task.primary_metric,
+                 metrics.primary)
+    check_same_sparsity(list(scored.values()))
+    return [scored[r] for r in range(len(runs))]
 
 
 def pareto_points(loaded: Loaded, task: Task, pruner: Pruner, sparsities: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
@@ -204,3 +211,21 @@ def claims(rows: Sequence[dict], reference: str = "tpe") -> list[str]:
                    f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] vs {r['versus']}: {r['verdict']} "
                    f"(paired p = {r['p_value']:.3g}, n = {len(r['per_item'])})")
     return out
+
+
+def write_comparison(rows: Sequence[dict], direction: str, out: str | Path) -> list[Path]:
+    """A comparison's table (each row with its interval and its paired test against the strongest baseline), its
+    per-item values and the searched plan's paired tests against each baseline: `out`, `<out>_items.csv`,
+    `<out>_paired.csv`."""
+    import pandas as pd
+
+    from lmmlab.files import write_table, write_text_atomic
+
+    out = Path(out)
+    items = pd.DataFrame({f"{r['method']}-{r['allocation']}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}":
+                          r["per_item"] for r in rows})
+    paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
+    write_table(out, rows)
+    write_text_atomic(paths[1], items.to_csv(index=False))
+    write_text_atomic(paths[2], pd.DataFrame(paired_table(rows, direction)).to_csv(index=False))
+    return paths

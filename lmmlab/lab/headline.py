@@ -46,6 +46,18 @@ SEARCH = "search"  # the searched plan's allocation label
 TWO_STAGE = "two-stage"
 
 
+def parse_baseline(text: str) -> tuple[str, str]:
+    """'sparsegpt-atp' -> ("sparsegpt", "atp"): a method and an allocation lmmlab knows; else a one-line error."""
+    from lmmlab.plan import METHODS
+    from lmmlab.prune.allocate import ALLOCATIONS
+
+    method, _, allocation = text.partition("-")
+    if method not in METHODS or allocation not in ALLOCATIONS:
+        raise ValueError(f"bad baseline {text!r}; give method-allocation, method from {', '.join(METHODS)}, "
+                         f"allocation from {', '.join(ALLOCATIONS)}")
+    return method, allocation
+
+
 def uniform_pairs(budget: float, num_layers: int) -> list[kvpairs.Pair]:
     """Keys and values of every layer at the widest width within `budget`."""
     width = max(b for b in KV_BITS if b <= budget + 1e-9)
@@ -68,71 +80,84 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
     p-value and verdict (`stats.annotate`), the search's timings on its row (`search_seconds`, `database_seconds`).
     `checkpoint`: a JSON file the rows of every finished target are kept in; a run that finds it skips those targets
     (the studies themselves resume from `storage`)."""
+    from tqdm.auto import tqdm
+
     for budget in kv_budgets:
         if budget < 16:
             kvpairs.check_budget(budget, replace(config, kv_budget=budget).pairs)
     pruner = pruner or Pruner.for_task(loaded, task, seed=config.seed)
-    rows: list[dict] = []
-    sensitivity: list[float] | None = None
-    from tqdm.auto import tqdm
-
-    cells = [(t, b) for t in sparsities for b in kv_budgets]
     done = json.loads(Path(checkpoint).read_text()) if checkpoint and Path(checkpoint).is_file() else {}
-    bar = tqdm(total=len(cells), desc="headline (cells)", disable=not progress)
+    rows: list[dict] = []
+    bar = tqdm(total=len(sparsities) * len(kv_budgets), desc="headline (cells)", disable=not progress)
     try:
         for target in sparsities:
-            if f"{target:g}" in done:
-                rows += done[f"{target:g}"]["rows"]
-                sensitivity = sensitivity or done[f"{target:g}"].get("sensitivity")
-                bar.update(len(kv_budgets))
-                continue
-            databases: set[str] = set()
-            plans: list[tuple[float, str, str, CompressionPlan, str, str | None, dict]] = []
-            for budget in kv_budgets:
-                cell = replace(config, target_sparsity=target, kv_budget=float(budget))
-                name = f"{study_prefix}-{task.name}-s{target:g}-kv{budget:g}"
-                search = StagedSearch(loaded, task, cell, pruner=pruner, storage=storage, study_name=name,
-                                      progress=progress)
-                result = search.run()
-                databases |= {c["database"] for c in result.candidates if c["database"]}
-                timing = {"search_seconds": round(sum(v for k, v in result.timings.items()
-                                                      if not k.startswith(("database", "bases"))), 1),
-                          "database_seconds": round(sum(v for k, v in result.timings.items()
-                                                        if k.startswith("database")), 1),
-                          "fitness_tokens": cell.evaluations()}
-                plans.append((budget, SEARCH, "search", result.best_plan, result.realize, result.database, timing))
-                if budget < 16 and sensitivity is None:
-                    sensitivity = search.study.user_attrs.get("kv_sensitivity")
-                if budget < 16 and target in two_stage_at:
-                    first, second = two_stage_search(loaded, task, cell, pruner=pruner, storage=storage,
-                                                     study_name=f"{name}-two-stage", progress=progress)
-                    databases |= {c["database"] for r in (first, second) for c in r.candidates if c["database"]}
-                    plans.append((budget, TWO_STAGE, "search", second.best_plan, second.realize, second.database,
-                                  {"fitness_tokens": cell.evaluations()}))
-                for method, allocation in baselines:
-                    weights = pruner.plan(method, allocation, target, 16)
-                    kinds = [k for k in kv_baselines if budget < 16 or k == "uniform"]
-                    for kind in kinds:
-                        pairs = (uniform_pairs(budget, loaded.num_layers) if kind == "uniform" else
-                                 kvpairs.kvtuner_plan(sensitivity or [0.0] * loaded.num_layers, budget, cell.pairs))
-                        plans.append((budget, allocation, kind, with_pairs(weights, pairs, cell), "sequential",
-                                      None, {}))
-                bar.update(1)
-            finished = evaluate_cell_plans(loaded, task, pruner, target, plans, n, config.seed)
-            rows += finished
-            if checkpoint:
-                done[f"{target:g}"] = {"rows": finished, "sensitivity": sensitivity}
-                write_json(checkpoint, done)
-            if not keep_databases:
-                pruner.restore()
-                pruner.database = None
-                for path in databases:
-                    shutil.rmtree(path, ignore_errors=True)
+            if f"{target:g}" not in done:
+                plans, databases = [], set()
+                for budget in kv_budgets:
+                    cell = replace(config, target_sparsity=target, kv_budget=float(budget))
+                    name = f"{study_prefix}-{task.name}-s{target:g}-kv{budget:g}"
+                    searched, sensitivity = search_plans(loaded, task, pruner, cell, name, storage, databases,
+                                                         two_stage=budget < 16 and target in two_stage_at,
+                                                         progress=progress)
+                    plans += searched + baseline_plans(loaded, pruner, cell, baselines, kv_baselines, sensitivity)
+                    bar.update(1)
+                done[f"{target:g}"] = {"rows": evaluate_cell_plans(loaded, task, pruner, target, plans, n,
+                                                                   config.seed)}
+                if checkpoint:
+                    write_json(checkpoint, done)
+                if not keep_databases:
+                    remove_databases(pruner, databases)
+            rows += done[f"{target:g}"]["rows"]
     finally:
         bar.close()
         pruner.restore()
     return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
                     is_baseline=lambda r: r["allocation"] not in (SEARCH, TWO_STAGE), label=label)
+
+
+def search_plans(loaded: Loaded, task: Task, pruner: Pruner, cell: SearchConfig, name: str, storage: str,
+                 databases: set[str], *, two_stage: bool, progress: bool) -> tuple[list, list[float] | None]:
+    """One cell's searched plans — the staged search's and (`two_stage`) the two-stage ablation's — as
+    (budget, allocation, kind, plan, realize, database, timings) tuples, the databases they used added to
+    `databases`; and the KV sensitivities the search measured (None at 16 bits)."""
+    search = StagedSearch(loaded, task, cell, pruner=pruner, storage=storage, study_name=name, progress=progress)
+    result = search.run()
+    databases |= {c["database"] for c in result.candidates if c["database"]}
+    timing = {"search_seconds": round(sum(v for k, v in result.timings.items()
+                                          if not k.startswith(("database", "bases"))), 1),
+              "database_seconds": round(sum(v for k, v in result.timings.items() if k.startswith("database")), 1),
+              "fitness_tokens": cell.evaluations()}
+    plans = [(cell.kv_budget, SEARCH, "search", result.best_plan, result.realize, result.database, timing)]
+    if two_stage:
+        first, second = two_stage_search(loaded, task, cell, pruner=pruner, storage=storage,
+                                         study_name=f"{name}-two-stage", progress=progress)
+        databases |= {c["database"] for r in (first, second) for c in r.candidates if c["database"]}
+        plans.append((cell.kv_budget, TWO_STAGE, "search", second.best_plan, second.realize, second.database,
+                      {"fitness_tokens": cell.evaluations()}))
+    return plans, search.study.user_attrs.get("kv_sensitivity")
+
+
+def baseline_plans(loaded: Loaded, pruner: Pruner, cell: SearchConfig, baselines: Sequence[tuple[str, str]],
+                   kv_baselines: Sequence[str], sensitivity: list[float] | None) -> list:
+    """Every baseline of one cell, solved as published ("sequential"), with uniform KV at the budget and, below 16
+    bits, KVTuner-style pairs on the measured sensitivities."""
+    plans = []
+    budget = cell.kv_budget
+    for method, allocation in baselines:
+        weights = pruner.plan(method, allocation, cell.target_sparsity, 16)
+        for kind in (k for k in kv_baselines if budget < 16 or k == "uniform"):
+            pairs = (uniform_pairs(budget, loaded.num_layers) if kind == "uniform" else
+                     kvpairs.kvtuner_plan(sensitivity or [0.0] * loaded.num_layers, budget, cell.pairs))
+            plans.append((budget, allocation, kind, with_pairs(weights, pairs, cell), "sequential", None, {}))
+    return plans
+
+
+def remove_databases(pruner: Pruner, databases: set[str]) -> None:
+    """Delete the level databases of a finished target (gigabytes each), detaching the pruner's."""
+    pruner.restore()
+    pruner.database = None
+    for path in databases:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: float, plans: list, n: int | None,
@@ -226,3 +251,52 @@ def dense_input_gap(loaded: Loaded, task: Task, pruner: Pruner, plan: Compressio
         shutil.rmtree(database.path, ignore_errors=True)
     return {"database": "dense inputs (EvoPress)", "stitched": stitched, "sequential": sequential,
             "gap_pct": 100 * (stitched / sequential - 1), "build_seconds": database.manifest.get("build_seconds")}
+
+
+def cell_gaps(loaded: Loaded, task: Task, pruner: Pruner, config: SearchConfig, *, sparsities: Sequence[float],
+              kv_budgets: Sequence[float], storage: str, study_prefix: str, dense_gap_at: Sequence[float] = (),
+              n_eval: int | None = None, progress: bool = False) -> list[dict]:
+    """Every headline cell's stitching gaps (`stitching_gaps` of its study's final candidates), and at `dense_gap_at`
+    (16-bit cells) the gap of a database on the dense model's inputs for that cell's first-stage plan."""
+    import optuna
+
+    from lmmlab.search.staged import first_grid
+    from lmmlab.search.storage import storage_for
+
+    rows = []
+    for target in sparsities:
+        for budget in kv_budgets:
+            name = f"{study_prefix}-{task.name}-s{target:g}-kv{budget:g}"
+            final = optuna.load_study(study_name=name, storage=storage_for(storage)).user_attrs.get("final")
+            if not final:
+                continue
+            cell = {"target_sparsity": target, "kv_budget_bits": budget}
+            rows += [{**cell, **gap} for gap in stitching_gaps(final["candidates"])]
+            if target in dense_gap_at and budget >= 16:
+                tpe = next(c for c in final["candidates"] if c["name"] == "tpe")
+                grid = first_grid(target, config.grid_step)
+                rows.append({**cell, **dense_input_gap(loaded, task, pruner, CompressionPlan(**tpe["plan"]), grid,
+                                                      n=n_eval, progress=progress)})
+    return rows
+
+
+def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: SearchConfig = SearchConfig(),
+        sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 3),
+        dense_gap_at: Sequence[float] = (0.7,), storage: str = "sqlite:///results/studies.db",
+        study_prefix: str = "headline", progress: bool = False, **options) -> tuple[list[dict], list[Path]]:
+    """`lmmlab headline`: the rows (`headline`, resumable through a checkpoint beside `out`), written with their
+    items and paired tests (`write_headline`), and the stitching gaps (`<model>_stitching_gap.csv`)."""
+    from lmmlab.files import write_table
+
+    out = Path(out)
+    checkpoint = out.with_name(out.stem + ".partial.json")
+    rows = headline(loaded, task, sparsities=sparsities, kv_budgets=kv_budgets, config=config, storage=storage,
+                    study_prefix=study_prefix, pruner=pruner, checkpoint=checkpoint, progress=progress, **options)
+    paths = write_headline(rows, task.direction, out)
+    gaps = cell_gaps(loaded, task, pruner, config, sparsities=sparsities, kv_budgets=kv_budgets, storage=storage,
+                     study_prefix=study_prefix, dense_gap_at=dense_gap_at, n_eval=config.n_eval, progress=progress)
+    if gaps:
+        paths.append(out.with_name(out.stem.replace("_headline", "") + "_stitching_gap.csv"))
+        write_table(paths[-1], gaps)
+    checkpoint.unlink(missing_ok=True)
+    return rows, paths

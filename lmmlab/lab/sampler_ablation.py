@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import optuna
+import pandas as pd
 
 from lmmlab.kv import pairs as kvpairs
 from lmmlab.prune.pruner import Pruner
@@ -143,3 +145,41 @@ def run_evolution(search: StagedSearch, low: LowDimSpace, warm: list[dict], eval
             if value < parent_value:
                 parent, parent_value = child, value
         g += 1
+
+
+def summarise(table: pd.DataFrame, *, points: int = 100) -> pd.DataFrame:
+    """Best-so-far across seeds, per sampler: median, min and max against trials (x = trials finished) and against
+    seconds (x on `points` common times from 0 to the slowest run's end; a run's value at time x is the best among
+    its trials finished by x). A statistic is NaN where some seed has no finished trial yet.
+    `table`: columns sampler, seed, trial, best_so_far, seconds (cumulative), as `sampler_ablation` returns."""
+    grid = np.linspace(0.0, float(table.seconds.max()), points)
+    out = []
+    for name, part in table.groupby("sampler", sort=False):
+        by_trial = part.pivot(index="trial", columns="seed", values="best_so_far").sort_index()
+        curves = []
+        for _, run in part.groupby("seed"):
+            run = run.sort_values("seconds")
+            index = np.searchsorted(run.seconds.to_numpy(), grid, side="right") - 1
+            curves.append(np.where(index >= 0, run.best_so_far.to_numpy()[np.maximum(index, 0)], np.nan))
+        for axis, x, values in (("trials", by_trial.index.to_numpy() + 1, by_trial.to_numpy()),
+                                ("seconds", grid, np.stack(curves, axis=1))):
+            out.append(pd.DataFrame({"sampler": name, "axis": axis, "x": x, "median": np.median(values, axis=1),
+                                     "min": np.min(values, axis=1), "max": np.max(values, axis=1),
+                                     "seeds": values.shape[1]}))
+    return pd.concat(out, ignore_index=True)
+
+
+def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: SearchConfig,
+        storage: str | None = None, **options):
+    """`lmmlab ablate-samplers`: the ablation (`sampler_ablation`), its table at `out` and its figure (best KL so far
+    against evaluations and seconds) under the results' figures. Returns (table, paths)."""
+    from lmmlab.files import write_text_atomic
+    from lmmlab.lab import plots
+
+    out = Path(out)
+    table = sampler_ablation(loaded, task, config=config, pruner=pruner,
+                             storage=storage or f"sqlite:///{out.with_suffix('.db')}", **options)
+    write_text_atomic(out, table.to_csv(index=False))
+    figure = plots.save(plots.sampler_ablation_figure(summarise(table), "minimize", objective="KL fitness"),
+                        out.stem, out.parent.parent / "figures")
+    return table, [out, figure]

@@ -325,6 +325,18 @@ def plan_ratios(plan: CompressionPlan, loaded: Loaded) -> list[dict[str, float]]
     return [{name: plan.ratio(i, name) for name in loaded.linears(i)} for i in range(loaded.num_layers)]
 
 
+def plan_on_levels(loaded: Loaded, per_layer: Sequence[float], target: float, levels: Grid) -> CompressionPlan:
+    """A per-layer allocation at mean `target` as a SparseGPT plan on a grid's levels: every linear of layer l at
+    the allocation's ratio, projected onto the grid with the weight-weighted mean as close to `target` as it allows
+    (`project_to_grid`; the reference a database is built on)."""
+    numel = layer_numel(loaded)
+    flat = [per_layer[i] for i, layer in enumerate(numel) for _ in layer]
+    projected, _ = project_to_grid(flat, levels, target, [float(n) for layer in numel for n in layer.values()])
+    it = iter(projected)
+    return CompressionPlan.per_module([{name: next(it) for name in layer} for layer in numel], numel,
+                                      method="sparsegpt")
+
+
 def layer_shapes(loaded: Loaded) -> list[dict[str, list[int]]]:
     """Per decoder layer {linear: [d_out, d_in]}."""
     return [{name: list(lin.weight.shape) for name, lin in loaded.linears(i).items()} for i in range(loaded.num_layers)]

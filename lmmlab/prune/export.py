@@ -176,6 +176,34 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
 
 
+def compress(pruner, plan: CompressionPlan, out: str | Path, *, export_format: bool = False) -> dict:
+    """Prune the pruner's model to `plan` and save it to `out` — with `save_pretrained` and the plan beside it, or
+    (`export_format`) as an `export` — and return what it holds: achieved sparsity, kept and dense bytes of the
+    decoder linears, and the export's format and bytes."""
+    from lmmlab.models import save_atomic
+    from lmmlab.prune.scores import sparsity_of
+
+    out = Path(out)
+    check_out(out)
+    loaded = pruner.loaded
+    plan.check_layers(loaded.num_layers)
+    if plan.vision_sparsity and not pruner.has_vision_stats:
+        raise ValueError("vision sparsity (--vision-sparsity, or the plan's vision_sparsity) needs a task with images; "
+                         "this pruner calibrated the language model only")
+    pruner.apply(plan)
+    summary = {}
+    if export_format:
+        config = export(loaded, plan, out)
+        summary = {"format": config["format"], "structure": config["sparsity_structure"],
+                   "dense_linears": len(config["ignore"]), "disk_bytes": disk_bytes(out),
+                   **{f"{fmt}_bytes": weight_format_bytes(loaded, fmt, pattern=plan.pattern) for fmt in FORMATS}}
+    else:
+        save_atomic(loaded.model, loaded.processor, out, extra={PLAN_FILE: json.loads(plan.to_json())})
+    per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
+    return {"achieved_sparsity": sparsity_of(loaded), **plan.weight_summary(per_layer, loaded.model.dtype.itemsize),
+            **summary}
+
+
 def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
     """Write the model, which must hold `plan`'s pruned weights (`Pruner.apply(plan)`), as a compressed-tensors
     checkpoint in the new folder `out`, atomically: into a temporary sibling folder, then renamed. The format is

@@ -15,7 +15,7 @@ import torch
 
 from lmmlab.files import cache_dir
 from lmmlab.models import VISION, Loaded
-from lmmlab.plan import CompressionPlan
+from lmmlab.plan import CompressionPlan, pattern_sparsity
 from lmmlab.prune import allocate
 from lmmlab.prune.allocate import ALLOCATIONS
 from lmmlab.prune.calibrate import Stats, calibrate
@@ -207,7 +207,15 @@ class Pruner:
              **options) -> CompressionPlan:
         """`allocation`'s per-layer ratios at `target` (tuned for `method`), with `kv_bits` (one width for every
         layer, or one per layer); `options` are the plan's other fields (pattern, KV group size and window, value
-        bits)."""
+        bits, vision sparsity). An N:M pattern fixes the ratio (`plan.pattern_sparsity`) and takes the uniform
+        allocation only. A vision ratio needs vision statistics (a task with images)."""
+        pattern = options.get("pattern", "unstructured")
+        target = pattern_sparsity(pattern, target)
+        if pattern != "unstructured" and allocation != "uniform":
+            raise ValueError(f"--allocation {allocation} needs an unstructured pattern: N:M fixes every layer's ratio")
+        if options.get("vision_sparsity") and not self.has_vision_stats:
+            raise ValueError("vision sparsity (--vision-sparsity, or the plan's vision_sparsity) needs a task with "
+                             "images; this pruner calibrated the language model only")
         bits = [kv_bits] * self.loaded.num_layers if isinstance(kv_bits, int) else list(kv_bits)
         return CompressionPlan(self.allocation(allocation, target, method), bits, method=method, **options)
 

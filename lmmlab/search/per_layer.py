@@ -247,11 +247,12 @@ def default_worker() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _settings(loaded: Loaded, task: Task, space: SearchSpace, objective: str, method: str, kv_group_size: int,
-              kv_residual: int, n_eval: int | None, context_tokens: int) -> dict:
-    return {"model": loaded.name, "task": task.describe(), "objective": objective, "method": method,
-            "kv_group_size": kv_group_size, "kv_residual": kv_residual, "n_eval": n_eval, "context_tokens": context_tokens,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(space).items()}}
+def _settings(loaded: Loaded, task: Task, space: SearchSpace, config: PerLayerConfig) -> dict:
+    return {"model": loaded.name, "task": task.describe(), "objective": config.objective or task.primary_metric,
+            "method": config.method, "kv_group_size": config.kv_group_size, "kv_residual": config.kv_residual,
+            "n_eval": config.n_eval, "context_tokens": config.context_tokens,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(space).items()},
+            "sampler": config.sampler, "multi_fidelity": config.multi_fidelity}
 
 
 SETTINGS_WAIT_S = 60  # how long a worker waits for the study's creator to record its settings
@@ -343,137 +344,197 @@ def trials_ahead(study: optuna.Study, trial: optuna.Trial) -> int:
     return sum(t.number < trial.number and (t.state in live or finished(t)) for t in study.get_trials(deepcopy=False))
 
 
-def search(loaded: Loaded, task: Task, *, target_sparsity: float = 0.5, kv_budget_bits: float = 16.0,
-           n_trials: int = 100, storage: str = DEFAULT_STORAGE, study_name: str | None = None,
-           objective: str | None = None, multi_objective: bool = False, method: str = "wanda", kv_widths: tuple[int, ...] = KV_BITS,
-           spread: float = 0.25, max_sparsity: float = 0.95, groups: int | None = None,
-           target_range: tuple[float, float] = (0.3, 0.8), kv_group_size: int = KIVI_GROUP_SIZE,
-           kv_residual: int = KIVI_RESIDUAL, n_eval: int | None = None, context_tokens: int = 1024, seed: int = 0, warm_start: bool = True,
-           pruner: Pruner | None = None, worker: str = "main", heartbeat: int = HEARTBEAT_S,
-           kv_budget_unit: str = "nominal", sampler: str = "tpe", multi_fidelity: bool = False,
-           separate_kv: bool = False, warm_allocations: Sequence[str] = WARM_ALLOCATIONS) -> SearchResult:
-    """Run (or resume) a study until it holds `n_trials` finished trials; see the module docstring.
-    `objective`: the task's primary metric (default) or "loss". `worker`: this worker's name (give each concurrent
-    worker its own; the CLI uses hostname-pid); `seed` seeds the calibration, and with `worker` the sampler.
-    `heartbeat`: seconds between a running trial's heartbeats (a killed worker's trial is retried after 3 missed).
-    `kv_budget_unit`: "nominal" (mean width) or "effective" (mean bits per element stored at `context_tokens`).
-    `sampler`: one of `samplers.SAMPLERS`. `multi_fidelity`: score each trial first on `fidelity_rungs` subsets of the
-    validation items and stop it (PRUNED) when the successive-halving pruner finds it hopeless. `separate_kv`: keys and
-    values at their own widths. `warm_allocations`: the allocations enqueued (with uniform) as the first trials.
-    `method="sparsegpt"` needs the pruner's layer database (`Pruner.database`): a trial stitches one of its levels
-    per layer."""
-    objective = objective or task.primary_metric
-    if objective not in (task.primary_metric, LOSS):
-        raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
-                         f"{task.primary_metric}, {LOSS}")
-    if multi_objective and objective == LOSS:
-        raise ValueError("the multi-objective search optimises the task's primary metric; drop --objective loss")
-    direction = "minimize" if objective == LOSS else task.direction
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(METHODS)}")
-    if n_trials < 1:
-        raise ValueError(f"n_trials must be at least 1; got {n_trials}")
-    check_sampler(sampler, multi_objective=multi_objective)
-    if multi_fidelity and multi_objective:
-        raise ValueError("multi-fidelity trials are for the single-objective search; drop --multi-fidelity or "
-                         "--multi-objective")
-    check_kv_layout(kv_group_size, kv_residual)
-    widths = tuple(sorted(set(kv_widths)))
-    check_kv_bits(widths, name="kv width")
-    effective = effective_costs(loaded, widths, context_tokens, kv_group_size, kv_residual)
-    parts = effective_part_costs(loaded, widths, context_tokens, kv_group_size, kv_residual)
-    eff = kv_budget_unit == "effective"
-    space = SearchSpace(loaded.num_layers, target_sparsity, kv_budget_bits, widths, spread, max_sparsity, groups,
-                        multi_objective, tuple(target_range), kv_unit=kv_budget_unit,
-                        kv_cost=tuple(effective[b] for b in widths) if eff else (), separate_kv=separate_kv,
-                        key_cost=tuple(parts[0][b] for b in widths) if eff and separate_kv else (),
-                        value_cost=tuple(parts[1][b] for b in widths) if eff and separate_kv else ())
-    kv_cache_for(CompressionPlan.uniform(loaded.num_layers, kv_group_size=kv_group_size, kv_residual=kv_residual),
-                 loaded)  # a layout the model cannot hold fails here, before any study is written
+@dataclass(frozen=True)
+class PerLayerConfig:
+    """What a per-layer search does (`search`). The defaults are `lmmlab search --space per-layer`'s."""
+
+    target_sparsity: float = 0.5  # parameter-weighted mean sparsity every plan meets (single objective)
+    kv_budget_bits: float = 16.0  # mean KV bits per layer at most this, in `kv_budget_unit`
+    n_trials: int = 100  # finished trials the study should hold (a rerun resumes it)
+    objective: str | None = None  # the task's primary metric (None) or "loss"
+    multi_objective: bool = False  # primary metric vs memory, the budgets searched within `target_range`/`kv_widths`
+    method: str = "wanda"  # re-masked per trial, or sparsegpt stitched from the pruner's layer database
+    kv_widths: tuple[int, ...] = KV_BITS  # widths a layer may take
+    spread: float = 0.25  # per-layer sparsity offsets from the target, in ±
+    max_sparsity: float = 0.95
+    groups: int | None = None  # bins of consecutive layers sharing one choice (None: every layer its own)
+    target_range: tuple[float, float] = (0.3, 0.8)  # multi-objective: the targets searched
+    kv_group_size: int = KIVI_GROUP_SIZE
+    kv_residual: int = KIVI_RESIDUAL
+    n_eval: int | None = None  # validation items per trial (the task's default when None)
+    context_tokens: int = 1024  # where KV bytes and effective bits are counted
+    seed: int = 0  # the calibration's, and with the worker's name the sampler's
+    warm_start: bool = True  # enqueue the warm starts first
+    kv_budget_unit: str = "nominal"  # "nominal" widths or "effective" bits per element stored at `context_tokens`
+    sampler: str = "tpe"  # one of `samplers.SAMPLERS`
+    multi_fidelity: bool = False  # score on 1/16, 1/4 of the validation items first; successive halving prunes
+    separate_kv: bool = False  # keys and values at their own widths (budget on their combined mean)
+    warm_allocations: tuple[str, ...] = WARM_ALLOCATIONS  # allocations enqueued (with uniform) as the first trials
+
+    def check(self, task: Task) -> str:
+        """One-line ValueErrors for settings no search runs with; returns the study's direction."""
+        objective = self.objective or task.primary_metric
+        if objective not in (task.primary_metric, LOSS):
+            raise ValueError(f"unknown objective {objective!r} for task {task.name!r}; allowed: "
+                             f"{task.primary_metric}, {LOSS}")
+        if self.multi_objective and objective == LOSS:
+            raise ValueError("the multi-objective search optimises the task's primary metric; drop --objective loss")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be at least 1; got {self.n_trials}")
+        check_sampler(self.sampler, multi_objective=self.multi_objective)
+        if self.multi_fidelity and self.multi_objective:
+            raise ValueError("multi-fidelity trials are for the single-objective search; drop --multi-fidelity or "
+                             "--multi-objective")
+        bad = [a for a in self.warm_allocations if a not in WARM_CHOICES]
+        if bad:
+            raise ValueError(f"unknown warm start {bad[0]!r}; allowed: {', '.join(WARM_CHOICES)}")
+        check_kv_layout(self.kv_group_size, self.kv_residual)
+        check_kv_bits(self.kv_widths, name="kv width")
+        return "minimize" if objective == LOSS else task.direction
+
+    def space(self, loaded: Loaded) -> SearchSpace:
+        """The trials' space on `loaded` (costs in effective bits where the budget counts them)."""
+        widths = tuple(sorted(set(self.kv_widths)))
+        eff = self.kv_budget_unit == "effective"
+        effective = effective_costs(loaded, widths, self.context_tokens, self.kv_group_size, self.kv_residual)
+        keys, values = effective_part_costs(loaded, widths, self.context_tokens, self.kv_group_size, self.kv_residual)
+        both = eff and self.separate_kv
+        return SearchSpace(loaded.num_layers, self.target_sparsity, self.kv_budget_bits, widths, self.spread,
+                           self.max_sparsity, self.groups, self.multi_objective, tuple(self.target_range),
+                           kv_unit=self.kv_budget_unit, kv_cost=tuple(effective[b] for b in widths) if eff else (),
+                           separate_kv=self.separate_kv, key_cost=tuple(keys[b] for b in widths) if both else (),
+                           value_cost=tuple(values[b] for b in widths) if both else ())
+
+
+def search(loaded: Loaded, task: Task, config: PerLayerConfig = PerLayerConfig(), *, pruner: Pruner | None = None,
+           storage: str = DEFAULT_STORAGE, study_name: str | None = None, worker: str = "main",
+           heartbeat: int = HEARTBEAT_S) -> SearchResult:
+    """Run (or resume) a study until it holds `config.n_trials` finished trials; see the module docstring.
+    `worker`: this worker's name (give each concurrent worker its own; the CLI uses hostname-pid); with
+    `config.seed` it seeds the sampler. `heartbeat`: seconds between a running trial's heartbeats (a killed worker's
+    trial is retried after 3 missed). `method="sparsegpt"` needs the pruner's layer database (`Pruner.database`): a
+    trial stitches one of its levels per layer."""
+    direction = config.check(task)
+    space = config.space(loaded)
+    kv_cache_for(CompressionPlan.uniform(loaded.num_layers, kv_group_size=config.kv_group_size,
+                                         kv_residual=config.kv_residual), loaded)  # a layout the model cannot hold
     task.check_model(loaded)
-    name = study_name or default_study_name(loaded, task, space, method, sampler)
-    settings = _settings(loaded, task, space, objective, method, kv_group_size, kv_residual, n_eval, context_tokens)
-    settings.update(sampler=sampler, multi_fidelity=multi_fidelity)
+    name = study_name or default_study_name(loaded, task, space, config.method, config.sampler)
+    settings = _settings(loaded, task, space, config)
     check_heartbeat(heartbeat)
     check_storage(storage)  # a database that is missing its driver or unreachable fails here, before calibration
-
-    pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
-    levels = None
-    if method == "sparsegpt":
-        if pruner.database is None:
-            raise ValueError("the search re-solves nothing: sparsegpt needs a layer database (build one with "
-                             "`lmmlab database`, pass --database); or search wanda, ria or magnitude")
-        levels = pruner.database.levels
-        settings["database"] = pruner.database.fingerprint
-    weights = [float(sum(lin.weight.numel() for lin in loaded.linears(i).values())) for i in range(loaded.num_layers)]
-    if levels is not None:  # a target the grid cannot meet fails here, before any study is written
-        low, high = (space.target_range if multi_objective else (target_sparsity, target_sparsity))
-        for t in (low, high):
-            project_to_grid([t] * loaded.num_layers, levels, t, weights)
+    pruner = pruner or Pruner.for_task(loaded, task, seed=config.seed)
+    levels = database_levels(loaded, pruner, space, config, settings)
     starts = []
-    if warm_start:
-        allocations = {a: pruner.allocation(a, space.target_sparsity) for a in warm_allocations if a != "uniform"}
-        starts = warm_start_params(space, allocations)[:n_trials]
-    sampler_seed = worker_seed(seed, worker)
+    if config.warm_start:
+        allocations = {a: pruner.allocation(a, space.target_sparsity)
+                       for a in config.warm_allocations if a != "uniform"}
+        starts = warm_start_params(space, allocations)[:config.n_trials]
+    sampler_seed = worker_seed(config.seed, worker)
     if existing := own_trials(storage, name, worker):  # resuming: do not redraw its first run's startup points
-        sampler_seed = worker_seed(seed, f"{worker}@{existing}")
-    study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts, heartbeat=heartbeat,
-                       sampler=sampler, pruner=fidelity_pruner() if multi_fidelity else None)
-    full_n: list[int] = []  # items in one full validation evaluation, from this worker's first trial
-
-    warned: list[int] = []
-
-    def run_trial(trial: optuna.Trial):
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("sampler_seed", sampler_seed)
-        if trials_ahead(study, trial) >= n_trials:  # another worker started the last trial at the same moment
-            raise optuna.TrialPruned(f"surplus: {n_trials} trials were already finished, running or queued")
-        start = time.perf_counter()
-        plan = suggest_plan(trial, space, weights, method, levels, kv_group_size=kv_group_size,
-                            kv_residual=kv_residual)
-        suggested = time.perf_counter()
-        pruner.apply(plan)
-        make_cache = KVCacheFactory(plan, loaded)
-        make_cache()  # cache set-up is part of a trial's overhead
-        overhead = time.perf_counter() - suggested
-        warm = "source" in trial.user_attrs  # enqueued warm starts carry their allocation's name
-        source = trial.user_attrs.get("source", sampler)
-        for step in FIDELITY_STEPS if multi_fidelity and full_n else ():
-            items = fidelity_items(full_n[0], step)
-            cheap = task.evaluate(loaded, split="validation", n=items, make_cache=make_cache, with_loss=True)
-            trial.report(cheap.loss if direction == "minimize" else -cheap.loss, step=step)  # see FIDELITY_STEPS
-            if not warm and trial.should_prune():  # warm starts report, and are always scored in full
-                trial.set_user_attr("pruned_at", items)
-                trial.set_user_attr("plan", asdict(plan))
-                trial.set_user_attr("eval_s", time.perf_counter() - suggested - overhead)
-                raise optuna.TrialPruned(f"hopeless after {items} of {full_n[0]} validation items")
-        metrics = task.evaluate(loaded, split="validation", n=n_eval, make_cache=make_cache, with_loss=True)
-        full_n[:] = [metrics.n]
-        evaluated = time.perf_counter()
-        if not warned and (warning := window_warning(make_cache.last)):
-            warned.append(trial.number)
-            log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
-        memory = memory_bytes(loaded, plan, context_tokens)
-        trial.set_user_attr("source", source)
-        for key, value in {"plan": asdict(plan), "primary_metric": metrics.primary_metric, "primary": metrics.primary,
-                           "values": metrics.values, "loss": metrics.loss, "kv_bytes_per_item": metrics.kv_bytes,
-                           "mean_sparsity": plan.mean_sparsity, "mean_kv_bits": plan.mean_kv_bits,
-                           "mean_kv_bits_effective": plan.mean_effective_kv_bits(loaded.head_dim, context_tokens),
-                           "sample_s": suggested - start, "overhead_s": overhead,
-                           "eval_s": evaluated - suggested - overhead,
-                           **memory}.items():
-            trial.set_user_attr(key, value)
-        log.info("trial %d (%s): %s %.4f loss %.4f", trial.number, trial.user_attrs["source"],
-                 metrics.primary_metric, metrics.primary, metrics.loss)
-        if multi_objective:
-            return metrics.primary, memory["memory_bytes"]
-        return metrics.loss if objective == LOSS else metrics.primary
-
+        sampler_seed = worker_seed(config.seed, f"{worker}@{existing}")
+    study = open_study(space, storage, name, direction, sampler_seed, settings, warm_starts=starts,
+                       heartbeat=heartbeat, sampler=config.sampler,
+                       pruner=fidelity_pruner() if config.multi_fidelity else None)
+    trial = _Trial(loaded, task, config, space, pruner, study, levels, direction, worker, sampler_seed)
     try:
-        run_until(study, run_trial, n_trials, poll_s=min(heartbeat, 5))
+        run_until(study, trial, config.n_trials, poll_s=min(heartbeat, 5))
     finally:
         pruner.restore()
     return result_of(study)
+
+
+def database_levels(loaded: Loaded, pruner: Pruner, space: SearchSpace, config: PerLayerConfig,
+                    settings: dict) -> tuple[float, ...] | None:
+    """A SparseGPT search's database grid (checked: the targets must be reachable on it), or None."""
+    if config.method != "sparsegpt":
+        return None
+    if pruner.database is None:
+        raise ValueError("the search re-solves nothing: sparsegpt needs a layer database (build one with "
+                         "`lmmlab database`, pass --database); or search wanda, ria or magnitude")
+    levels = pruner.database.levels
+    settings["database"] = pruner.database.fingerprint
+    weights = layer_weights(loaded)
+    low, high = space.target_range if config.multi_objective else (space.target_sparsity,) * 2
+    for t in (low, high):
+        project_to_grid([t] * loaded.num_layers, levels, t, weights)
+    return levels
+
+
+def layer_weights(loaded: Loaded) -> list[float]:
+    return [float(sum(lin.weight.numel() for lin in loaded.linears(i).values())) for i in range(loaded.num_layers)]
+
+
+class _Trial:
+    """One worker's objective: suggest, project, re-mask (or stitch), evaluate on validation, record."""
+
+    def __init__(self, loaded, task, config, space, pruner, study, levels, direction, worker, sampler_seed):
+        self.loaded, self.task, self.config, self.space, self.pruner = loaded, task, config, space, pruner
+        self.study, self.levels, self.direction, self.worker, self.sampler_seed = (study, levels, direction, worker,
+                                                                                  sampler_seed)
+        self.weights = layer_weights(loaded)
+        self.full_n: list[int] = []  # items in one full validation evaluation, from this worker's first trial
+        self.warned = False
+
+    def __call__(self, trial: optuna.Trial):
+        config = self.config
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("sampler_seed", self.sampler_seed)
+        if trials_ahead(self.study, trial) >= config.n_trials:  # another worker started the last trial at once
+            raise optuna.TrialPruned(f"surplus: {config.n_trials} trials were already finished, running or queued")
+        start = time.perf_counter()
+        plan = suggest_plan(trial, self.space, self.weights, config.method, self.levels,
+                            kv_group_size=config.kv_group_size, kv_residual=config.kv_residual)
+        suggested = time.perf_counter()
+        self.pruner.apply(plan)
+        make_cache = KVCacheFactory(plan, self.loaded)
+        make_cache()  # cache set-up is part of a trial's overhead
+        overhead = time.perf_counter() - suggested
+        trial.set_user_attr("source", trial.user_attrs.get("source", config.sampler))  # warm starts: allocation
+        self.cheap_steps(trial, plan, make_cache, suggested + overhead)
+        metrics = self.task.evaluate(self.loaded, split="validation", n=config.n_eval, make_cache=make_cache,
+                                     with_loss=True)
+        self.full_n[:] = [metrics.n]
+        evaluated = time.perf_counter()
+        if not self.warned and (warning := window_warning(make_cache.last)):
+            self.warned = True
+            log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
+        memory = memory_bytes(self.loaded, plan, config.context_tokens)
+        self.record(trial, plan, metrics, memory, suggested - start, overhead, evaluated - suggested - overhead)
+        if config.multi_objective:
+            return metrics.primary, memory["memory_bytes"]
+        return metrics.loss if (config.objective or self.task.primary_metric) == LOSS else metrics.primary
+
+    def cheap_steps(self, trial: optuna.Trial, plan: CompressionPlan, make_cache, since: float) -> None:
+        """Multi-fidelity: the loss on 1/16 and 1/4 of the validation items, reported; a hopeless trial is stopped
+        (warm starts report and are always scored in full)."""
+        if not (self.config.multi_fidelity and self.full_n):
+            return
+        warm = "source" in trial.user_attrs and trial.user_attrs["source"] != self.config.sampler
+        for step in FIDELITY_STEPS:
+            items = fidelity_items(self.full_n[0], step)
+            cheap = self.task.evaluate(self.loaded, split="validation", n=items, make_cache=make_cache,
+                                       with_loss=True)
+            trial.report(cheap.loss if self.direction == "minimize" else -cheap.loss, step=step)
+            if not warm and trial.should_prune():
+                trial.set_user_attr("pruned_at", items)
+                trial.set_user_attr("plan", asdict(plan))
+                trial.set_user_attr("eval_s", time.perf_counter() - since)
+                raise optuna.TrialPruned(f"hopeless after {items} of {self.full_n[0]} validation items")
+
+    def record(self, trial: optuna.Trial, plan: CompressionPlan, metrics, memory: dict, sample_s: float,
+               overhead_s: float, eval_s: float) -> None:
+        for key, value in {"plan": asdict(plan), "primary_metric": metrics.primary_metric, "primary": metrics.primary,
+                           "values": metrics.values, "loss": metrics.loss, "kv_bytes_per_item": metrics.kv_bytes,
+                           "mean_sparsity": plan.mean_sparsity, "mean_kv_bits": plan.mean_kv_bits,
+                           "mean_kv_bits_effective": plan.mean_effective_kv_bits(self.loaded.head_dim,
+                                                                                 self.config.context_tokens),
+                           "sample_s": sample_s, "overhead_s": overhead_s, "eval_s": eval_s, **memory}.items():
+            trial.set_user_attr(key, value)
+        log.info("trial %d (%s): %s %.4f loss %.4f", trial.number, trial.user_attrs["source"],
+                 metrics.primary_metric, metrics.primary, metrics.loss)
 
 
 def effective_costs(loaded: Loaded, widths, context: int, group_size: int, residual: int) -> dict[int, float]:
@@ -566,3 +627,14 @@ def trials_table(study: optuna.Study):
         table["objective"] = objective
         table["best_so_far"] = objective.cummax() if study.directions[0].name == "MAXIMIZE" else objective.cummin()
     return table
+
+
+def write_results(result: SearchResult, out_dir: str | Path) -> list[Path]:
+    """The study's trials and best plan: `<study>_trials.csv` and `<study>_best_plan.json` in `out_dir`."""
+    from lmmlab.files import write_text_atomic
+
+    name = result.study.study_name
+    paths = [Path(out_dir) / f"{name}_trials.csv", Path(out_dir) / f"{name}_best_plan.json"]
+    write_text_atomic(paths[0], trials_table(result.study).to_csv(index=False))
+    result.best_plan.save(paths[1])
+    return paths

@@ -27,14 +27,12 @@ rises above the parent's (a count-neutral switch would be over the budget and th
 from __future__ import annotations
 
 import re
-import time
 import warnings
 import zlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import optuna
-import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -244,64 +242,3 @@ def origin(dist: BaseDistribution) -> Any:
     if dist.step:
         value = dist.low + round((value - dist.low) / dist.step) * dist.step
     return type(dist.low)(value) if isinstance(dist, IntDistribution) else float(value)
-
-
-# --- the ablation ---------------------------------------------------------------------------------------------------
-
-def run_sampler_ablation(make_objective: Callable[[], Callable[[optuna.Trial], float]], *,
-                         samplers: Sequence[str] = SAMPLERS_SINGLE, seeds: Iterable[int] = (0, 1, 2),
-                         n_trials: int, direction: str, enqueue: Sequence[dict] = (), n_startup_trials: int = 10,
-                         population: int | None = None) -> pd.DataFrame:
-    """Each sampler × seed optimises a fresh `make_objective()` for `n_trials` trials (the `enqueue`d warm starts
-    first, counted in them) in its own in-memory study. One row per trial: sampler, seed, trial, value (NaN unless
-    COMPLETE), best_so_far (the best value among trials 0..trial) and seconds (wall time from the study's start to the
-    trial's end)."""
-    seeds = list(seeds)
-    if n_trials < 1 or not seeds or not samplers:
-        raise ValueError(f"the ablation needs n_trials >= 1, a seed and a sampler; got {n_trials}, {seeds}, "
-                         f"{list(samplers)}")
-    if direction not in ("minimize", "maximize"):
-        raise ValueError(f"unknown direction {direction!r}; allowed: minimize, maximize")
-    for name in samplers:  # every name is checked before any run
-        make_sampler(name, seed=0, population=population)
-    rows = []
-    for name in samplers:
-        for seed in seeds:
-            sampler = make_sampler(name, seed=seed, n_startup_trials=n_startup_trials, population=population)
-            study = optuna.create_study(sampler=sampler, direction=direction)
-            for params in enqueue:
-                study.enqueue_trial(params)
-            objective, ended = make_objective(), {}
-            start = time.perf_counter()
-            study.optimize(objective, n_trials=n_trials,
-                           callbacks=[lambda _study, t: ended.__setitem__(t.number, time.perf_counter() - start)])
-            best = np.nan
-            for t in study.get_trials(deepcopy=False):
-                value = t.value if t.state == TrialState.COMPLETE else np.nan
-                if not np.isnan(value):
-                    best = value if np.isnan(best) else (max if direction == "maximize" else min)(best, value)
-                rows.append({"sampler": name, "seed": seed, "trial": t.number, "value": value, "best_so_far": best,
-                             "seconds": ended[t.number]})
-    return pd.DataFrame(rows)
-
-
-def summarise(table: pd.DataFrame, *, points: int = 100) -> pd.DataFrame:
-    """Best-so-far across seeds, per sampler: median, min and max against trials (x = trials finished) and against
-    seconds (x on `points` common times from 0 to the slowest run's end; a run's value at time x is the best among
-    its trials finished by x). A statistic is NaN where some seed has no finished trial yet.
-    `table`: columns sampler, seed, trial, best_so_far, seconds (cumulative), as `run_sampler_ablation` returns."""
-    grid = np.linspace(0.0, float(table.seconds.max()), points)
-    out = []
-    for name, part in table.groupby("sampler", sort=False):
-        by_trial = part.pivot(index="trial", columns="seed", values="best_so_far").sort_index()
-        curves = []
-        for _, run in part.groupby("seed"):
-            run = run.sort_values("seconds")
-            index = np.searchsorted(run.seconds.to_numpy(), grid, side="right") - 1
-            curves.append(np.where(index >= 0, run.best_so_far.to_numpy()[np.maximum(index, 0)], np.nan))
-        for axis, x, values in (("trials", by_trial.index.to_numpy() + 1, by_trial.to_numpy()),
-                                ("seconds", grid, np.stack(curves, axis=1))):
-            out.append(pd.DataFrame({"sampler": name, "axis": axis, "x": x, "median": np.median(values, axis=1),
-                                     "min": np.min(values, axis=1), "max": np.max(values, axis=1),
-                                     "seeds": values.shape[1]}))
-    return pd.concat(out, ignore_index=True)

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 from lmmlab.prune import allocate
 from lmmlab.kv import pairs as kvpairs
 from lmmlab.prune.pruner import Pruner
-from lmmlab.prune.database import count_levels, layer_numel, level_grid, plan_ratios, project_to_grid
+from lmmlab.prune.database import count_levels, layer_numel, level_grid, plan_on_levels, plan_ratios
 from lmmlab.search.evolution import Evolution, Genome, check_selection
 from lmmlab.search.fitness import DenseReference, kl_divergence, reference
 from lmmlab.kv.cache import kv_cache_for
@@ -502,13 +502,8 @@ class StagedSearch:
             grid = first_grid(config.target_sparsity, config.grid_step)
             reference_plan = None
             if config.database_inputs == "reference":
-                base = self.best_base(bases)
-                flat = [bases[base][i] for i in range(self.loaded.num_layers) for _ in self.numel[i]]
-                weights = [float(n) for layer in self.numel for n in layer.values()]
-                projected, _ = project_to_grid(flat, grid, config.target_sparsity, weights)
-                it = iter(projected)
-                ratios = [{name: next(it) for name in self.numel[i]} for i in range(self.loaded.num_layers)]
-                reference_plan = CompressionPlan.per_module(ratios, self.numel, method="sparsegpt")
+                reference_plan = plan_on_levels(self.loaded, bases[self.best_base(bases)], config.target_sparsity,
+                                                grid)
             with self.watch.time("database 0"):
                 db = self.pruner.attach_database(levels=grid, reference=reference_plan, progress=self.progress)
             self.first_database = str(db.path)
@@ -610,6 +605,29 @@ def staged_trials_table(study: optuna.Study):
                      "kv_bits": "-".join(map(str, plan.key_widths)), "value_bits": "-".join(map(str, plan.value_widths)),
                      "seconds": a.get("seconds", a.get("generation_seconds"))})
     return pd.DataFrame(rows)
+
+
+def write_results(result: StagedResult, out_dir: str | Path, studies: Sequence[optuna.Study] = ()) -> list[Path]:
+    """The search's trials (of `studies`, default its own), final candidates and chosen plan:
+    `<study>_trials.csv`, `<study>_final.csv`, `<study>_best_plan.json` in `out_dir`."""
+    import pandas as pd
+
+    from lmmlab.files import write_table, write_text_atomic
+
+    out_dir = Path(out_dir)
+    name = result.study.study_name
+    table = pd.concat([staged_trials_table(study) for study in (studies or [result.study])], ignore_index=True)
+    paths = [out_dir / f"{name}_trials.csv", out_dir / f"{name}_final.csv", out_dir / f"{name}_best_plan.json"]
+    write_text_atomic(paths[0], table.to_csv(index=False))
+    write_table(paths[1], [{k: v for k, v in c.items() if k != "plan"} for c in result.candidates])
+    result.best_plan.save(paths[2])
+    return paths
+
+
+def chosen_name(result: StagedResult) -> str:
+    """The name of the final candidate the search chose (tpe, evolution1, sequential, base:atp, ...)."""
+    plan = json.loads(result.best_plan.to_json())
+    return next(c["name"] for c in result.candidates if c["plan"] == plan and c["realize"] == result.realize)
 
 
 def staged_search(loaded: Loaded, task: Task, config: SearchConfig = SearchConfig(), *,
