@@ -170,11 +170,14 @@ def cmd_prune(args) -> None:
     plan = plan or pruner.plan(args.method, args.allocation, target, pattern=args.pattern,
                                vision_sparsity=args.vision_sparsity)
     s = compress(pruner, plan, args.out, export_format=args.export)
-    export = (f"; {s['format']} ({s['structure']}, {s['dense_linears']} linears dense), {s['disk_bytes'] / 2**20:.2f} "
-              f"MiB of safetensors, bitmask {s['bitmask_bytes'] / 2**20:.2f} MiB" if args.export else "")
+    if args.export:
+        mib = {fmt: s[f"{fmt}_bytes"] / 2**20 for fmt in ("dense", "bitmask", "nonzeros")}
+        print(f"exported {s['format']} ({s['structure']}, {s['dense_linears']} linears left dense) to {args.out}: "
+              f"{s['disk_bytes'] / 2**20:.2f} MiB of safetensors; weights dense {mib['dense']:.2f} MiB, bitmask "
+              f"{mib['bitmask']:.2f} MiB, non-zeros only {mib['nonzeros']:.2f} MiB")
     print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); achieved "
           f"{s['achieved_sparsity']:.3f}; decoder linears keep {s['kept_bytes'] / 2**20:.2f} of "
-          f"{s['dense_bytes'] / 2**20:.2f} MiB as non-zeros{export}; saved to {args.out}")
+          f"{s['dense_bytes'] / 2**20:.2f} MiB as non-zeros; saved to {args.out}")
 
 
 def cmd_ablate_prune(args) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 CACHE_ENV = "LMMLAB_CACHE"
 
@@ -16,17 +19,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmmlab")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside `path` to write; renamed onto `path` when the block ends, removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to write; renamed onto `path` when the block ends (an existing folder is
+    replaced only with `overwrite`, else it must be empty), removed if it raises: a folder at `path` is always
+    complete, and a killed run leaves only a hidden `.{name}.partial-*`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path) if overwrite else path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -16,9 +16,10 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from lmmlab.files import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def _compiler() -> str | None:
 
 
 def library_path(compiler: str) -> Path:
-    from lmmlab.files import cache_dir
-
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *version, _cpu_flags()]).encode()).hexdigest()
     return cache_dir() / "kernels" / f"kivi_attention-{digest[:16]}.so"
@@ -53,18 +52,11 @@ def library_path(compiler: str) -> Path:
 
 def build(compiler: str, out: Path) -> None:
     """Compile the kernels into `out` (atomically); raises RuntimeError with the compiler's message."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    with atomic_file(out, suffix=".so") as tmp:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[:500]}")
         os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache load it too
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @lru_cache(maxsize=1)

@@ -6,14 +6,14 @@ prunable, how many KV heads they have — lives here. Nothing else in lmmlab loo
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from lmmlab.files import atomic_folder
 
 
 VISION = -1  # the "layer" index in (layer, name) keys for linears of the vision tower and the projector
@@ -23,19 +23,12 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention block's li
 
 def save_atomic(model, processor, out: Path, extra: dict[str, dict] | None = None) -> None:
     """save_pretrained into a temporary sibling folder, then rename, so a killed run leaves no half-written model."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_folder(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """{parameter name in the model: its name in the model's save_pretrained checkpoint}. transformers renames some

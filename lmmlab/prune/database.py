@@ -42,9 +42,6 @@ import bisect
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +51,7 @@ import numpy as np
 import torch
 
 from lmmlab.prune.allocate import project
-from lmmlab.files import write_json
+from lmmlab.files import atomic_folder, write_json
 from lmmlab.models import Loaded
 from lmmlab.plan import CompressionPlan
 from lmmlab.prune.scores import DenseWeights, removed_count
@@ -617,13 +614,8 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Grid | Module
     `reference`: None (each layer solved on the dense model's inputs) or a plan on the levels (each layer solved on
     what the layers before it produce pruned to it, as sequential SparseGPT does, so the reference stitches to exactly
     `prune.apply_sparsegpt`'s weights). The model's current weights are taken as the dense ones and left unchanged.
-    `threads`: torch's CPU threads during the build (None: as set), restored after; SparseGPT's column loop is
-    thousands of small ops, each a parallel region on the CPU, so on a CPU shared with other jobs 1 thread can be many
-    times faster than 2. Returns the opened database (its record: every linear dense). A build killed outright leaves
-    only a hidden `.{name}.partial-*` folder."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
+    `threads`: torch's CPU threads during the build (None: as set), restored after. Returns the opened database (its
+    record: every linear dense). A build killed outright leaves only a hidden `.{name}.partial-*` folder."""
     path = Path(path)
     module_levels = (shared_levels(loaded, levels) if not levels or isinstance(levels[0], (int, float))
                      else [{name: list(grid) for name, grid in layer.items()} for layer in levels])
@@ -645,55 +637,73 @@ def build_database(loaded: Loaded, batches: list[dict], *, levels: Grid | Module
                 "weights": weights_fingerprint(loaded), "calibration": batches_fingerprint(batches),
                 "n_batches": len(batches), "device": str(loaded.device),
                 "threads": threads or torch.get_num_threads()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
-    bar = tqdm(total=loaded.num_layers, desc="sparsegpt database (layers)", disable=not progress)
-    hessians: list[LayerHessians] = []
-    held: dict[tuple[int, str], torch.Tensor] = {}  # the dense weights of linears set to the reference, put back
-
-    def observe(i: int):
-        hessians[:] = [LayerHessians(loaded.linears(i))]
-        return hessians[0].observers()
-
-    def solve_all(i: int) -> None:
-        linears = loaded.linears(i)
-        for names, (Hinv, dead) in hessians[0].groups(percdamp):  # every level of every linear of one Hessian
-            parts = [(name, j) for name in names for j, s in enumerate(module_levels[i][name]) if s]  # 0.0: dense
-            solved = SparseGPT.solve_parts([(linears[name].weight.data, module_levels[i][name][j])
-                                            for name, j in parts], Hinv, dead, blocksize=blocksize)
-            for name in names:
-                tensors = {}
-                for (owner, j), (W, pruned) in zip(parts, solved):
-                    if owner != name:
-                        continue
-                    keep = ~pruned
-                    tensors[f"{j}.mask"] = pack_mask(keep)
-                    tensors[f"{j}.values"] = W[keep].to("cpu")
-                    if ref is not None and ref[i][name] != 0.0 and grid_index(ref[i][name], module_levels[i][name]) == j:
-                        held[(i, name)] = linears[name].weight.data.to("cpu", copy=True)
-                        linears[name].weight.data.copy_(W)  # the next layer sees this linear pruned to the reference
-                save_file(tensors, str(tmp / _file(i, name)))
-        bar.update(1)
-
+    builder = _Builder(loaded, module_levels, ref, blocksize, percdamp)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        layer_by_layer(loaded, batches, observe, solve_all)
-        bar.close()
-        manifest["build_seconds"] = time.perf_counter() - started
-        manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-        manifest["tensor_bytes"] = database_bytes(manifest["shapes"], module_levels, dtype.itemsize)
-        write_json(tmp / MANIFEST, manifest)
-        if path.exists():
-            path.rmdir()  # empty (checked above)
-        os.replace(tmp, path)
+        with atomic_folder(path) as tmp:  # an existing `path` is empty (checked above)
+            builder.folder = tmp
+            builder.run(batches, progress)
+            manifest["build_seconds"] = time.perf_counter() - started
+            manifest["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+            manifest["tensor_bytes"] = database_bytes(manifest["shapes"], module_levels, dtype.itemsize)
+            write_json(tmp / MANIFEST, manifest)
     finally:
-        for (i, name), dense in held.items():
-            loaded.linears(i)[name].weight.data.copy_(dense)
+        builder.put_back()
         torch.set_num_threads(previous_threads)
-        bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp)
     database = LayerDatabase(path, manifest)
     database.current = [{name: 0.0 for name in layer} for layer in module_levels]
     return database
+
+
+class _Builder:
+    """One build's layer-by-layer pass: each layer's Hessians (`LayerHessians`), every level of the linears that
+    share one solved in one stacked column loop, each linear's levels written to its file, then the layer set to the
+    reference's levels (the next layer's inputs) and its dense weights held to be put back."""
+
+    def __init__(self, loaded: Loaded, levels: ModuleLevels, ref: list[dict[str, float]] | None, blocksize: int,
+                 percdamp: float):
+        self.loaded, self.levels, self.ref, self.blocksize, self.percdamp = loaded, levels, ref, blocksize, percdamp
+        self.folder: Path | None = None
+        self.hessians: LayerHessians | None = None
+        self.held: dict[tuple[int, str], torch.Tensor] = {}  # dense weights of linears set to the reference
+
+    def run(self, batches: list[dict], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.loaded.num_layers, desc="sparsegpt database (layers)", disable=not progress) as bar:
+            def solve(i: int) -> None:
+                self.solve_layer(i)
+                bar.update(1)
+            layer_by_layer(self.loaded, batches, self.observe, solve)
+
+    def observe(self, i: int):
+        self.hessians = LayerHessians(self.loaded.linears(i))
+        return self.hessians.observers()
+
+    def solve_layer(self, i: int) -> None:
+        from safetensors.torch import save_file
+
+        linears = self.loaded.linears(i)
+        for names, (Hinv, dead) in self.hessians.groups(self.percdamp):  # every level of the linears sharing H
+            parts = [(name, j) for name in names for j, s in enumerate(self.levels[i][name]) if s]  # 0.0: dense
+            solved = SparseGPT.solve_parts([(linears[name].weight.data, self.levels[i][name][j]) for name, j in parts],
+                                           Hinv, dead, blocksize=self.blocksize)
+            for name in names:
+                tensors = {}
+                for (owner, j), (W, pruned) in zip(parts, solved):
+                    if owner == name:
+                        tensors[f"{j}.mask"] = pack_mask(~pruned)
+                        tensors[f"{j}.values"] = W[~pruned].to("cpu")
+                        if self.is_reference(i, name, j):
+                            self.held[(i, name)] = linears[name].weight.data.to("cpu", copy=True)
+                            linears[name].weight.data.copy_(W)  # the next layer sees it pruned to the reference
+                save_file(tensors, str(self.folder / _file(i, name)))
+
+    def is_reference(self, i: int, name: str, j: int) -> bool:
+        r = None if self.ref is None else self.ref[i][name]
+        return bool(r) and grid_index(r, self.levels[i][name]) == j
+
+    def put_back(self) -> None:
+        for (i, name), dense in self.held.items():
+            self.loaded.linears(i)[name].weight.data.copy_(dense)

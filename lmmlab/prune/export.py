@@ -42,12 +42,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lmmlab.files import atomic_folder
 from lmmlab.models import Loaded, saved_names
 from lmmlab.models.checkpoint import BITMASK, BITMASK_24
 from lmmlab.plan import CompressionPlan
@@ -231,19 +230,12 @@ def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
         fmt, targets=["Linear"], ignore=ignore, global_sparsity=zeros / params,
         sparsity_structure=plan.pattern).model_dump()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_folder(out) as tmp:  # an existing `out` is empty (checked above)
         loaded.model.save_pretrained(tmp)
         _compress_files(tmp, compressed, fmt)
         _add_sparsity_config(tmp / "config.json", config)
         loaded.processor.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return config
 
 

@@ -11,6 +11,7 @@ and `evaluate`, and optimises `Metrics.primary` in `Metrics.direction` (or `Metr
 from __future__ import annotations
 
 import inspect
+import time
 import resource
 import sys
 from abc import ABC, abstractmethod
@@ -331,3 +332,47 @@ def answer_nll(loaded, inputs: dict, answer_lengths: list[int], make_cache: Cach
         # Left padding: the answer's tokens are the last n_answer of the row, predicted by the positions before them.
         losses.append(torch.nn.functional.cross_entropy(logits[i, -n_answer - 1 : -1], ids[i, -n_answer:]).item())
     return losses
+
+
+@dataclass
+class Answers:
+    """What `answer_items` returns: greedy answers and answer losses in item order, the seconds the answers took
+    (prefill and decoding), and the KV bytes the caches held at the end of each batch, summed."""
+
+    predictions: list[str]
+    losses: list[float]
+    seconds: float
+    kv_bytes: int
+
+
+def answer_items(loaded, items: Sequence, *, lengths: Callable[[Sequence, bool], list], inputs: Callable,
+                 answer_lengths: Callable[[Sequence], list[int]], make_cache: CacheFactory | None, batch_size: int,
+                 max_new_tokens: int, with_loss: bool, progress: bool = False, desc: str = "evaluate") -> Answers:
+    """The answer-and-loss loop every question-answering task shares: greedy answers (`greedy_answers`) from batches
+    of prompts of one token length, and each item's answer loss (`answer_nll`) from batches of one (prompt + answer,
+    answer) length (`buckets`: nothing is padded, so no result depends on the batch). `lengths(items, with_answers)`,
+    `inputs(batch, with_answers)` and `answer_lengths(batch)` are the task's."""
+    from tqdm.auto import tqdm
+
+    answers_by_batch, seconds, kv = [], 0.0, 0
+    order = buckets(lengths(items, False), batch_size)
+    for idx in tqdm(order, desc=desc, disable=not progress):
+        batch = inputs([items[i] for i in idx], False)
+        check_unpadded(batch)
+        start = time.perf_counter()
+        answers, nbytes = greedy_answers(loaded, batch, make_cache, max_new_tokens)
+        synchronize(loaded.device)
+        seconds += time.perf_counter() - start
+        answers_by_batch.append(answers)
+        kv += nbytes
+    losses = []
+    if with_loss:
+        loss_order = buckets(list(zip(lengths(items, True), answer_lengths(items))), batch_size)
+        by_batch = []
+        for idx in loss_order:
+            part = [items[i] for i in idx]
+            batch = inputs(part, True)
+            check_unpadded(batch)
+            by_batch.append(answer_nll(loaded, batch, answer_lengths(part), make_cache))
+        losses = in_item_order(loss_order, by_batch)
+    return Answers(in_item_order(order, answers_by_batch), losses, seconds, kv)

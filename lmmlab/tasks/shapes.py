@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
-import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, buckets, check_split, check_unpadded,
-                               greedy_answers, in_item_order, peak_memory, register, reset_peak_memory, synchronize,
-                               token_lengths)
+from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_items, answer_nll, check_split, greedy_answers,
+                               peak_memory, register, reset_peak_memory, token_lengths)
 
 TASK_VERSION = 1  # bump when scenes, questions or splits change: the cached default model is retrained
 GRID = 3
@@ -262,32 +260,14 @@ def evaluate(loaded, samples: Sequence[Sample], make_cache: CacheFactory | None 
         raise ValueError(f"{loaded.name!r} is a text-only model; the shapes task needs a Llava model")
     if not samples:
         raise ValueError("no samples to evaluate")
-    from tqdm.auto import tqdm
-
     reset_peak_memory(loaded.device)
-    processor, answers_by_batch, kv, seconds = loaded.processor, [], 0, 0.0
-    order = buckets(sample_lengths(processor, samples), batch_size)
-    for idx in tqdm(order, desc="evaluate", disable=not progress):
-        inputs = model_inputs(loaded, [samples[i] for i in idx])
-        check_unpadded(inputs)
-        start = time.perf_counter()
-        answers, nbytes = greedy_answers(loaded, inputs, make_cache, max_new_tokens)
-        synchronize(loaded.device)
-        seconds += time.perf_counter() - start
-        answers_by_batch.append(answers)
-        kv += nbytes
-    predictions = in_item_order(order, answers_by_batch)
-    losses = []
-    if with_loss:
-        keys = zip(sample_lengths(processor, samples, with_answers=True), answer_lengths(loaded.tokenizer, samples))
-        order = buckets(list(keys), batch_size)
-        by_batch = []
-        for idx in order:
-            batch = [samples[i] for i in idx]
-            inputs = model_inputs(loaded, batch, with_answers=True)
-            check_unpadded(inputs)
-            by_batch.append(answer_nll(loaded, inputs, answer_lengths(loaded.tokenizer, batch), make_cache))
-        losses = in_item_order(order, by_batch)
+    processor = loaded.processor
+    done = answer_items(loaded, samples, lengths=lambda items, answers: sample_lengths(processor, items, answers),
+                        inputs=lambda batch, answers: model_inputs(loaded, batch, with_answers=answers),
+                        answer_lengths=lambda batch: answer_lengths(loaded.tokenizer, batch), make_cache=make_cache,
+                        batch_size=batch_size, max_new_tokens=max_new_tokens, with_loss=with_loss,
+                        progress=progress)
+    predictions, losses, seconds, kv = done.predictions, done.losses, done.seconds, done.kv_bytes
     correct = [float(p == s.answer) for p, s in zip(predictions, samples)]
     by_kind: dict[str, list[float]] = defaultdict(list)
     for ok, s in zip(correct, samples):

@@ -52,16 +52,14 @@ import logging
 import random
 import re
 import statistics
-import time
 from abc import abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_nll, buckets, check_data_path, check_split,
-                               check_unpadded, greedy_answers, in_item_order, peak_memory, register, reset_peak_memory,
-                               synchronize, token_lengths)
+from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_items, check_data_path, check_split,
+                               peak_memory, register, reset_peak_memory, token_lengths)
 
 log = logging.getLogger(__name__)
 
@@ -555,34 +553,16 @@ class VQATask(Task):
                  with_loss: bool = True, progress: bool = False) -> Metrics:
         """Greedy answers through a fresh cache per batch, scored as the benchmark scores them; latency counts the
         model's prefill and decoding, not image decoding."""
-        from tqdm.auto import tqdm
-
         self.check_model(loaded)
         items = self.items(split, n)
         reset_peak_memory(loaded.device)
-        answers_by_batch, seconds, kv = [], 0.0, 0
-        order = buckets(item_lengths(loaded, items), self.batch_size)  # unpadded batches, results in item order
-        for idx in tqdm(order, desc=f"{self.name} {split}", disable=not progress):
-            inputs = collate(loaded, [items[i] for i in idx])
-            check_unpadded(inputs)
-            start = time.perf_counter()
-            answers, nbytes = greedy_answers(loaded, inputs, make_cache, self.max_new_tokens)
-            synchronize(loaded.device)
-            seconds += time.perf_counter() - start
-            answers_by_batch.append(answers)
-            kv += nbytes
-        predictions = in_item_order(order, answers_by_batch)
-        losses = []
-        if with_loss:  # one (full length, answer length) per batch: the prefill / read split is every row's own
-            keys = zip(item_lengths(loaded, items, with_answers=True), answer_lengths(loaded, items))
-            order = buckets(list(keys), self.batch_size)
-            by_batch = []
-            for idx in order:
-                batch = [items[i] for i in idx]
-                inputs = collate(loaded, batch, with_answers=True)
-                check_unpadded(inputs)
-                by_batch.append(answer_nll(loaded, inputs, answer_lengths(loaded, batch), make_cache))
-            losses = in_item_order(order, by_batch)
+        done = answer_items(loaded, items,
+                            lengths=lambda part, answers: item_lengths(loaded, part, with_answers=answers),
+                            inputs=lambda batch, answers: collate(loaded, batch, with_answers=answers),
+                            answer_lengths=lambda batch: answer_lengths(loaded, batch), make_cache=make_cache,
+                            batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, with_loss=with_loss,
+                            progress=progress, desc=f"{self.name} {split}")
+        predictions, losses, seconds, kv = done.predictions, done.losses, done.seconds, done.kv_bytes
         scores = [self.score(p, item) for p, item in zip(predictions, items)]
         values = self.summarize(predictions, items, scores)
         return Metrics(
