@@ -96,3 +96,13 @@ def test_the_checks_see_a_climb_and_a_circle():
         test_the_import_graph_has_no_circle(fake)
     with pytest.raises(AssertionError, match="imports lmmlab.prune.scores"):
         test_no_import_climbs_the_floors(fake)
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "\n".join(long)

@@ -304,10 +304,10 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
 
 def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: int = 8, kv_residual: int = 8, *,
                  database=None, multi_fidelity_trials: int | None = None) -> dict:
-    """Per-trial cost of the joint search on the task's validation split, in throw-away sqlite studies: a plain study
-    of `n_trials`, then a multi-fidelity one (`search(multi_fidelity=True)`, up to `multi_fidelity_trials`, default
-    4 × n_trials) compared at the plain study's wall time; with a layer `database`, a third study searches
-    SparseGPT levels and reports its per-trial overhead.
+    """Per-trial cost of the per-layer search on the task's validation split, in throw-away sqlite studies: a plain
+    study of `n_trials`, then a multi-fidelity one (up to `multi_fidelity_trials`, default 4 × n_trials) compared at
+    the plain study's wall time; with a layer `database`, a third study searches SparseGPT levels and reports its
+    per-trial overhead.
 
     Goals: trial_overhead_s <= 0.05 × trial_eval_s (also with the database); trials_per_min_multifidelity >= 3 ×
     trials_per_min at a best objective within the plain study's best plan's 95 % interval (both best plans
@@ -316,57 +316,18 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
 
     import optuna
 
-    from lmmlab.prune.pruner import Pruner
-    from lmmlab.kv.cache import KVCacheFactory
-    from lmmlab.search.per_layer import PerLayerConfig, search, trials_table
-    from lmmlab.lab.stats import paired_p, row_interval
+    from lmmlab.lab.stats import paired_p
 
-    pruner = Pruner.for_task(loaded, task)
-    base = PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size, kv_residual=kv_residual)
-
-    def study(tmp: str, name: str, trials: int, **extra):
-        start = time.perf_counter()
-        result = search(loaded, task, replace(base, n_trials=trials, **extra), pruner=pruner,
-                        storage=f"sqlite:///{tmp}/{name}.db")
-        return result, time.perf_counter() - start
-
-    def best_until(result, seconds: float):
-        """The best COMPLETE trial finished within `seconds` of the study's first trial."""
-        trials = result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        t0 = min(t.datetime_start for t in result.study.get_trials(deepcopy=False))
-        done = [t for t in trials if (t.datetime_complete - t0).total_seconds() <= seconds]
-        sign = 1 if task.direction == "maximize" else -1
-        return max(done, key=lambda t: sign * t.value)
-
-    def rescore(trial) -> dict:
-        from lmmlab.plan import CompressionPlan
-
-        plan = CompressionPlan(**trial.user_attrs["plan"])
-        pruner.apply(plan)
-        m = task.evaluate(loaded, split="validation", make_cache=KVCacheFactory(plan, loaded))
-        return {"primary": m.primary, "per_item": m.per_item, "metric": m.per_item_metric,
-                "interval": row_interval(m.per_item, m.per_item_metric)}
-
+    runs = _SearchRuns(loaded, task, kv_group_size, kv_residual)
     with tempfile.TemporaryDirectory() as tmp:
-        plain, wall = study(tmp, "plain", n_trials)
-        table = trials_table(plain.study)
-        mf, mf_wall = study(tmp, "mf", multi_fidelity_trials or 4 * n_trials, multi_fidelity=True)
+        plain, wall = runs.study(tmp, "plain", n_trials)
+        table = runs.table(plain)
+        mf, mf_wall = runs.study(tmp, "mf", multi_fidelity_trials or 4 * n_trials, multi_fidelity=True)
         states = [t.state for t in mf.study.get_trials(deepcopy=False)]
         mf_finished = sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
-        mf_pruned = states.count(optuna.trial.TrialState.PRUNED)
-        at_equal = best_until(mf, wall)
-        a, b = rescore(best_until(plain, wall)), rescore(at_equal)
-        db = {}
-        if database is not None:
-            pruner.database = database
-            res, db_wall = study(tmp, "db", n_trials, method="sparsegpt")
-            t = trials_table(res.study)
-            db = {"database_trial_overhead_s": float(t.overhead_s.median()),
-                  "database_trial_eval_s": float(t.eval_s.median()),
-                  "database_overhead_over_eval": float(t.overhead_s.median() / t.eval_s.median()),
-                  "database_trials_per_min": 60 * n_trials / db_wall}
-            pruner.database = None
-    pruner.restore()
+        a, b = runs.rescore(runs.best_until(plain, wall)), runs.rescore(runs.best_until(mf, wall))
+        db = runs.database_study(tmp, n_trials, database) if database is not None else {}
+    runs.pruner.restore()
     overhead, eval_s = float(table.overhead_s.median()), float(table.eval_s.median())  # medians over the trials
     low, high = a["interval"]
     return {"model": loaded.name, "task": task.describe(), "device": str(loaded.device),
@@ -375,14 +336,69 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
             "trial_sample_s": float(table.sample_s.median()), "timing": "median over trials",
             "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
             "minutes_per_100_trials": 100 * wall / n_trials / 60,
-            "multifidelity_trials": mf_finished, "multifidelity_pruned": mf_pruned,
-            "multifidelity_wall_s": mf_wall,
-            "trials_per_min_multifidelity": 60 * mf_finished / mf_wall,
+            "multifidelity_trials": mf_finished, "multifidelity_pruned": states.count(optuna.trial.TrialState.PRUNED),
+            "multifidelity_wall_s": mf_wall, "trials_per_min_multifidelity": 60 * mf_finished / mf_wall,
             "speedup_multifidelity": (mf_finished / mf_wall) / (n_trials / wall),
             "equal_wall_s": wall, "best_objective": a["primary"], "best_objective_ci": [low, high],
             "best_objective_multifidelity": b["primary"],
             "multifidelity_within_interval": bool(low <= b["primary"] <= high),
             "paired_p": paired_p(a["per_item"], b["per_item"], a["metric"]), **db}
+
+
+class _SearchRuns:
+    """`bench_search`'s studies on one model and task: run one, find its best trial by a wall time, re-score it."""
+
+    def __init__(self, loaded: Loaded, task: Task, kv_group_size: int, kv_residual: int):
+        from lmmlab.prune.pruner import Pruner
+        from lmmlab.search.per_layer import PerLayerConfig
+
+        self.loaded, self.task = loaded, task
+        self.pruner = Pruner.for_task(loaded, task)
+        self.base = PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size,
+                                   kv_residual=kv_residual)
+
+    def study(self, tmp: str, name: str, trials: int, **extra):
+        from lmmlab.search.per_layer import search
+
+        start = time.perf_counter()
+        result = search(self.loaded, self.task, replace(self.base, n_trials=trials, **extra), pruner=self.pruner,
+                        storage=f"sqlite:///{tmp}/{name}.db")
+        return result, time.perf_counter() - start
+
+    def table(self, result):
+        from lmmlab.search.per_layer import trials_table
+
+        return trials_table(result.study)
+
+    def best_until(self, result, seconds: float):
+        """The best COMPLETE trial finished within `seconds` of the study's first trial."""
+        import optuna
+
+        trials = result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        t0 = min(t.datetime_start for t in result.study.get_trials(deepcopy=False))
+        done = [t for t in trials if (t.datetime_complete - t0).total_seconds() <= seconds]
+        sign = 1 if self.task.direction == "maximize" else -1
+        return max(done, key=lambda t: sign * t.value)
+
+    def rescore(self, trial) -> dict:
+        from lmmlab.kv.cache import KVCacheFactory
+        from lmmlab.lab.stats import row_interval
+
+        plan = CompressionPlan(**trial.user_attrs["plan"])
+        self.pruner.apply(plan)
+        m = self.task.evaluate(self.loaded, split="validation", make_cache=KVCacheFactory(plan, self.loaded))
+        return {"primary": m.primary, "per_item": m.per_item, "metric": m.per_item_metric,
+                "interval": row_interval(m.per_item, m.per_item_metric)}
+
+    def database_study(self, tmp: str, n_trials: int, database) -> dict:
+        self.pruner.database = database
+        result, wall = self.study(tmp, "db", n_trials, method="sparsegpt")
+        t = self.table(result)
+        self.pruner.database = None
+        return {"database_trial_overhead_s": float(t.overhead_s.median()),
+                "database_trial_eval_s": float(t.eval_s.median()),
+                "database_overhead_over_eval": float(t.overhead_s.median() / t.eval_s.median()),
+                "database_trials_per_min": 60 * n_trials / wall}
 
 
 def run(what: str, loaded: Loaded, task: Task, *, database_levels: str | None = None,

@@ -188,18 +188,7 @@ def project_to_grid(sparsity: list[float], levels: Grid | Sequence[Grid], target
        on the target where the grid can reach it.
     A target outside [Σ w g_0, Σ w g_K] / Σ w (all lowest, all highest levels) is a one-line ValueError."""
     n = len(sparsity)
-    if not n:
-        raise ValueError("no layers to project onto the level grid; give one sparsity per layer")
-    per_item = bool(levels) and not isinstance(levels[0], (int, float))
-    if per_item and len(levels) != n:
-        raise ValueError(f"{len(levels)} level grids for {n} items; give one grid, or one per item")
-    grids = [list(check_levels([g for g in grid if g is not None])) for grid in levels] if per_item \
-        else [list(check_levels(levels))] * n
-    w = [1.0] * n if weights is None else [float(x) for x in weights]
-    if len(w) != n:
-        raise ValueError(f"{len(w)} weights for {n} layers; give one positive weight per layer")
-    if any(not x > 0 for x in w):
-        raise ValueError(f"weights must be positive (parameter counts); got {min(w)}")
+    grids, w = _grids_and_weights(n, levels, weights)
     total = sum(w)
 
     def mean(values: Sequence[float]) -> float:
@@ -229,6 +218,24 @@ def project_to_grid(sparsity: list[float], levels: Grid | Sequence[Grid], target
     chosen = _refine(chosen, floor, ceil, grids, w, target - mean([g[j] for g, j in zip(grids, chosen)]), total)
     result = [g[j] for g, j in zip(grids, chosen)]
     return result, mean(result) - target
+
+
+def _grids_and_weights(n: int, levels: Grid | Sequence[Grid], weights: list[float] | None
+                       ) -> tuple[list[list[float]], list[float]]:
+    """Each item's grid (its levels present, checked) and weight (default 1), with one-line errors."""
+    if not n:
+        raise ValueError("no layers to project onto the level grid; give one sparsity per layer")
+    per_item = bool(levels) and not isinstance(levels[0], (int, float))
+    if per_item and len(levels) != n:
+        raise ValueError(f"{len(levels)} level grids for {n} items; give one grid, or one per item")
+    grids = [list(check_levels([g for g in grid if g is not None])) for grid in levels] if per_item \
+        else [list(check_levels(levels))] * n
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} layers; give one positive weight per layer")
+    if any(not x > 0 for x in w):
+        raise ValueError(f"weights must be positive (parameter counts); got {min(w)}")
+    return grids, w
 
 
 def _refine(chosen: list[int], floor: list[int], ceil: list[int], grids: list[list[float]], w: list[float],

@@ -362,22 +362,43 @@ static int fast_keys(int bits, int D, int G) {
 static int fast_values(int bits, int D, int G) { return fast_keys(bits, D, G) && D / G <= 16 && G % (8 / bits) == 0; }
 
 /* Work item `item` of BH × blocks: its batch·head, and its tokens [t0, t1). */
-static inline long work_item(long item, int blocks, int block, int T, int *t0, int *t1) {
-    *t0 = (int)(item % blocks) * block;
-    *t1 = *t0 + block < T ? *t0 + block : T;
-    return item / blocks;
+/* One work item of a store: head bh, its tokens [t0, t1) (one block), and that head's codes, scales and zero points. */
+typedef struct {
+    long bh;
+    int t0, t1;
+    const uint8_t *c;
+    const uint16_t *s, *z;
+} work_t;
+
+static inline work_t work_item(long item, int blocks, int block, int T, const uint8_t *codes, const uint16_t *scale,
+                               const uint16_t *zero, long codes_stride, long scale_stride) {
+    work_t w;
+    w.bh = item / blocks;
+    w.t0 = (int)(item % blocks) * block;
+    w.t1 = w.t0 + block < T ? w.t0 + block : T;
+    w.c = codes + (size_t)w.bh * codes_stride;
+    w.s = scale + (size_t)w.bh * scale_stride;
+    w.z = zero + (size_t)w.bh * scale_stride;
+    return w;
 }
 
 static int codes_per_chunk(int bits) { return bits == 3 ? 8 : bits == 6 ? 4 : 8 / bits; }
+
+/* A row's packed bytes P and 32-bit chunks n at `bits`, or -1 for a width the kernels do not know or a row that does
+   not end on a whole 3-byte chunk (3 and 6 bits). */
+static int row_layout(int bits, int D, int *P, int *pc, int *n) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
+    *P = (D * bits + 7) / 8, *pc = codes_per_chunk(bits), *n = (D + *pc - 1) / *pc;
+    return *n * (bits == 3 || bits == 6 ? 3 : 1) > *P ? -1 : 0;
+}
 
 /* 0 on success, -1 for a width the kernels do not know, a store of part of a key group, or a 3-/6-bit row that does
    not end on a whole 3-byte chunk (the caller then uses the torch reference). */
 int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *q, float *scores,
                 int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int ld,
                 int threads) {
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
-    const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc;
-    if (T % G || n * (bits == 3 || bits == 6 ? 3 : 1) > P) return -1; /* whole key groups; no read past a row */
+    int P, pc, n;
+    if (row_layout(bits, D, &P, &pc, &n) || T % G) return -1; /* whole key groups; no read past a row */
     const int block = BLOCK_GROUPS * G, blocks = (T + block - 1) / block;
 #pragma omp parallel num_threads(threads)
     {
@@ -386,12 +407,12 @@ int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
         const int fast = fast_keys(bits, D, G);
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)BH * blocks; item++) {
-            int t0, t1;
-            const long bh = work_item(item, blocks, block, T, &t0, &t1);
-            const uint8_t *c = codes + (size_t)bh * codes_stride;
-            const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
-            const float *qh = q + (size_t)bh * R * D;
-            float *sc = scores + (size_t)bh * R * ld;
+            const work_t it = work_item(item, blocks, block, T, codes, scale, zero, codes_stride, scale_stride);
+            const uint8_t *c = it.c;
+            const uint16_t *s = it.s, *z = it.z;
+            const int t0 = it.t0, t1 = it.t1;
+            const float *qh = q + (size_t)it.bh * R * D;
+            float *sc = scores + (size_t)it.bh * R * ld;
             if (fast) {
                 FAST_CALL(fast_scores, bits, D, c, s, z, qh, sc, ld, D, G, R, P, t0, t1, planes, bias);
                 continue;
@@ -415,9 +436,9 @@ int kivi_scores(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
 int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, const float *p, float *out,
                 int BH, int T, int D, int G, int R, int bits, long codes_stride, long scale_stride, int ld,
                 int threads) {
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8) return -1;
-    const int P = (D * bits + 7) / 8, pc = codes_per_chunk(bits), n = (D + pc - 1) / pc, groups = D / G;
-    if (G % pc || D % G || n * (bits == 3 || bits == 6 ? 3 : 1) > P) return -1;
+    int P, pc, n;
+    if (row_layout(bits, D, &P, &pc, &n) || G % pc || D % G) return -1;
+    const int groups = D / G;
     const int block = BLOCK_GROUPS * G, blocks = T > 0 ? (T + block - 1) / block : 1;
     float *partial = calloc((size_t)BH * blocks * R * D, sizeof(float)); /* one [R, D] sum per work item */
     if (!partial) return -2;
@@ -430,11 +451,11 @@ int kivi_values(const uint8_t *codes, const uint16_t *scale, const uint16_t *zer
         const int fast = fast_values(bits, D, G);
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)BH * blocks; item++) {
-            int t0, t1;
-            const long bh = work_item(item, blocks, block, T, &t0, &t1);
-            const uint8_t *c = codes + (size_t)bh * codes_stride;
-            const uint16_t *s = scale + (size_t)bh * scale_stride, *z = zero + (size_t)bh * scale_stride;
-            const float *ph = p + (size_t)bh * R * ld;
+            const work_t it = work_item(item, blocks, block, T, codes, scale, zero, codes_stride, scale_stride);
+            const uint8_t *c = it.c;
+            const uint16_t *s = it.s, *z = it.z;
+            const int t0 = it.t0, t1 = it.t1;
+            const float *ph = p + (size_t)it.bh * R * ld;
             float *o = partial + (size_t)item * R * D;
             if (fast) {
                 FAST_CALL(fast_values, bits, D, c, s, z, ph, o, ld, D, G, R, P, t0, t1, vacc, zacc, sf, zf);
