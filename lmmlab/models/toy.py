@@ -47,7 +47,7 @@ class DefaultRecipe:
     align_steps: int = 300  # stage 1b: projector maps each patch onto the sum of its attribute words' embeddings
     init_std: float = 0.06  # ~1/sqrt(hidden): GPT's 0.02 is for wide models and slows a 192-wide one down
     steps: int = 2000  # stage 2: projector + language model on question answering, vision tower frozen
-    batch_size: int = 32  # 64 reached the same accuracy in twice the time (issue 11: training <= 4 min)
+    batch_size: int = 32  # 64 reached the same accuracy in twice the time
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01

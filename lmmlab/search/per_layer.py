@@ -11,7 +11,7 @@ recorded, so every trial meets the budget and none is thrown away:
     fp16 scales and zero points and the full-precision windows, a 16-bit layer as fp16 (`kvcache.effective_bits`).
 TPE models the raw suggestions; projecting them is a deterministic repair, so equal suggestions give equal plans.
 
-Options (issue 13):
+Options:
   - `sampler`: any of `samplers.SAMPLERS` (TPE, random, CMA-ES, GP, NSGA-II, and an EvoPress-style evolution whose
     level-switch mutations keep the budget); recorded in the study's settings.
   - `method="sparsegpt"`: a trial stitches SparseGPT solutions from the pruner's layer database (`database.py`: each
