@@ -136,13 +136,47 @@ def test_paired_bootstrap_p_small_for_a_clear_shift_and_one_for_identical_series
 
 
 def test_paired_bootstrap_p_follows_its_formula():
+    """The p-value is the formula applied to scipy's resampled means (same resamples: same rng seed)."""
+    from scipy import stats as sps
+
     d = np.array([1.0, -1.0, 0.5, 2.0, -0.5, 0.25])
     n_boot, seed = 300, 5
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    means = sps.bootstrap((d,), np.mean, n_resamples=n_boot, batch=500, method="percentile",
+                          rng=seed).bootstrap_distribution
+    assert np.all(means >= d.min()) and np.all(means <= d.max()) and len(np.unique(means)) > 20  # real resamples
     below, above = (means <= 0).sum(), (means >= 0).sum()
     by_hand = min(1.0, 2 * min((below + 1) / (n_boot + 1), (above + 1) / (n_boot + 1)))
     assert paired_bootstrap_p(d, np.zeros_like(d), n_boot=n_boot, seed=seed) == pytest.approx(by_hand)
+
+
+def holm_by_hand(p):
+    """Holm's step-down procedure as published: reject H_(1..k) while p_(i) <= α/(m − i + 1); the adjusted p-value of
+    H_(i) is the smallest α at which it is rejected, i.e. max_{j <= i} min(1, (m − j + 1) p_(j))."""
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    out = np.empty(m)
+    for i, idx in enumerate(order):
+        out[idx] = max(min(1.0, (m - j) * p[order[j]]) for j in range(i + 1))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_holm_matches_the_step_down_procedure_and_statsmodels(seed):
+    from lmmlab.lab.stats import holm
+
+    p = np.random.default_rng(seed).uniform(0, 0.2, 8) ** 2
+    assert holm(list(p)) == pytest.approx(list(holm_by_hand(p)), rel=1e-12)
+    multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
+    assert holm(list(p)) == pytest.approx(list(multipletests(p, method="holm")[1]), rel=1e-12)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3·0.01, then max(2·0.03, ·), 1·0.04 → 0.06
+
+
+def test_paired_sign_flip_test_is_exact_for_few_items():
+    """With 2^n <= n_perm, the sign-flip test enumerates every flip: for d all of one sign, only the identity and the
+    all-flipped assignment are as extreme, so p = 2 / 2^n."""
+    d = np.array([0.3, 0.1, 0.2, 0.5, 0.4, 0.25])
+    assert paired(d, np.zeros(6)).p_value == pytest.approx(2 / 2 ** 6)
+    assert paired(np.zeros(6), d).p_value == pytest.approx(2 / 2 ** 6)
 
 
 def test_bootstrap_and_perplexity_intervals():

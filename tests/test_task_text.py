@@ -172,6 +172,29 @@ def test_a_folder_is_split_by_file_and_a_few_files_are_joined(tiny, tmp_path):
     assert isinstance(TextTask(data=few, seqlen=16).texts(), str)
 
 
+def test_a_dataset_folder_as_published_maps_its_splits(tiny, tmp_path):
+    """wikitext as its repository publishes it: a configuration folder of {split}-00000-of-00001.parquet files with a
+    "text" column; train -> calibration, validation -> validation, test -> test, as the "wikitext2" name does."""
+    import pandas as pd
+
+    repo = tmp_path / "wikitext"
+    (repo / "wikitext-2-raw-v1").mkdir(parents=True)
+    (repo / "README.md").write_text("# wikitext\n")
+    texts = {}
+    for i, split in enumerate(("train", "validation", "test")):
+        lines = [_words_file(tmp_path / f"{split}{j}.txt", tiny.tokenizer, 60, seed=10 * i + j).read_text()
+                 for j in range(3)]
+        texts[split] = lines
+        pd.DataFrame({"text": lines}).to_parquet(repo / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+    task = TextTask(data=repo, seqlen=16)
+    got = task.texts()
+    assert got == {ours: "\n\n".join(texts[published]) for ours, published in
+                   (("calibration", "train"), ("validation", "validation"), ("test", "test"))}
+    (repo / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet").unlink()
+    with pytest.raises(ValueError, match="holds no 'test' split \\(it has train, validation\\)"):
+        TextTask(data=repo, seqlen=16).texts()
+
+
 def test_calibration_batches_are_seeded_windows_of_the_calibration_split(tiny, tmp_path):
     seqlen = 8
     text = _words_file(tmp_path / "words.txt", tiny.tokenizer, 50 * seqlen)

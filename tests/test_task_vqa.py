@@ -186,8 +186,49 @@ def test_a_sharded_folder_reads_the_shards_of_the_source_split(data, tmp_path):
     assert summary(get_task("textvqa", data=tmp_path)) == summary(get_task("textvqa", data=data["textvqa"]["jsonl"]))
     with pytest.raises(ValueError, match="no answer .*validation"):
         get_task("textvqa", data=tmp_path, source_split="test").load()
-    with pytest.raises(ValueError, match="no train-.*shards .*test, validation"):
+    with pytest.raises(ValueError, match="holds no 'train' split \\(it has test, validation\\)"):
         get_task("textvqa", data=tmp_path, source_split="train").load()
+
+
+def test_dataset_folders_as_published_read_the_right_split_and_configuration(data, tmp_path):
+    """Folders laid out as the lmms-lab repositories are downloaded (not made by this project's writer): the split
+    from the shard names under data/, a configuration per folder (ScienceQA-IMG chosen over ScienceQA-FULL), a
+    folder per split (datasets' parquet export); a README beside the data is ignored."""
+    pope, sqa, text = (data[n]["rows"] for n in ("pope", "scienceqa", "textvqa"))
+    repo = tmp_path / "POPE"
+    fx.write_parquet(pope[:30], repo / "data" / "test-00000-of-00002.parquet")
+    fx.write_parquet(pope[30:], repo / "data" / "test-00001-of-00002.parquet")
+    (repo / "README.md").write_text("---\nconfigs: [{config_name: default, data_files: data/test-*}]\n---\n")
+    assert summary(get_task("pope", data=repo)) == summary(get_task("pope", data=data["pope"]["parquet"]))
+    sqa_repo = tmp_path / "ScienceQA"
+    fx.write_parquet(sqa, sqa_repo / "ScienceQA-IMG" / "test-00000-of-00001.parquet")
+    fx.write_parquet(sqa[:3], sqa_repo / "ScienceQA-FULL" / "test-00000-of-00001.parquet")
+    fx.write_parquet(sqa[:3], sqa_repo / "ScienceQA-IMG" / "validation-00000-of-00001.parquet")
+    assert summary(get_task("scienceqa", data=sqa_repo)) == summary(get_task("scienceqa",
+                                                                             data=data["scienceqa"]["parquet"]))
+    export = tmp_path / "textvqa-export"
+    fx.write_parquet(text, export / "default" / "validation" / "0000.parquet")
+    fx.write_parquet(text[:2], export / "default" / "train" / "0000.parquet")
+    assert summary(get_task("textvqa", data=export)) == summary(get_task("textvqa", data=data["textvqa"]["parquet"]))
+    twice = tmp_path / "two-configs"
+    fx.write_parquet(text, twice / "a" / "validation-00000-of-00001.parquet")
+    fx.write_parquet(text, twice / "b" / "validation-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="'validation' split in 2 configurations \\(a, b\\); point --data"):
+        get_task("textvqa", data=twice).load()
+    hidden = tmp_path / "hidden"
+    fx.write_parquet(pope, hidden / ".cache" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="holds no .parquet files"):
+        get_task("pope", data=hidden).load()
+
+
+def test_a_dataset_name_goes_to_the_datasets_library(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    task = get_task("pope", data="someone/POPE-copy")
+    assert task.describe() == "pope (someone/POPE-copy:test)"
+    with pytest.raises(ValueError, match="not installed to fetch someone/POPE-copy"):
+        task.load()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        get_task("pope", data="not/a/name/or/path")
 
 
 # --- end to end on a tiny LLaVA ------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe",
     budget (`p_holm`, `better_holm`: the verdict for "better than every baseline"); `family` picks the rows tested (the
     Holm family). For perplexity the per-item values are window NLLs, so exp(mean difference) is the perplexity
     ratio."""
-    from lmmlab.lab.stats import paired, paired_p
+    from lmmlab.lab.stats import holm, paired, paired_p
 
     out = []
     keyed = {}
@@ -184,19 +184,6 @@ def paired_table(rows: Sequence[dict], direction: str, reference: str = "tpe",
                 t["better_holm"] = t["better"] if p_holm < 0.05 else "tie"
             out += tests
     return out
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values of one family of tests (one plan against every baseline at a budget):
-    p_(i) × (m − i + 1) for the i-th smallest, made monotone, at most 1. "Better than every baseline at 5 %" holds
-    when every adjusted p is below 0.05."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, p_values[i] * (m - rank)))
-        adjusted[i] = running
-    return adjusted
 
 
 def claims(rows: Sequence[dict], reference: str = "tpe") -> list[str]:

@@ -1,11 +1,14 @@
 """Intervals and paired tests on per-item values (a question's correctness, a window's NLL), so that every claim that
-one plan beats another carries its uncertainty — and "tie" is an answer.
+one plan beats another carries its uncertainty — and "tie" is an answer. The statistics are scipy's; this module
+keeps the project's names, its checks of the inputs and the choices made for every table:
 
-  wilson_interval      Wilson score interval of a proportion (Wilson 1927)
-  bootstrap_interval   percentile-bootstrap interval of a statistic of per-item values (Efron & Tibshirani 1993)
+  wilson_interval      Wilson score interval of a proportion (`scipy.stats.binomtest(...).proportion_ci`)
+  bootstrap_interval   percentile-bootstrap interval of a statistic of per-item values (`scipy.stats.bootstrap`)
   perplexity_interval  exp(mean window NLL) and its interval, resampling windows
-  mcnemar_exact        exact McNemar test of two plans' 0/1 correctness on the same items (two-sided binomial)
-  paired_bootstrap_p   paired bootstrap p-value of the mean per-item difference
+  mcnemar_exact        exact McNemar test: a two-sided binomial test on the discordant pairs (`scipy.stats.binomtest`)
+  paired_bootstrap_p   paired bootstrap p-value of the mean per-item difference (`scipy.stats.bootstrap`'s
+                       resampled distribution)
+  holm                 Holm–Bonferroni adjusted p-values of one family of tests
   row_interval         the interval of a results-table row by its per-item metric ("correct", "nll", other)
   paired_p             the paired p-value of two rows by their per-item metric
   annotate             every row of a results table: ci_low, ci_high, the strongest baseline of its group (versus),
@@ -13,16 +16,20 @@ one plan beats another carries its uncertainty — and "tie" is an answer.
                        function that compare, the ablations, Pareto re-scoring and the notebooks call
   mean_interval        the mean and its percentile-bootstrap interval
   paired               the mean per-item difference a − b, its bootstrap interval, and a two-sided sign-flip
-                       permutation test (Monte Carlo with a seed)
+                       permutation test (`scipy.stats.permutation_test`, Monte Carlo with a seed; exact for n ≤ 13)
+
+Percentile intervals, not scipy's default BCa: BCa is undefined when every resample is equal (a plan identical to its
+baseline on most items) and the tables compare intervals across rows made the same way.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats as sps
 
 DIRECTIONS = ("maximize", "minimize")
 ALPHA = 0.05  # a row is "better"/"worse" than its baseline only at p < ALPHA
@@ -31,27 +38,25 @@ ALPHA = 0.05  # a row is "better"/"worse" than its baseline only at p < ALPHA
 # --- intervals --------------------------------------------------------------------------------------------------------
 
 def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of the proportion p̂ = successes / n, with z the two-sided normal quantile:
+    """Wilson score interval of the proportion p̂ = successes / n (z the two-sided normal quantile):
 
         centre = (p̂ + z²/2n) / (1 + z²/n),   half = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²)
 
-    clipped to [0, 1]. Unlike p̂ ± z·se it is never empty at 0/n or n/n."""
+    Unlike p̂ ± z·se it is never empty at 0/n or n/n (exactly 0 and 1 there)."""
     if n <= 0 or not 0 <= successes <= n or int(successes) != successes or int(n) != n:
         raise ValueError(f"wilson_interval needs 0 <= successes <= n and n >= 1 (integers); got {successes} of {n}")
-    z = _z(confidence)
-    p, z2 = successes / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exactly 0 (1) at 0/n (n/n), without rounding error
-    high = 1.0 if successes == n else min(1.0, centre + half)
+    _check_confidence(confidence)
+    ci = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    low = 0.0 if successes == 0 else max(0.0, float(ci.low))
+    high = 1.0 if successes == n else min(1.0, float(ci.high))
     return low, high
 
 
 def bootstrap_interval(values: Sequence[float], *, statistic: Callable = np.mean, confidence: float = 0.95,
                        n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of `statistic(values)`: resample the items with replacement `n_boot` times and
-    take the (1 − confidence)/2 and (1 + confidence)/2 percentiles of the resampled statistic. `statistic` is called
-    as statistic(samples, axis=1) on an (n_boot, n) array when it accepts `axis` (np.mean, np.median), else per row."""
+    take the (1 − confidence)/2 and (1 + confidence)/2 percentiles of the resampled statistic. A `statistic` with an
+    `axis` argument (np.mean, np.median) is evaluated on all resamples at once, any other per resample."""
     x = _array(values, "values")
     _check_confidence(confidence)
     boot = _resample(x, n_boot, seed, statistic)
@@ -81,19 +86,15 @@ def mean_interval(values: Sequence[float], *, confidence: float = 0.95, n_boot: 
 
 def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> float:
     """Exact two-sided McNemar test of two plans' 0/1 correctness on the same items. With n01 = #(a wrong, b right)
-    and n10 = #(a right, b wrong), X ~ Binomial(n01 + n10, 1/2):
-
-        p = min(1, 2 · P(X <= min(n01, n10))) = min(1, 2 · Σ_{i<=k} C(n, i) / 2^n)
-
-    computed with exact integers; 1.0 when no item is discordant."""
+    and n10 = #(a right, b wrong), X ~ Binomial(n01 + n10, 1/2) and p = min(1, 2 · P(X <= min(n01, n10))): the
+    two-sided binomial test of n01 successes in n01 + n10 trials. 1.0 when no item is discordant."""
     x, y = _binary(a, "a"), _binary(b, "b")
     _same_length(x, y)
     n01 = int(np.sum((x == 0) & (y == 1)))
     n10 = int(np.sum((x == 1) & (y == 0)))
-    n, k = n01 + n10, min(n01, n10)
-    if n == 0:
+    if n01 + n10 == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return min(1.0, float(sps.binomtest(n01, n01 + n10, 0.5).pvalue))
 
 
 def paired_bootstrap_p(a: Sequence[float], b: Sequence[float], *, statistic: Callable = np.mean,
@@ -113,6 +114,19 @@ def paired_bootstrap_p(a: Sequence[float], b: Sequence[float], *, statistic: Cal
     return min(1.0, 2 * min((below + 1) / (n_boot + 1), (above + 1) / (n_boot + 1)))
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values of one family of tests (one plan against every baseline at a budget):
+    p_(i) × (m − i + 1) for the i-th smallest, made monotone, at most 1. "Better than every baseline at 5 %" holds
+    when every adjusted p is below 0.05. (scipy has no Holm; the tests check it against statsmodels.)"""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, p_values[i] * (m - rank)))
+        adjusted[i] = running
+    return adjusted
+
+
 @dataclass(frozen=True)
 class Paired:
     """a − b on the same items: mean difference, its interval, the permutation p-value and the verdict."""
@@ -127,15 +141,19 @@ class Paired:
 
 def paired(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95, n_boot: int = 2000,
            n_perm: int = 10000, seed: int = 0) -> Paired:
-    """Compare two plans' per-item values on the same items, in the same order."""
+    """Compare two plans' per-item values on the same items, in the same order: the mean difference with its
+    bootstrap interval, and the sign-flip permutation test of mean d = 0 (each item's difference keeps or flips its
+    sign under the null; exact when 2^n <= n_perm)."""
     x, y = _array(a, "a"), _array(b, "b")
     _same_length(x, y)
     d = x - y
     mean, low, high = mean_interval(d, confidence=confidence, n_boot=n_boot, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    flips = rng.choice((-1.0, 1.0), size=(n_perm, len(d)))
-    extreme = (np.abs((flips * d).mean(axis=1)) >= abs(mean) - 1e-12).sum()
-    p = float((extreme + 1) / (n_perm + 1))
+    if not np.any(d):
+        p = 1.0
+    else:
+        test = sps.permutation_test((d,), lambda s, axis: np.mean(s, axis=axis), permutation_type="samples",
+                                    n_resamples=n_perm, vectorized=True, alternative="two-sided", rng=seed + 1)
+        p = float(test.pvalue)
     verdict = "tie" if low <= 0 <= high else ("a higher" if mean > 0 else "b higher")
     return Paired(mean, low, high, p, len(d), verdict)
 
@@ -252,24 +270,16 @@ def _strongest(candidates: list[int], rows: list[dict], sign: float) -> int | No
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
-def _resample(x: np.ndarray, n_boot: int, seed: int, statistic: Callable, chunk: int = 500) -> np.ndarray:
-    """`statistic` of `n_boot` resamples of x with replacement (in chunks, to bound memory)."""
+def _resample(x: np.ndarray, n_boot: int, seed: int, statistic: Callable) -> np.ndarray:
+    """`statistic` of `n_boot` resamples of x with replacement: scipy.stats.bootstrap's resampled distribution."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1; got {n_boot}")
-    rng = np.random.default_rng(seed)
-    out = []
-    for start in range(0, n_boot, chunk):
-        samples = x[rng.integers(0, len(x), size=(min(chunk, n_boot - start), len(x)))]
-        try:
-            out.append(np.asarray(statistic(samples, axis=1), dtype=np.float64))
-        except TypeError:
-            out.append(np.array([statistic(s) for s in samples], dtype=np.float64))
-    return np.concatenate(out)
-
-
-def _z(confidence: float) -> float:
-    _check_confidence(confidence)
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
+    if len(x) < 2 or np.all(x == x[0]):  # every resample is x itself (scipy warns and refuses one item)
+        return np.full(n_boot, float(statistic(x)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sps.DegenerateDataWarning)  # only BCa needs a spread
+        res = sps.bootstrap((x,), statistic, n_resamples=n_boot, batch=500, method="percentile", rng=seed)
+    return np.asarray(res.bootstrap_distribution, dtype=np.float64)
 
 
 def _check_confidence(confidence: float) -> None:

@@ -29,6 +29,9 @@ Data (`data=`):
                 follow the Python version). Whole topics go to splits: topics are ordered by a stable hash of their
                 name (blake2b) and walked with a running character count; a topic whose middle falls in the first 20 %
                 goes to calibration, the next 20 % to validation, the rest (60 %) to test.
+  a dataset     a folder of parquet files with a "text" column as a dataset repository is published (e.g.
+  folder        wikitext's wikitext-2-raw-v1/{train,validation,test}-00000-of-00001.parquet; `lmmlab.tasks.layout`):
+                train -> calibration, validation -> validation, test -> test, as "wikitext2" below.
   a folder      its .txt / .md files (recursively). With at least MIN_FILES files they are split by file exactly like
                 the topics above (relative path as the name); with fewer, they are joined and cut like one file.
   a file        tokenised once and cut into windows; the windows go to splits in three contiguous runs:
@@ -57,6 +60,7 @@ from tqdm.auto import tqdm
 
 from lmmlab.tasks.base import (SPLITS, CacheFactory, Metrics, Task, cache_bytes, check_data_path, check_split,
                                new_cache, peak_memory, register, reset_peak_memory, synchronize)
+from lmmlab.tasks.layout import split_files, splits
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,22 @@ def read_folder(path: Path) -> dict[str, str]:
         raise ValueError(f"--data {path} holds no non-empty {' or '.join(TEXT_SUFFIXES)} file; "
                          "pass a text file or a folder of text files")
     return docs
+
+
+HUB_SPLITS = {"calibration": "train", "validation": "validation", "test": "test"}  # ours <- the published one
+
+
+def read_parquet_splits(path: Path, config: str | None = None) -> dict[str, str]:
+    """The joined "text" column of each published split of a dataset folder (see `lmmlab.tasks.layout`)."""
+    import pandas as pd
+
+    out = {}
+    for ours, published in HUB_SPLITS.items():
+        frames = [pd.read_parquet(f) for f in split_files(path, published, config=config)]
+        if any("text" not in f.columns for f in frames):
+            raise ValueError(f"--data {path}: the {published!r} parquet files need a 'text' column")
+        out[ours] = SEPARATOR.join(t for f in frames for t in f["text"].tolist() if isinstance(t, str))
+    return out
 
 
 def load_hub(name: str) -> dict[str, str]:
@@ -283,6 +303,8 @@ class TextTask(Task):
             return load_hub(self.data)
         if self.data is None:
             docs = default_corpus()
+        elif self.data.is_dir() and splits(self.data):
+            return read_parquet_splits(self.data)
         elif self.data.is_dir():
             docs = read_folder(self.data)
             if len(docs) < MIN_FILES:

@@ -60,6 +60,7 @@ from typing import ClassVar, Sequence
 
 from lmmlab.tasks.base import (CacheFactory, Metrics, Task, answer_items, check_data_path, check_split,
                                peak_memory, register, reset_peak_memory, token_lengths)
+from lmmlab.tasks.layout import is_hub_name, split_files
 
 log = logging.getLogger(__name__)
 
@@ -256,27 +257,17 @@ class Source:
     base: Path
 
 
-def read_source(data: Path, *, source_split: str, image_folder: Path | None) -> Source:
-    """Records of a .jsonl file, a .parquet file, or a folder of .parquet files (its `{source_split}-*` shards when it
-    holds the Hugging Face shard layout)."""
+def read_source(data: Path, *, source_split: str, image_folder: Path | None, config: str | None = None) -> Source:
+    """Records of a .jsonl file, a .parquet file, or a folder of .parquet files — a dataset folder as published
+    (`lmmlab.tasks.layout`: the `source_split` shards, of `config` where several configurations hold it)."""
     if data.is_file() and data.suffix == ".jsonl":
         return _read_jsonl(data, image_folder or data.parent)
     if data.is_file() and data.suffix == ".parquet":
         return _read_parquet([data], str(data), image_folder or data.parent)
     if data.is_dir():
-        files = sorted(data.glob("*.parquet"))
-        if not files:
-            raise ValueError(f"--data {data} holds no .parquet files; pass a parquet file, a folder of them, "
-                             "or a .jsonl file")
-        shards = [f for f in files if re.fullmatch(r"[\w.]+-\d+-of-\d+\.parquet", f.name)]
-        if shards:
-            files = [f for f in shards if f.name.startswith(f"{source_split}-")]
-            if not files:
-                have = sorted({f.name.split("-")[0] for f in shards})
-                raise ValueError(f"--data {data} holds no {source_split}-*.parquet shards (it has {', '.join(have)}); "
-                                 f"pass source_split= one of those")
+        files = split_files(data, source_split, config=config)
         return _read_parquet(files, str(data), image_folder or data)
-    raise ValueError(f"--data {data}: expected a .parquet file, a folder of .parquet files, or a .jsonl file")
+    raise ValueError(f"--data {data}: expected a .parquet file, a dataset folder of .parquet files, or a .jsonl file")
 
 
 def _read_jsonl(path: Path, base: Path) -> Source:
@@ -458,12 +449,14 @@ class VQATask(Task):
 
     def __init__(self, *, data: str | Path | None = None, source_split: str | None = None,
                  image_folder: str | Path | None = None, max_new_tokens: int = 16, batch_size: int = 8) -> None:
-        """data: a parquet file, a folder of them, or a .jsonl file (None: the lmms-lab dataset via `datasets`);
+        """data: a parquet file, a dataset folder as published, a .jsonl file, or a dataset name ("lmms-lab/POPE")
+        for `datasets` (None: the task's lmms-lab dataset);
         source_split: the published split to read (files `{source_split}-*.parquet` of a sharded folder);
         image_folder: where relative image paths point (default: the data file's folder)."""
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1; got {max_new_tokens}, {batch_size}")
-        self.data = check_data_path(data) if data is not None else None
+        self.hub = str(data) if data is not None and is_hub_name(data) else None  # e.g. "lmms-lab/POPE"
+        self.data = check_data_path(data) if data is not None and self.hub is None else None
         self.source_split = source_split or self.default_source_split
         self.image_folder = Path(image_folder) if image_folder is not None else None
         if self.image_folder is not None and not self.image_folder.is_dir():
@@ -489,15 +482,16 @@ class VQATask(Task):
     # Data.
 
     def describe(self) -> str:
-        return f"{self.name} ({self.data or f'{self.dataset}:{self.source_split}'})"
+        return f"{self.name} ({self.data or f'{self.hub or self.dataset}:{self.source_split}'})"
 
     def load(self) -> list[Item]:
         """Every item of the data, read and checked once (all splits), in file order."""
         if self._items is None:
             if self.data is not None:
-                source = read_source(self.data, source_split=self.source_split, image_folder=self.image_folder)
+                source = read_source(self.data, source_split=self.source_split, image_folder=self.image_folder,
+                                     config=self.dataset_config)
             else:
-                source = read_hub(self.dataset, self.dataset_config, self.source_split)
+                source = read_hub(self.hub or self.dataset, self.dataset_config, self.source_split)
             self.check_schema(source)
             self._items = [self.make_item(record, where, source.base) for where, record in source.records]
             sizes = Counter(item.split for item in self._items)
