@@ -19,8 +19,8 @@ TABLES, FIGURES = RESULTS / "tables", RESULTS / "figures"
 # --- shared steps -----------------------------------------------------------------------------------------------
 
 def show_progress(args) -> bool:
-    """Progress bars on stderr: on a terminal, unless --quiet."""
-    return not args.quiet and sys.stderr.isatty()
+    """Progress bars on stderr (redrawn on a terminal, a line every 30 s in a log), unless --quiet."""
+    return not args.quiet
 
 
 def task_of(args):
@@ -157,24 +157,28 @@ def cmd_eval(args) -> None:
 
 def cmd_prune(args) -> None:
     from lmmlab.plan import CompressionPlan, pattern_sparsity
-    from lmmlab.prune.export import check_out, compress
+    from lmmlab.prune.card import read_metrics
+    from lmmlab.prune.export import check_out, check_plan, compress
 
     check_out(Path(args.out))
     target = pattern_sparsity(args.pattern, args.sparsity)
     if not 0 <= args.vision_sparsity < 1:
         raise ValueError(f"--vision-sparsity must be in [0, 1); got {args.vision_sparsity}")
     plan = CompressionPlan.load(args.plan) if args.plan else None
+    metrics = read_metrics(args.metrics) if args.metrics else None
     task = task_of(args)
     loaded = model_of(args, task)
+    if plan is not None:
+        check_plan(loaded, plan)  # before calibrating
     pruner = pruner_of(args, loaded, task, n=args.n_calibration)
     plan = plan or pruner.plan(args.method, args.allocation, target, pattern=args.pattern,
                                vision_sparsity=args.vision_sparsity)
-    s = compress(pruner, plan, args.out, export_format=args.export)
-    if args.export:
-        mib = {fmt: s[f"{fmt}_bytes"] / 2**20 for fmt in ("dense", "bitmask", "nonzeros")}
-        print(f"exported {s['format']} ({s['structure']}, {s['dense_linears']} linears left dense) to {args.out}: "
-              f"{s['disk_bytes'] / 2**20:.2f} MiB of safetensors; weights dense {mib['dense']:.2f} MiB, bitmask "
-              f"{mib['bitmask']:.2f} MiB, non-zeros only {mib['nonzeros']:.2f} MiB")
+    s = compress(pruner, plan, args.out, fmt=args.format, allocation=None if args.plan else args.allocation,
+                 metrics=metrics)
+    mib = {fmt: s[f"weights_{fmt}_bytes"] / 2**20 for fmt in ("dense", "bitmask", "nonzeros")}
+    layout = f" ({s['layout']}, {s['dense_linears']} linears left dense)" if s["format"] == "bitmask" else ""
+    print(f"exported {s['format']}{layout} to {args.out}: {s['disk_bytes'] / 2**20:.2f} MiB of safetensors; weights "
+          f"dense {mib['dense']:.2f} MiB, bitmask {mib['bitmask']:.2f} MiB, non-zeros only {mib['nonzeros']:.2f} MiB")
     print(f"pruned with {plan.method} ({plan.pattern}, mean sparsity {plan.mean_sparsity:.3f}); achieved "
           f"{s['achieved_sparsity']:.3f}; decoder linears keep {s['kept_bytes'] / 2**20:.2f} of "
           f"{s['dense_bytes'] / 2**20:.2f} MiB as non-zeros; saved to {args.out}")
@@ -704,6 +708,7 @@ def add_samplers_parser(sub) -> None:
 def add_model_parsers(sub) -> None:
     from lmmlab.plan import METHODS
     from lmmlab.prune.allocate import ALLOCATIONS
+    from lmmlab.prune.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")
     p.add_argument("--out", type=Path, default=None, help="folder to save to (default: the cache, $LMMLAB_CACHE)")
@@ -719,8 +724,8 @@ def add_model_parsers(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     for name in ("prune", "export"):
-        p = sub.add_parser(name, help="prune a model (calibrating on the calibration split) and save it with its plan"
-                           if name == "prune" else "prune a model to a plan and write it as an export")
+        p = sub.add_parser(name, help="prune a model (calibrating on the calibration split) and export it with its "
+                           "plan and model card" if name == "prune" else "prune a model to a plan and export it")
         add_model_task_args(p)
         p.add_argument("--plan", type=Path, required=name == "export", default=None,
                        help="a CompressionPlan JSON (per-layer sparsity, KV widths; overrides the options below)")
@@ -732,10 +737,15 @@ def add_model_parsers(sub) -> None:
                            help="per-layer ratios (atp, dlp: their hyperparameter chosen on the validation split)")
             p.add_argument("--vision-sparsity", type=float, default=0.0,
                            help="also prune the vision tower's and projector's linears at this ratio")
-            p.add_argument("--export", action="store_true", help="write an export (sparse bitmask layout) instead")
         p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
+        p.add_argument("--format", choices=EXPORT_FORMATS, default=DEFAULT_EXPORT_FORMAT,
+                       help="dense: a plain checkpoint with the zeros in place that stock transformers loads; bitmask: "
+                            "non-zeros and a 1-bit mask, fewer bytes on disk, readable by lmmlab only "
+                            f"(default {DEFAULT_EXPORT_FORMAT})")
+        p.add_argument("--metrics", type=Path, default=None,
+                       help="a JSON of the scores to put in the model card (e.g. what `lmmlab eval --json` wrote)")
         p.add_argument("--out", type=Path, required=True, help="new folder (must not exist or be empty)")
-        p.set_defaults(func=cmd_prune, **({"export": True, "method": "wanda", "sparsity": 0.5, "allocation": "uniform",
+        p.set_defaults(func=cmd_prune, **({"method": "wanda", "sparsity": 0.5, "allocation": "uniform",
                                            "pattern": "unstructured", "vision_sparsity": 0.0} if name == "export"
                                           else {}))
 
@@ -799,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmmlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars (they go to stderr, shown on a terminal only)")
+                        help="no progress bars (they go to stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_demo_parser, add_model_parsers, add_ablation_parsers, add_search_parser, add_compare_parser,
                 add_headline_parser, add_samplers_parser, add_other_parsers):
@@ -818,11 +828,17 @@ def main(argv: list[str] | None = None) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from lmmlab import progress
+
+    before = progress.ENABLED
+    progress.enable(show_progress(args))
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"lmmlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        progress.enable(before)
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmmlab"
 # Floors, bottom first: a module may import from its own floor (no circle) or below.
-FLOORS = ("files", "kv", "plan", "tasks", "models", "prune", "search", "lab", "cli", "__main__")
+FLOORS = ("files", "progress", "kv", "plan", "tasks", "models", "prune", "search", "lab", "cli", "__main__")
 
 
 def module_name(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from lmmlab.progress import bar
 from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL, KV_CONTEXT
 from lmmlab.kv.cache import KVCacheFactory, kv_cache_for, window_warning
 from lmmlab.lab.stats import annotate
@@ -68,7 +69,7 @@ def ablate_prune(loaded: Loaded, task: Task, methods: Sequence[str] = METHODS,
     runs = [(m, a, t, "unstructured") for m in methods for a in allocations for t in sparsities]
     runs += [(m, "uniform", 0.5, p) for m in methods for p in patterns]
     try:
-        for method, alloc, target, pattern in runs:
+        for method, alloc, target, pattern in bar(runs, desc="ablate-prune (plans)", unit="plan"):
             plan = pruner.plan(method, alloc, target, pattern=pattern)
             pruner.apply(plan, sequential=sequential)
             rows.append(row(plan, alloc, target, loaded, task.evaluate(loaded, split=split, n=n), task, split, seed,
@@ -97,16 +98,14 @@ def ablate_calibration(loaded: Loaded, task: Task, methods: Sequence[str] = SEQU
     pruner = pruner or Pruner.for_task(loaded, task, seed=seed)
     rows = []
     try:
-        for method in methods:
-            for target in sparsities:
-                plan = pruner.plan(method, "uniform", target)
-                for sequential in (False, True):
-                    pruner.apply(plan, sequential=sequential)
-                    rows.append(row(plan, "uniform", target, loaded, task.evaluate(loaded, split=split, n=n), task,
-                                    split, seed, sequential=sequential,
-                                    calibration=pruner.calibration(method, sequential)))
-                    log.info("%s %.2f %s: %s %.4f", method, target, rows[-1]["calibration"], task.primary_metric,
-                             rows[-1]["primary"])
+        settings = [(m, t, s) for m in methods for t in sparsities for s in (False, True)]
+        for method, target, sequential in bar(settings, desc="ablate-calibration (plans)", unit="plan"):
+            plan = pruner.plan(method, "uniform", target)
+            pruner.apply(plan, sequential=sequential)
+            rows.append(row(plan, "uniform", target, loaded, task.evaluate(loaded, split=split, n=n), task,
+                            split, seed, sequential=sequential, calibration=pruner.calibration(method, sequential)))
+            log.info("%s %.2f %s: %s %.4f", method, target, rows[-1]["calibration"], task.primary_metric,
+                     rows[-1]["primary"])
     finally:
         pruner.restore()
     return annotate(rows, direction=task.direction, group_by=("method", "target_sparsity"),
@@ -142,7 +141,7 @@ def ablate_kv(loaded: Loaded, task: Task, widths: Sequence[int] = KV_WIDTHS, mix
     for plan in plans.values():
         kv_cache_for(plan, loaded)  # every plan's layout is checked before the first evaluation
     rows, warned = [], False
-    for name, plan in plans.items():
+    for name, plan in bar(plans.items(), total=len(plans), desc="ablate-kv (plans)", unit="plan"):
         make_cache = KVCacheFactory(plan, loaded)
         metrics = task.evaluate(loaded, split=split, n=n, make_cache=make_cache)
         cache = make_cache.last

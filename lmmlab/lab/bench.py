@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from lmmlab.progress import bar
 from lmmlab.kv.attention import kivi_attention_forward, packed_scores, packed_values
 from lmmlab.prune.calibrate import calibrate
 from lmmlab.kv.cache import KVCache, kv_cache_for
@@ -228,7 +229,7 @@ def decode_step_rows(layers: int, heads: int, head_dim: int, *, contexts=(1024, 
 
     module, scaling = _Attention(), head_dim ** -0.5
     rows = []
-    for context in contexts:
+    for context in bar(contexts, desc="bench kv: decode steps (contexts)", unit="context"):
         for bits in widths:
             for path in (("plain", "static") if bits == 16 else paths):
                 g = torch.Generator(device).manual_seed(context + bits)

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from lmmlab.progress import bar
 from lmmlab.kv.budget import KIVI_GROUP_SIZE, KIVI_RESIDUAL
 from lmmlab.kv.cache import kv_cache_for
 from lmmlab.lab.ablate import label, row
@@ -94,7 +95,7 @@ def score_runs(loaded: Loaded, task: Task, pruner: Pruner, target: float, runs: 
     another (each pruned, or solved, once); rows in the order given, checked to remove the same weights."""
     order = sorted(range(len(runs)), key=lambda r: weight_part(runs[r][2], runs[r][3]))
     scored = {}
-    for r in order:
+    for r in bar(order, desc=f"compare at {target:g} (plans)", unit="plan"):
         budget, allocation, plan, seq = runs[r]
         pruner.apply(plan, sequential=seq)
         metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded))
@@ -131,7 +132,7 @@ def evaluate_plans(loaded: Loaded, task: Task, pruner: Pruner, labelled: Sequenc
     published (`sequential`: Wanda and RIA calibrate layer by layer); searched plans re-mask as the search did."""
     rows = []
     try:
-        for allocation, plan in labelled:
+        for allocation, plan in bar(labelled, desc="evaluate plans", unit="plan"):
             seq = sequential and allocation in baselines
             pruner.apply(plan, sequential=seq)
             metrics = task.evaluate(loaded, split=split, n=n, make_cache=lambda: kv_cache_for(plan, loaded),

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from lmmlab.progress import bar
 from lmmlab.files import write_json, write_table
 from lmmlab.lab import ablate, plots
 from lmmlab.lab.ablate import label
@@ -57,7 +58,10 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
     text = [f"{loaded.name}: {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f} M parameters, "
             f"{loaded.num_layers} decoder layers, {loaded.num_kv_heads} KV heads × {loaded.head_dim}; task: "
             f"{task.describe()}"]
+    stages = bar(total=4, desc="demo (stages: dense, pruning, KV widths, search vs baselines)", unit="stage",
+                 enabled=progress or None)
     dense = task.evaluate(loaded, split="test", n=config.n, progress=progress)
+    stages.update(1)
     text.append(format_metrics(f"\ndense model on the test split ({dense.n} items)", dense))
     paths = [tables / f"{tag}_dense.json"]
     write_json(paths[-1], dense.to_dict())
@@ -67,6 +71,7 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
     paths.append(tables / f"{tag}_prune.csv")
     write_table(paths[-1], prune)
     text.append(f"\npruning (calibrated as published) — test {task.primary_metric}:\n" + pruning_table(prune))
+    stages.update(1)
 
     kv = ablate.ablate_kv(loaded, task, widths=config.kv_widths, mixed=False, group_size=config.kv_group_size,
                           residual_length=config.kv_residual, n=config.n)
@@ -76,6 +81,7 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
                 f"token window) — test {task.primary_metric}:\n" + columns(kv, ["kv_plan", "mean_kv_bits_effective",
                                                                                "kv_ratio", "primary", "ci_low",
                                                                                "ci_high", "verdict"], task))
+    stages.update(1)
 
     search = replace(config.search, kv_group_size=config.kv_group_size, kv_residual=config.kv_residual,
                      n_eval=config.n_eval)
@@ -83,6 +89,8 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
                     baselines=config.baselines, kv_baselines=("uniform",), two_stage_at=(), storage=storage,
                     study_prefix=tag, n=config.n, pruner=pruner, progress=progress)
     paths += write_headline(rows, task.direction, tables / f"{tag}_compare.csv")
+    stages.update(1)
+    stages.close()
     text.append(f"\nthe staged search's joint plan vs the baselines at the same budgets — test "
                 f"{task.primary_metric}:\n" + columns([{**r, "plan": label(r)} for r in rows],
                                                      ["kv_budget_bits", "target_sparsity", "plan", "mean_kv_bits",

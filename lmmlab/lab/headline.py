@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from lmmlab.progress import bar
 from lmmlab.kv import pairs as kvpairs
 from lmmlab.prune.pruner import Pruner
 from lmmlab.lab.ablate import label, row
@@ -80,15 +81,13 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
     p-value and verdict (`stats.annotate`), the search's timings on its row (`search_seconds`, `database_seconds`).
     `checkpoint`: a JSON file the rows of every finished target are kept in; a run that finds it skips those targets
     (the studies themselves resume from `storage`)."""
-    from tqdm.auto import tqdm
-
     for budget in kv_budgets:
         if budget < 16:
             kvpairs.check_budget(budget, replace(config, kv_budget=budget).pairs)
     pruner = pruner or Pruner.for_task(loaded, task, seed=config.seed)
     done = json.loads(Path(checkpoint).read_text()) if checkpoint and Path(checkpoint).is_file() else {}
     rows: list[dict] = []
-    bar = tqdm(total=len(sparsities) * len(kv_budgets), desc="headline (cells)", disable=not progress)
+    cells = bar(total=len(sparsities) * len(kv_budgets), desc="headline (cells)", enabled=progress or None)
     try:
         for target in sparsities:
             if f"{target:g}" not in done:
@@ -100,7 +99,7 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
                                                          two_stage=budget < 16 and target in two_stage_at,
                                                          progress=progress)
                     plans += searched + baseline_plans(loaded, pruner, cell, baselines, kv_baselines, sensitivity)
-                    bar.update(1)
+                    cells.update(1)
                 done[f"{target:g}"] = {"rows": evaluate_cell_plans(loaded, task, pruner, target, plans, n,
                                                                    config.seed)}
                 if checkpoint:
@@ -109,7 +108,7 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
                     remove_databases(pruner, databases)
             rows += done[f"{target:g}"]["rows"]
     finally:
-        bar.close()
+        cells.close()
         pruner.restore()
     return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
                     is_baseline=lambda r: r["allocation"] not in (SEARCH, TWO_STAGE), label=label)
@@ -169,7 +168,7 @@ def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: floa
     order = sorted(range(len(plans)), key=lambda k: (plans[k][4], str(plans[k][5]),
                                                      weight_part(plans[k][3], plans[k][4] == "sequential")))
     scored: dict[int, dict] = {}
-    for k in order:
+    for k in bar(order, desc=f"headline at {target:g}: baselines and search on test", unit="plan"):
         budget, allocation, kind, plan, realize, database, extra = plans[k]
         start = time.perf_counter()
         realize_plan(pruner, plan, realize, database)

@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from lmmlab.progress import bar
 from lmmlab.kv import pairs as kvpairs
 from lmmlab.prune.pruner import Pruner
 from lmmlab.search.evolution import Evolution, Genome
@@ -78,7 +79,6 @@ def sampler_ablation(loaded: Loaded, task: Task, *, config: SearchConfig, sample
     search of `config` (its first-stage database, search rows, KV clusters and bases). The evolution draws
     `offspring` mutants per generation, each one evaluation (single-step selection on the same rows)."""
     import pandas as pd
-    from tqdm.auto import tqdm
 
     bad = [s for s in samplers if s not in ABLATION_SAMPLERS]
     if bad or not samplers or not seeds or evaluations < 1:
@@ -90,8 +90,8 @@ def sampler_ablation(loaded: Loaded, task: Task, *, config: SearchConfig, sample
     low, ref, rows_used = search.setup()
     warm = [low.warm_params(name) for name, _ in low.bases]
     out = []
-    bar = tqdm(total=len(samplers) * len(seeds) * evaluations, desc="sampler ablation (evaluations)",
-               disable=not progress)
+    evaluated = bar(total=len(samplers) * len(seeds) * evaluations, desc="sampler ablation (evaluations)",
+                    enabled=progress or None)
     for name in samplers:
         for seed in seeds:
             start = time.perf_counter()
@@ -100,7 +100,7 @@ def sampler_ablation(loaded: Loaded, task: Task, *, config: SearchConfig, sample
             def evaluate(plan: CompressionPlan) -> float:
                 value = search.fitness(plan, ref, rows_used)
                 record.append((value, time.perf_counter() - start))
-                bar.update(1)
+                evaluated.update(1)
                 return value
 
             if name == "evolution":
@@ -115,7 +115,7 @@ def sampler_ablation(loaded: Loaded, task: Task, *, config: SearchConfig, sample
             best = np.minimum.accumulate([v for v, _ in record])
             out += [{"sampler": name, "seed": seed, "trial": k, "evaluation": k + 1, "value": v, "best_so_far": b,
                      "seconds": s} for k, ((v, s), b) in enumerate(zip(record, best))]
-    bar.close()
+    evaluated.close()
     search.pruner.restore()
     return pd.DataFrame(out)
 

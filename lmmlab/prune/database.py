@@ -615,7 +615,7 @@ def _check_build(levels: ModuleLevels, loaded: Loaded, path: Path, batches: list
 @torch.no_grad()
 def build_database(loaded: Loaded, batches: list[dict], *, levels: Grid | ModuleLevels, path: str | Path,
                    reference: CompressionPlan | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                   progress: bool = True, threads: int | None = None) -> LayerDatabase:
+                   progress: bool | None = None, threads: int | None = None) -> LayerDatabase:
     """Solve every decoder layer's linears with SparseGPT at every one of their levels and store them at `path` (see
     the module docstring). `levels`: one grid for every linear, or per layer {linear: levels} (`count_levels`).
     `reference`: None (each layer solved on the dense model's inputs) or a plan on the levels (each layer solved on
@@ -675,14 +675,10 @@ class _Builder:
         self.hessians: LayerHessians | None = None
         self.held: dict[tuple[int, str], torch.Tensor] = {}  # dense weights of linears set to the reference
 
-    def run(self, batches: list[dict], progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=self.loaded.num_layers, desc="sparsegpt database (layers)", disable=not progress) as bar:
-            def solve(i: int) -> None:
-                self.solve_layer(i)
-                bar.update(1)
-            layer_by_layer(self.loaded, batches, self.observe, solve)
+    def run(self, batches: list[dict], progress: bool | None) -> None:
+        n = len({s for layer in self.levels for levels in layer.values() for s in levels if s})
+        layer_by_layer(self.loaded, batches, self.observe, self.solve_layer,
+                       desc=f"sparsegpt database ({n} levels per linear)", progress=progress)
 
     def observe(self, i: int):
         self.hessians = LayerHessians(self.loaded.linears(i))

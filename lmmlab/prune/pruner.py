@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from lmmlab.files import cache_dir
+from lmmlab.progress import bar
 from lmmlab.models import VISION, Loaded
 from lmmlab.plan import CompressionPlan, pattern_sparsity
 from lmmlab.prune import allocate
@@ -86,7 +87,7 @@ class Pruner:
         self.applied = weights
 
     def attach_database(self, *, levels, reference: CompressionPlan | None = None, path: str | Path | None = None,
-                        progress: bool = True) -> LayerDatabase:
+                        progress: bool | None = None) -> LayerDatabase:
         """Open the SparseGPT layer database of these calibration batches, `levels` (one grid, or per layer
         {linear: levels}: `database.count_levels`) and inputs (`reference`: None, the dense model's; or a plan on the
         levels, whose pruned layers each layer is solved on) at `path` (default: under the model cache, named by the
@@ -172,7 +173,9 @@ class Pruner:
             raise ValueError(f"{name.upper()} chooses its hyperparameter on a task's validation split: make the "
                              "pruner with Pruner.for_task")
         best, scores = None, {}
-        for value, sparsity in self.candidates(name, target).items():
+        candidates = self.candidates(name, target).items()
+        for value, sparsity in bar(candidates, desc=f"{name} at {target:g} ({method}): tuning on validation",
+                                   unit="point"):
             plan = CompressionPlan(sparsity, method=method)
             seen = ("validation", weight_part(plan, True), n)  # uniform is every tuned allocation's first candidate
             if seen not in self.found:

@@ -323,7 +323,7 @@ def apply_sequential(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights,
                                      plan.ratio(i, name), plan.nm, sq_norm[name].sqrt())
                 achieved[(i, name)] = removed / linear.weight.numel()
 
-    layer_by_layer(loaded, batches, observe, prune)
+    layer_by_layer(loaded, batches, observe, prune, desc=f"{plan.method}, layer by layer")
     return achieved
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmmlab.models import Loaded
+from lmmlab.progress import bar
 
 
 class _StopForward(Exception):
@@ -36,16 +37,19 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_by_layer(loaded: Loaded, batches: list[dict], observe, prune) -> None:
+def layer_by_layer(loaded: Loaded, batches: list[dict], observe, prune, *, desc: str = "prune layer by layer",
+                   progress: bool | None = None) -> None:
     """The sequential recipe of SparseGPT's and Wanda's reference code: calibrate and prune the decoder one layer at
     a time, each layer seeing what the already-pruned layers before it produce.
 
       for layer i:  run the calibration inputs through it, feeding every linear's input tokens (padding left out,
                     x [tokens, d_in]) to `observe(i)[name]`;  `prune(i)`;  run them again: the next layer's inputs.
     Linears that read the same tensor in a forward (q, k and v; gate and up) are fed the same token tensor object.
+    `desc` names the progress bar (one step per layer; `progress` None: `lmmlab.progress`'s switch).
     """
     inputs = decoder_inputs(loaded, batches)
-    for i, layer in enumerate(loaded.layers):
+    for i, layer in bar(enumerate(loaded.layers), total=len(loaded.layers), desc=desc, unit="layer",
+                            enabled=progress):
         mask: list[torch.Tensor] = []
         taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's inputs, by identity
 

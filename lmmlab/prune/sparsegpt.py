@@ -251,4 +251,4 @@ def apply_sparsegpt(loaded: Loaded, plan: CompressionPlan, batches: list[dict], 
             for name, (W, _) in zip(names, solved):
                 linears[name].weight.data.copy_(W)
 
-    layer_by_layer(loaded, batches, observe, prune)
+    layer_by_layer(loaded, batches, observe, prune, desc="sparsegpt, layer by layer")

@@ -64,6 +64,7 @@ from typing import Sequence
 
 import optuna
 
+from lmmlab.progress import bar
 from lmmlab.prune import allocate
 from lmmlab.prune.pruner import Pruner
 from lmmlab.prune.export import weight_format_bytes
@@ -319,6 +320,7 @@ def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> N
     starts a trial only while finished + RUNNING < n_trials; else it waits (`poll_s`) for the other workers' running
     trials, failing and re-queueing those that stopped beating."""
     waiting = False
+    shown = bar(total=n_trials, desc=f"search {study.study_name} (trials, all workers)", unit="trial")
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -326,7 +328,9 @@ def run_until(study: optuna.Study, objective, n_trials: int, poll_s: float) -> N
         trials = study.get_trials(deepcopy=False)
         complete = sum(map(finished, trials))
         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        shown.update(min(complete, n_trials) - shown.n)
         if complete >= n_trials:
+            shown.close()
             return
         if complete + running < n_trials:
             study.optimize(objective, n_trials=1)

@@ -37,6 +37,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
+from lmmlab.progress import bar
 from lmmlab.prune import allocate
 from lmmlab.kv import pairs as kvpairs
 from lmmlab.prune.pruner import Pruner
@@ -346,15 +347,13 @@ class StagedSearch:
 
         done = sum(t.state == TrialState.COMPLETE for t in tpe)
         with self.watch.time("tpe"):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.tpe_trials, initial=done, desc="search: first stage (trials)",
-                       disable=not self.progress)
+            trials = bar(total=config.tpe_trials, initial=done, desc="search: first stage (TPE trials)",
+                         enabled=self.progress or None)
             while done < config.tpe_trials:
                 self.study.optimize(objective, n_trials=1)
                 done += 1
-                bar.update(1)
-            bar.close()
+                trials.update(1)
+            trials.close()
         best = min((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                     if t.user_attrs.get("stage") == "tpe"), key=lambda t: (t.value, t.number))
         return CompressionPlan(**best.user_attrs["plan"]), best.value
@@ -402,12 +401,10 @@ class StagedSearch:
         def score(genome: Genome, tokens: int, start_row: int) -> float:
             return self.fitness(plan_of(genome), ref, ref.order(tokens, start=start_row % len(ref.rows)))
 
-        from tqdm.auto import tqdm
-
         generations = config.generations[r - 1]
         with self.watch.time(f"evolution {r}"):
-            for g in tqdm(range(len(done), generations), desc=f"search: evolution round {r} (generations)",
-                          disable=not self.progress):
+            for g in bar(range(len(done), generations), desc=f"search: evolution round {r} (generations)",
+                         enabled=self.progress or None):
                 t0 = time.perf_counter()
                 candidates = evo.generation(parent, g, score)
                 self._record(stage, g, candidates, plan_of, time.perf_counter() - t0)
