@@ -159,7 +159,7 @@ def load_model(
     name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | None = None
 ) -> Loaded:
     """Load the default model, a saved folder, or a hub id into a `Loaded` (model in eval mode)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
     from transformers import LlavaForConditionalGeneration
 
     if isinstance(dtype, str):
@@ -169,24 +169,26 @@ def load_model(
     source = resolve(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    from lmmlab.kv.attention import use_packed_attention
+    from lmmlab.models.checkpoint import exported_model, quiet_stub, read_config
+
     try:
-        config = AutoConfig.from_pretrained(source)
+        config, sparse = read_config(source)  # a bitmask export's real config and sparsity_config (prune.export)
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {err}") from None
-    from lmmlab.kv.attention import use_packed_attention
-    from lmmlab.models.checkpoint import exported_model
-
-    model = exported_model(source, config, dtype)  # a compressed-tensors export (lmmlab.export), decompressed
-    # straight onto an accelerator (no full copy in host memory on the way); on the CPU the weights stay mapped
+    model = None if sparse is None else exported_model(source, config, sparse, dtype)  # a bitmask export, decompressed
+    # other checkpoints load straight onto an accelerator (no full copy in host memory on the way); on the CPU the
+    # weights stay mapped
     placement = {"device_map": device} if device.startswith("cuda") else {}
-    if hasattr(config, "vision_config"):
-        if model is None:
-            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement)
-        processor = AutoProcessor.from_pretrained(source)
-    else:
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
-        processor = AutoTokenizer.from_pretrained(source)
+    with quiet_stub(sparse):
+        if hasattr(config, "vision_config"):
+            if model is None:
+                model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement)
+            processor = AutoProcessor.from_pretrained(source)
+        else:
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+            processor = AutoTokenizer.from_pretrained(source)
     model.to(device).eval()
     use_packed_attention(model)  # SDPA as before, plus decode attention over a packed KV store (lmmlab.attention)
     return Loaded(name=str(name_or_path), model=model, processor=processor, layers=decoder_layers(model))

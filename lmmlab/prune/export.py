@@ -1,17 +1,28 @@
-"""Export: a pruned model as a compressed-tensors checkpoint, and what its weights cost in each storage format.
+"""Export: a pruned model written as a checkpoint folder, and what its weights cost in each storage format.
 
-`export(loaded, plan, out)` writes a new folder holding the model's config.json, whose `quantization_config` carries
-compressed-tensors' `sparsity_config`; its weights in safetensors, every compressed linear in the sparse format below
-and every other tensor dense under its usual name; the processor (or tokenizer); and `compression_plan.json` (the
-plan, per-layer KV widths included). `lmmlab.models.load_model(folder)` decompresses it back to the dense pruned
-weights (`exported_model`), so the reloaded model gives the in-memory pruned model's logits exactly.
+`export(loaded, plan, out, fmt=...)` writes a new folder, atomically, in one of two formats (`EXPORT_FORMATS`):
 
-The formats are compressed-tensors' sparse ones, laid out as vLLM and compressed-tensors <= 0.14 read them.
-compressed-tensors 0.20 keeps their configs (`BitmaskConfig`, `Sparse24BitMaskConfig`) and the bit packing
-(`pack_bitmasks`, `unpack_bitmasks`) but no longer ships their compressors, and transformers 5 (which needs
-compressed-tensors >= 0.15) no longer decompresses them: a plain `from_pretrained(folder)` reports the compressed
-linears' weights as missing and leaves them randomly initialised. So lmmlab writes and reads the tensors itself.
-A compressed linear at checkpoint path P, with weight W [R, C] of e bytes per element and Z non-zeros, is stored as
+  dense (the default)  for stock tools: an ordinary save_pretrained checkpoint with the pruned weights as zeros in
+                       place, in the model's dtype, no `quantization_config` and no `sparsity_config`;
+                       `AutoModelForCausalLM` / `LlavaForConditionalGeneration.from_pretrained(folder)` load it with
+                       stock transformers (and so does anything that reads a dense checkpoint). As many bytes as the
+                       dense model.
+  bitmask              for bytes on disk, readable by lmmlab only: every compressed linear as its non-zeros and a
+                       1-bit-per-weight mask (compressed-tensors' sparse-bitmask and sparse-24-bitmask tensor
+                       layouts, below). No released loader decompresses these any more (compressed-tensors >= 0.15
+                       ships no sparse compressors; transformers 5, given a config.json with a `sparsity_config`,
+                       loads without an error and leaves the compressed linears randomly initialised). So the folder
+                       is laid out for stock loaders to refuse: config.json is a stub of model_type "lmmlab_bitmask"
+                       (holding the real config and the sparsity_config; AutoConfig raises on it) and the weights are
+                       lmmlab-bitmask*.safetensors, not model*.safetensors (a model class's from_pretrained raises:
+                       no weights file). `lmmlab.models.checkpoint` reads it.
+
+Both hold the processor (or tokenizer), `compression_plan.json` (the `CompressionPlan`: per-layer ratios and K/V
+widths, which `lmmlab.kv.cache.kv_cache_for(plan, loaded)` turns into the per-layer KV cache) and a model card,
+README.md (`prune.card`). `lmmlab.models.load_model(folder)` reads both back to the dense pruned weights, so the
+reloaded model gives the in-memory pruned model's logits exactly.
+
+In a bitmask export, a compressed linear at checkpoint path P, with weight W [R, C] of e bytes per element and Z non-zeros, is stored as
 
   sparse-bitmask (unstructured, and N:M patterns other than 2:4; sparsity_structure "unstructured" or "N:M")
     P.compressed   [Z]         W's non-zeros, row by row, W's dtype               Z·e bytes
@@ -31,9 +42,9 @@ sparsity 0, the vision side unless `vision_sparsity` > 0) are stored dense and l
 every other linear (lm_head). The config's `targets` is ["Linear"].
 
 Weight bytes (`weight_format_bytes`), every parameter and persistent buffer counted once (tied weights once):
-  dense     Σ numel·e over everything
+  dense     Σ numel·e over everything: exactly the bytes of the tensors in a dense export's safetensors
   bitmask   the compressed linears at their bytes above, everything else dense: exactly the bytes of the tensors in
-            the export's safetensors
+            a bitmask export's safetensors
   nonzeros  the prunable linears' non-zeros only, Z·e with no index (a lower bound no real format reaches; the
             `ablate.weight_bytes` figure), everything else dense
 On disk (`disk_bytes`): the sizes of the folder's *.safetensors files, i.e. the tensor bytes plus each file's header.
@@ -47,12 +58,16 @@ from pathlib import Path
 import torch
 
 from lmmlab.files import atomic_folder
+from lmmlab.kv.budget import check_settings
 from lmmlab.models import Loaded, saved_names
-from lmmlab.models.checkpoint import BITMASK, BITMASK_24
+from lmmlab.models.checkpoint import BITMASK, BITMASK_24, BITMASK_WEIGHTS, bitmask_stub
 from lmmlab.plan import CompressionPlan
 
-FORMATS = ("dense", "bitmask", "nonzeros")
+FORMATS = ("dense", "bitmask", "nonzeros")  # weight byte counts (`weight_format_bytes`)
+EXPORT_FORMATS = ("dense", "bitmask")  # what `export` writes; an export's tensors hold its format's bytes above
+DEFAULT_EXPORT_FORMAT = "dense"
 PLAN_FILE = "compression_plan.json"
+CARD_FILE = "README.md"
 
 
 def sparse_format(pattern: str) -> str:
@@ -175,45 +190,80 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not empty; pass a new folder")
 
 
-def compress(pruner, plan: CompressionPlan, out: str | Path, *, export_format: bool = False) -> dict:
-    """Prune the pruner's model to `plan` and save it to `out` — with `save_pretrained` and the plan beside it, or
-    (`export_format`) as an `export` — and return what it holds: achieved sparsity, kept and dense bytes of the
-    decoder linears, and the export's format and bytes."""
-    from lmmlab.models import save_atomic
-    from lmmlab.prune.scores import sparsity_of
+def check_format(fmt: str) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(EXPORT_FORMATS)}")
 
+
+def check_plan(loaded: Loaded, plan: CompressionPlan) -> None:
+    """Refuse a plan made for another model: another number of decoder layers, per-linear ratios for linears the
+    model's layers lack, KV settings its head dimension cannot take, or a vision ratio for a text-only model."""
+    plan.check_layers(loaded.num_layers)
+    for i, ratios in enumerate(plan.module_sparsity):
+        unknown = sorted(set(ratios) - set(loaded.linears(i)))
+        if unknown:
+            raise ValueError(f"plan gives ratios to {', '.join(unknown)} in layer {i}, which the model does not have "
+                             f"(its linears: {', '.join(sorted(loaded.linears(i)))}); is the plan for another model?")
+    for k, v in sorted(set(zip(plan.key_widths, plan.value_widths))):
+        check_settings(k, plan.kv_group_size, plan.kv_residual, loaded.head_dim, value_bits=v)
+    if plan.vision_sparsity and not loaded.is_multimodal:
+        raise ValueError(f"plan prunes a vision tower (vision_sparsity {plan.vision_sparsity:g}) but the model is "
+                         "text-only; is the plan for another model?")
+
+
+def compress(pruner, plan: CompressionPlan, out: str | Path, *, fmt: str = DEFAULT_EXPORT_FORMAT,
+             allocation: str | None = None, metrics: dict | None = None) -> dict:
+    """Prune the pruner's model to `plan` and `export` it to `out` in `fmt`; return what `export` returns plus the
+    kept and dense bytes of the decoder linears (`plan.weight_summary`) and the model's weight bytes in every format
+    (`weights_<format>_bytes`, `weight_format_bytes`)."""
     out = Path(out)
+    check_format(fmt)
     check_out(out)
     loaded = pruner.loaded
-    plan.check_layers(loaded.num_layers)
+    check_plan(loaded, plan)
     if plan.vision_sparsity and not pruner.has_vision_stats:
         raise ValueError("vision sparsity (--vision-sparsity, or the plan's vision_sparsity) needs a task with images; "
                          "this pruner calibrated the language model only")
     pruner.apply(plan)
-    summary = {}
-    if export_format:
-        config = export(loaded, plan, out)
-        summary = {"format": config["format"], "structure": config["sparsity_structure"],
-                   "dense_linears": len(config["ignore"]), "disk_bytes": disk_bytes(out),
-                   **{f"{fmt}_bytes": weight_format_bytes(loaded, fmt, pattern=plan.pattern) for fmt in FORMATS}}
-    else:
-        save_atomic(loaded.model, loaded.processor, out, extra={PLAN_FILE: json.loads(plan.to_json())})
+    written = export(loaded, plan, out, fmt=fmt, allocation=allocation, metrics=metrics)
     per_layer = [sum(lin.weight.numel() for lin in loaded.linears(i).values()) for i in range(loaded.num_layers)]
-    return {"achieved_sparsity": sparsity_of(loaded), **plan.weight_summary(per_layer, loaded.model.dtype.itemsize),
-            **summary}
+    return {**plan.weight_summary(per_layer, loaded.model.dtype.itemsize), **written,
+            **{f"weights_{f}_bytes": weight_format_bytes(loaded, f, pattern=plan.pattern) for f in FORMATS}}
 
 
-def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
-    """Write the model, which must hold `plan`'s pruned weights (`Pruner.apply(plan)`), as a compressed-tensors
-    checkpoint in the new folder `out`, atomically: into a temporary sibling folder, then renamed. The format is
-    `sparse_format(plan.pattern)`; the prunable linears that `is_compressed` are compressed, every other linear is
-    stored dense and listed in `ignore` (module docstring). Refuses an `out` that exists and is not empty, and a plan
-    for another number of decoder layers. Returns the sparsity_config written to config.json."""
-    from compressed_tensors.config import SparsityCompressionConfig
+def export(loaded: Loaded, plan: CompressionPlan, out: str | Path, *, fmt: str = DEFAULT_EXPORT_FORMAT,
+           allocation: str | None = None, metrics: dict | None = None) -> dict:
+    """Write the model, which must hold `plan`'s pruned weights (`Pruner.apply(plan)`), to the new folder `out` in
+    `fmt` ("dense" or "bitmask", the module docstring), atomically: into a temporary sibling folder, then renamed; with
+    the processor, `compression_plan.json` and the model card (`allocation` and `metrics` go into the card). Refuses an
+    `out` that exists and is not empty, a plan for another model (`check_plan`) and a quantized model. Returns what
+    it wrote: format, achieved_sparsity, disk_bytes, and for bitmask the layout, structure, the number of linears
+    stored dense and the sparsity_config."""
+    from lmmlab.prune.card import model_card
+    from lmmlab.prune.scores import sparsity_of
 
     out = Path(out)
+    check_format(fmt)
     check_out(out)
-    plan.check_layers(loaded.num_layers)
+    check_plan(loaded, plan)
+    if getattr(loaded.model.config, "quantization_config", None) is not None:
+        raise ValueError("the model is quantized (its config has a quantization_config); export a dense model")
+    with atomic_folder(out) as tmp:  # an existing `out` is empty (checked above)
+        loaded.model.save_pretrained(tmp)
+        written = _to_bitmask(loaded, plan, tmp) if fmt == "bitmask" else {"format": "dense"}
+        loaded.processor.save_pretrained(tmp)
+        (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
+        written.update(achieved_sparsity=sparsity_of(loaded), disk_bytes=disk_bytes(tmp))
+        (tmp / CARD_FILE).write_text(model_card(loaded, plan, written, allocation=allocation, metrics=metrics))
+    return written
+
+
+def _to_bitmask(loaded: Loaded, plan: CompressionPlan, folder: Path) -> dict:
+    """Turn the save_pretrained checkpoint in `folder` into a bitmask export: the prunable linears that
+    `is_compressed` compressed, every other linear dense and listed in `ignore`, the files renamed and config.json
+    replaced by its stub (`models.checkpoint`)."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
     fmt = sparse_format(plan.pattern)
     linears = {name: m for name, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
     saved = saved_names(loaded.model, [f"{name}.weight" for name in linears])
@@ -229,24 +279,27 @@ def export(loaded: Loaded, plan: CompressionPlan, out: str | Path) -> dict:
     config = SparsityCompressionConfig.load_from_registry(
         fmt, targets=["Linear"], ignore=ignore, global_sparsity=zeros / params,
         sparsity_structure=plan.pattern).model_dump()
+    _compress_files(folder, compressed, fmt)
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps(bitmask_stub(json.loads(config_file.read_text()), config), indent=2) + "\n")
+    return {"format": "bitmask", "layout": fmt, "structure": plan.pattern, "dense_linears": len(ignore),
+            "sparsity_config": config}
 
-    with atomic_folder(out) as tmp:  # an existing `out` is empty (checked above)
-        loaded.model.save_pretrained(tmp)
-        _compress_files(tmp, compressed, fmt)
-        _add_sparsity_config(tmp / "config.json", config)
-        loaded.processor.save_pretrained(tmp)
-        (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
-    return config
+
+def _bitmask_name(name: str) -> str:
+    """save_pretrained's file name (model.safetensors, model-00001-of-00002.safetensors, the index) -> the bitmask
+    export's, which stock loaders do not look for."""
+    return BITMASK_WEIGHTS + name[len("model"):]
 
 
 def _compress_files(folder: Path, names: set[str], fmt: str) -> None:
     """Replace each tensor `P.weight` named in `names` by its P.<param> tensors in `fmt`, in every *.safetensors of
-    `folder` (and its shard index)."""
+    `folder` (and its shard index), and rename the files (`_bitmask_name`)."""
     from safetensors.torch import load_file, save_file
 
     index_file = folder / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else None
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(folder.glob("model*.safetensors")):
         tensors = load_file(file)
         for name in [n for n in tensors if n in names]:
             prefix = name[:-len(".weight")]
@@ -255,22 +308,10 @@ def _compress_files(folder: Path, names: set[str], fmt: str) -> None:
             if index is not None:
                 del index["weight_map"][name]
                 index["weight_map"].update({f"{prefix}.{part}": file.name for part in parts})
-        save_file(tensors, file, metadata={"format": "pt"})
+        save_file(tensors, folder / _bitmask_name(file.name), metadata={"format": "pt"})
+        file.unlink()
     if index is not None:
+        index["weight_map"] = {name: _bitmask_name(file) for name, file in index["weight_map"].items()}
         index.setdefault("metadata", {})["total_size"] = tensor_bytes(folder)
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _add_sparsity_config(config_file: Path, sparsity_config: dict) -> None:
-    """config.json's quantization_config as compressed-tensors writes it for a sparse-only model."""
-    import compressed_tensors
-
-    config = json.loads(config_file.read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
-                                     "sparsity_config": sparsity_config}
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------- load
-
-
+        (folder / _bitmask_name(index_file.name)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index_file.unlink()
