@@ -6,8 +6,9 @@ up another); `apply_sparsegpt` runs them layer by layer (`prune.sequential.layer
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -45,19 +46,21 @@ class SparseGPT:
     def __init__(self, linear: torch.nn.Linear):
         self.linear = linear
         self.columns = linear.weight.shape[1]
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64,
-                             device=linear.weight.device)  # [d_in, d_in]
+        self.XtX = torch.zeros(self.columns, self.columns, dtype=torch.float64,
+                               device=linear.weight.device)  # [d_in, d_in]: Σ_t x_t x_tᵀ
         self.nsamples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """x: [tokens, d_in] inputs of the linear. Keeps H = (2 / n) Σ_t x_t x_tᵀ as a running mean in float64; each
-        batch's product is taken in float32 (a fixed-shape GEMM, the same whatever the thread count) and added in
-        float64."""
+        """x: [tokens, d_in] inputs of the linear, added to XᵀX: each batch's product taken in float32 (a
+        fixed-shape GEMM, the same whatever the thread count) and summed in float64 — one pass over H per batch; the
+        mean H = (2 / n) XᵀX is formed once (`hessian`)."""
         x = x.float()
-        n = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        self.H += (x.T @ x).to(torch.float64) * (2 / self.nsamples)
+        self.nsamples += x.shape[0]
+        self.XtX += x.T @ x
+
+    def hessian(self) -> torch.Tensor:
+        """H = (2 / n) Σ_t x_t x_tᵀ [d_in, d_in], float64 (a new tensor)."""
+        return self.XtX * (2 / max(self.nsamples, 1))
 
     @torch.no_grad()
     def inverse_hessian(self, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +68,7 @@ class SparseGPT:
         reached (H_jj = 0; their H_jj is set to 1 and their weights are zeroed by `solve`); Hinv [d_in, d_in] float32
         is the upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H): row i holds the OBS update of columns
         ≥ i after removing column i. Factored in float64 on one thread (see the class docstring)."""
-        H = self.H.clone()
+        H = self.hessian()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         damp = percdamp * torch.mean(torch.diag(H))
@@ -126,7 +129,6 @@ class SparseGPT:
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             prune_mask = torch.zeros_like(W1, dtype=torch.bool)
@@ -144,17 +146,14 @@ class SparseGPT:
             else:
                 n, m = nm
             for i in range(i2 - i1):
-                w = W1[:, i]
-                d = Hinv1[i, i]
                 if nm is not None and i % m == 0:
                     saliency = W1[:, i : i + m] ** 2 / torch.diag(Hinv1)[i : i + m][None, :] ** 2
                     prune_mask.scatter_(1, i + torch.topk(saliency, m - n, dim=1, largest=False).indices, True)
-                q = w.clone()
-                q[prune_mask[:, i]] = 0
-                Q1[:, i] = q
-                err = (w - q) / d
-                W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+                # err = (w - q) / [H⁻¹]_ii with q = w but 0 where pruned; W1[:, i] keeps w (q is formed per block)
+                err = torch.where(prune_mask[:, i], W1[:, i], 0.0) / Hinv1[i, i]  # [Σ d_out]
+                W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]
                 Err1[:, i] = err
+            Q1 = W1.masked_fill(prune_mask, 0.0)
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
             pruned[:, i1:i2] = prune_mask
@@ -171,13 +170,13 @@ class SparseGPT:
         self.linear.weight.data.copy_(W)
 
     def free(self) -> None:
-        self.H = None
+        self.XtX = None
 
 
 class LayerHessians:
     """The SparseGPT Hessians of one decoder layer's linears, one per distinct input: linears fed the same token
     tensor in a forward (`layer_by_layer`: q, k and v read the same hidden states, gate and up too) share one H,
-    accumulated once and factored once. `observers()` go to `layer_by_layer`'s `observe`; then `factors()`."""
+    accumulated once and factored once. `observers()` go to `layer_by_layer`'s `observe`; then `groups()`."""
 
     def __init__(self, linears: dict[str, torch.nn.Linear]):
         self.linears = linears
@@ -205,27 +204,20 @@ class LayerHessians:
         solver.add_batch(x)
         self._seen.append((x, solver))
 
-    def groups(self, percdamp: float = 0.01) -> list[tuple[list[str], tuple[torch.Tensor, torch.Tensor]]]:
-        """[(the linears sharing one Hessian, its (Hinv, dead))], each Hessian factored once; the Hessians are
-        freed."""
-        factors = self.factors(percdamp)
-        groups: dict[int, list[str]] = {}
+    def groups(self, percdamp: float = 0.01) -> Iterator[tuple[list[str], tuple[torch.Tensor, torch.Tensor]]]:
+        """Yields (the linears sharing one Hessian, its (Hinv, dead)), each Hessian factored once; the Hessians are
+        freed at the end. The factors are taken in order on a worker thread, so the next group's is under way
+        while the caller solves this one; each runs on one torch thread (`one_thread`), so the overlap changes no
+        result."""
+        shared: dict[int, tuple[SparseGPT, list[str]]] = {}
         for name, solver in self.solver.items():
-            groups.setdefault(id(factors[name][0]), []).append(name)
-        return [(names, factors[names[0]]) for names in groups.values()]
-
-    def factors(self, percdamp: float = 0.01) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{linear name: (Hinv, dead)} (`SparseGPT.inverse_hessian`), each shared Hessian factored once; the
-        Hessians are freed."""
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        out = {}
-        for name, solver in self.solver.items():
-            if id(solver) not in done:
-                done[id(solver)] = solver.inverse_hessian(percdamp)
-            out[name] = done[id(solver)]
-        for solver in self.solver.values():
+            shared.setdefault(id(solver), (solver, []))[1].append(name)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            futures = [(names, pool.submit(solver.inverse_hessian, percdamp)) for solver, names in shared.values()]
+            for names, future in futures:
+                yield names, future.result()
+        for solver, _ in shared.values():
             solver.free()
-        return out
 
 
 @torch.no_grad()
