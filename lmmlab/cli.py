@@ -31,10 +31,16 @@ def task_of(args):
 
 
 def model_of(args, task=None):
-    """The model of --model/--dtype/--device, checked against the task."""
+    """The model of --model/--dtype/--device, checked against the task; with --compressed its pruned linears held
+    compressed in memory (`models.sparse_linear`)."""
     from lmmlab.lab.session import load_checked
 
-    return load_checked(args.model, task, dtype=args.dtype, device=args.device)
+    loaded = load_checked(args.model, task, dtype=args.dtype, device=args.device)
+    if getattr(args, "compressed", False):
+        from lmmlab.models.sparse_linear import compress_linears
+
+        compress_linears(loaded)
+    return loaded
 
 
 def pruner_of(args, loaded, task, n: int | None = None):
@@ -71,6 +77,7 @@ def per_layer_config(args, **overrides):
     return PerLayerConfig(
         target_sparsity=args.target_sparsity, kv_budget_bits=args.kv_budget, n_trials=args.n_trials or 100,
         objective=args.objective, multi_objective=args.multi_objective, method=args.method or "wanda",
+        cost_model=getattr(args, "cost_model", None),
         kv_widths=tuple(args.kv_widths), spread=args.spread, groups=args.groups, kv_group_size=args.kv_group_size,
         kv_residual=args.kv_residual, n_eval=args.n_eval, context_tokens=args.context_tokens, seed=args.seed,
         kv_budget_unit=args.kv_budget_unit, sampler=args.sampler, multi_fidelity=args.multi_fidelity,
@@ -81,14 +88,14 @@ def attach_database(args, pruner) -> None:
     """With --database-levels or --database, give the pruner its SparseGPT layer database (built once, reused);
     --database-inputs LEVEL solves each layer on the uniform plan's pruned inputs at that level."""
     from lmmlab.plan import CompressionPlan
-    from lmmlab.prune.database import parse_levels
+    from lmmlab.prune.database import DEFAULT_LEVELS, parse_levels
 
     if args.database_levels is None and args.database is None:
         return
     inputs = args.database_inputs
     reference = None if inputs == "dense" else CompressionPlan.uniform(pruner.loaded.num_layers, float(inputs),
                                                                        method="sparsegpt")
-    pruner.attach_database(levels=parse_levels(args.database_levels or "0.3:0.9:0.05"), path=args.database,
+    pruner.attach_database(levels=parse_levels(args.database_levels or DEFAULT_LEVELS), path=args.database,
                            reference=reference, progress=show_progress(args))
 
 
@@ -321,6 +328,30 @@ def cmd_database(args) -> None:
           f"built in {m.get('build_seconds', float('nan')):.0f} s")
 
 
+def cmd_lmms_eval(args) -> None:
+    from lmmlab.lab.lmms_model import parse_data, run_lmms
+
+    if args.json is not None and args.json.is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give a file name")
+    results, plan = run_lmms(args.model, args.tasks, parse_data(args.tasks, args.data), plan=args.plan,
+                             calibration_task=args.calibration_task, n_calibration=args.n_calibration,
+                             dtype=args.dtype, device=args.device, limit=args.limit,
+                             max_new_tokens=args.max_new_tokens, log_samples=args.json is not None)
+    what = "dense" if plan is None else f"{plan.method} {plan.mean_sparsity:.2f}, KV bits {plan.mean_kv_bits:g}"
+    for task in args.tasks:
+        metrics = {k.split(",")[0]: v for k, v in results["results"][task].items()
+                   if "," in k and "stderr" not in k and isinstance(v, float)}
+        print(f"{args.model} ({what}) on lmms-eval {task} ({results['n-samples'][task]['effective']} documents): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.json:
+        write_json(args.json, {"model": args.model, "plan": None if plan is None else json.loads(plan.to_json()),
+                               "results": results["results"],
+                               "answers": {t: [{"doc_id": x["doc_id"], "target": str(x["target"]),
+                                                "answer": x["filtered_resps"][0]} for x in samples]
+                                           for t, samples in results.get("samples", {}).items()}})
+        print(f"wrote {args.json}")
+
+
 def cmd_dashboard(args) -> None:
     import optuna_dashboard
 
@@ -414,12 +445,40 @@ def cmd_report(args) -> None:
     print("wrote " + ", ".join(map(str, write_report(args.results, args.readme))))
 
 
+def cmd_bench_e2e(args) -> dict:
+    """`bench e2e`: every input checked before anything is built; the rows written only when all are measured."""
+    from lmmlab.lab.bench_e2e import QUICK, bench_e2e
+
+    options = dict(steps=args.steps, repeats=args.repeats, prefill_tokens=args.prefill_tokens)
+    if args.quick:
+        options.update(QUICK)
+    if args.rows is not None:  # fit the cost model on rows measured before
+        if not args.rows.is_file():
+            raise FileNotFoundError(f"--rows {args.rows}: no such file (a JSON written by `lmmlab bench e2e`)")
+        result = json.loads(args.rows.read_text())
+    else:
+        shapes = (args.shape or "smollm2-135m,llava-1.5-7b").split(",")
+        result = bench_e2e(shapes, contexts=tuple(args.contexts), plans=tuple(args.plans),
+                           kv_bits=tuple(args.kv_widths), layers=args.layers, dtype=args.dtype, threads=args.threads,
+                           kernel=args.kernel, fresh_process=not args.in_process, **options)
+        args.json = args.json or TABLES / "bench_e2e.json"
+    if args.fit_cost:
+        from lmmlab.search.cost import fit_e2e
+
+        model, result["cost_model"] = fit_e2e(result["rows"])
+        model.save(args.cost_out or TABLES / "cost_model.json")
+    return result
+
+
 def cmd_bench(args) -> None:
     from lmmlab.lab import bench
 
-    if args.what == "memory":
+    if args.what == "e2e":
+        result = cmd_bench_e2e(args)
+    elif args.what == "memory":
         from lmmlab.lab.bench_memory import bench_memory, check_shape
 
+        args.shape = args.shape or "llava-1.5-7b"
         check_shape(args.shape, args.layers)  # before anything is built
         result = bench_memory(args.shape, layers=args.layers, dtype=args.dtype or "float16")
     else:
@@ -440,6 +499,12 @@ def add_model_args(p: argparse.ArgumentParser, default: str = "lmmlab-default") 
                    help="lmmlab-default (the toy LLaVA), smollm2-135m, a saved folder or a hub id")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on GPU, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_compressed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compressed", action="store_true",
+                   help="hold the model's pruned linears compressed in memory (bitmask + kept values; decode reads "
+                        "them as they are); such a model cannot be pruned again")
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -565,6 +630,9 @@ def add_per_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default=None, help="the task's primary metric (default) or 'loss'")
     p.add_argument("--multi-objective", action="store_true",
                    help="primary metric vs memory (weights + KV at --context-tokens), the budgets searched too")
+    p.add_argument("--cost-model", default=None,
+                   help="with --multi-objective: minimise the decode seconds per token this cost model (written by "
+                        "`lmmlab bench e2e --fit-cost`) predicts at --context-tokens instead of memory")
     p.add_argument("--kv-widths", type=int, nargs="+", default=list(KV_BITS), help="allowed KV widths")
     p.add_argument("--spread", type=float, default=d.spread, help="per-layer sparsity offsets within ± this")
     p.add_argument("--groups", type=int, default=None, help="bins of consecutive layers sharing one choice")
@@ -721,6 +789,7 @@ def add_model_parsers(sub) -> None:
                    help="KV cache bits: one width for every layer or one per layer, from 2 3 4 6 8 16 (default 16)")
     add_kv_layout_args(p)
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    add_compressed_arg(p)
     p.set_defaults(func=cmd_eval)
 
     for name in ("prune", "export"):
@@ -738,6 +807,7 @@ def add_model_parsers(sub) -> None:
             p.add_argument("--vision-sparsity", type=float, default=0.0,
                            help="also prune the vision tower's and projector's linears at this ratio")
         p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
+        add_compressed_arg(p)
         p.add_argument("--format", choices=EXPORT_FORMATS, default=DEFAULT_EXPORT_FORMAT,
                        help="dense: a plain checkpoint with the zeros in place that stock transformers loads; bitmask: "
                             "non-zeros and a 1-bit mask, fewer bytes on disk, readable by lmmlab only "
@@ -752,7 +822,9 @@ def add_model_parsers(sub) -> None:
     p = sub.add_parser("database", help="build (or check) a SparseGPT layer database: every decoder layer solved "
                                         "at a grid of levels, on the dense model's or a reference plan's inputs")
     add_model_task_args(p)
-    p.add_argument("--levels", default="0.3:0.9:0.05", help="the grid: START:STOP:STEP or a comma list")
+    from lmmlab.prune.database import DEFAULT_LEVELS
+
+    p.add_argument("--levels", default=DEFAULT_LEVELS, help="the grid: START:STOP:STEP or a comma list")
     p.add_argument("--inputs", default="dense",
                    help="what each layer is solved on: dense (the dense model's inputs), or an allocation's pruned "
                         "layers at --target (uniform, atp, dlp, ...), projected onto the grid")
@@ -785,24 +857,65 @@ def add_other_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
 
+    p = sub.add_parser("lmms-eval", help="lmms-eval's own scienceqa_img / pope / textvqa_val over local parquet "
+                       "files, the model pruned to --plan and decoding through its KV cache (needs `make lmms`)")
+    add_model_args(p)
+    p.add_argument("--tasks", nargs="+", required=True, help="lmms-eval task names: scienceqa_img pope textvqa_val")
+    p.add_argument("--data", action="append", required=True, metavar="TASK=PATH",
+                   help="each task's parquet file or lmms-lab folder (repeatable; a bare PATH for a single task)")
+    p.add_argument("--plan", type=Path, default=None, help="a CompressionPlan JSON (sparsity and KV widths)")
+    p.add_argument("--calibration-task", default=None, help="calibrate the plan's pruning on this task's data")
+    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's generation length")
+    p.add_argument("--json", type=Path, default=None, help="also write the results and per-document samples here")
+    p.set_defaults(func=cmd_lmms_eval)
+
     p = sub.add_parser("report", help="results/REPORT.md from results/tables (and the README's headline table)")
     p.add_argument("--results", type=Path, default=RESULTS, help="the results folder")
     p.add_argument("--readme", type=Path, default=Path("README.md"), help="the README whose headline table to update")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks printed as JSON")
-    p.add_argument("what", choices=["prune", "kv", "search", "memory"], help="what to measure")
+    p.add_argument("what", choices=["prune", "kv", "search", "memory", "e2e"], help="what to measure")
     add_model_task_args(p)
-    p.add_argument("--shape", default="llava-1.5-7b",
-                   help="memory: the widths to build at random: llava-1.5-7b, llava-1.5-13b or tiny")
+    p.add_argument("--shape", default=None,
+                   help="memory: the widths to build at random: llava-1.5-7b (default), llava-1.5-13b or tiny; e2e: "
+                        "a comma list of smollm2-135m (real weights), llava-1.5-7b, tiny (default: the first two)")
     p.add_argument("--layers", type=int, default=2,
-                   help="memory: decoder layers built (measured at layers // 2 and layers, extrapolated to full depth)")
+                   help="memory, e2e: decoder layers built (measured at layers // 2 and layers, extrapolated to full depth)")
     p.add_argument("--database-levels", default=None,
                    help="search: also time trials that stitch SparseGPT levels from a layer database of this grid")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096],
                    help="kv: contexts of the decode steps timed at LLaVA-1.5-7B's shapes")
-    p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", "--out", dest="json", type=Path, default=None,
+                   help="also write the result to this JSON file (e2e: default results/tables/bench_e2e.json)")
+    add_bench_e2e_args(p)
     p.set_defaults(func=cmd_bench)
+
+
+def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
+    from lmmlab.lab.bench_e2e import KV_WIDTHS, PLANS
+
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="e2e: contexts decoded at")
+    p.add_argument("--plans", nargs="+", default=list(PLANS), help="e2e: weight plans, of " + ", ".join(PLANS).replace("%", "%%"))
+    p.add_argument("--kv-widths", type=int, nargs="+", default=list(KV_WIDTHS),
+                   help="e2e: KV cache widths (16: the plain cache; others KIVI, read packed)")
+    p.add_argument("--steps", type=int, default=8, help="e2e: greedy steps per timed group")
+    p.add_argument("--repeats", type=int, default=3, help="e2e: timed groups (the median is reported; >= 3)")
+    p.add_argument("--prefill-tokens", type=int, default=64, help="e2e: tokens of the one timed real prefill")
+    p.add_argument("--threads", type=int, default=None, help="e2e: torch and kernel threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="e2e: 2 steps, 3 repeats, 8 prefill tokens (for tests)")
+    p.add_argument("--in-process", action="store_true",
+                   help="e2e: measure every layout in this process (quick; peak RSS then holds what ran before)")
+    p.add_argument("--kernel", action="store_true",
+                   help="e2e: also the sparse kernel vs the read bandwidth at LLaVA-1.5-7B's linear shapes")
+    p.add_argument("--fit-cost", action="store_true",
+                   help="e2e: fit the per-layer decode cost model (lmmlab.search.cost) on the rows, report its error "
+                        "on held-out rows and write it to --cost-out")
+    p.add_argument("--cost-out", type=Path, default=None, help="e2e: default results/tables/cost_model.json")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="e2e: take the rows from this bench_e2e.json instead of measuring (with --fit-cost)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from lmmlab.progress import bar
 from lmmlab.kv import pairs as kvpairs
+from lmmlab.prune.database import DEFAULT_LEVELS, parse_levels, shared_levels
 from lmmlab.prune.pruner import Pruner
 from lmmlab.search.evolution import Evolution, Genome
 from lmmlab.models import Loaded
@@ -103,8 +104,9 @@ def sampler_ablation(loaded: Loaded, task: Task, *, config: SearchConfig, sample
                 evaluated.update(1)
                 return value
 
-            if name == "evolution":
-                run_evolution(search, low, warm, evaluate, evaluations, offspring, seed)
+            if name == "evolution":  # on the database's levels; a method without one takes the default shared grid
+                grid = low.levels or tuple(shared_levels(loaded, parse_levels(DEFAULT_LEVELS)))
+                run_evolution(search, replace(low, levels=grid), warm, evaluate, evaluations, offspring, seed)
             else:
                 space = PerLayerSpace(low) if name == "tpe-per-layer" else low
                 sampler = make_sampler("tpe" if name.startswith("tpe") else name, seed=seed)

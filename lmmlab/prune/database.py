@@ -62,6 +62,7 @@ FORMAT = 2
 MANIFEST = "manifest.json"
 MATCH = 1e-9  # a requested level within this of a grid level is that level
 GRID_EXAMPLE = "e.g. 0.3:0.9:0.05 or 0.5,0.6,0.7"
+DEFAULT_LEVELS = "0.3:0.9:0.05"  # the shared grid a database is built on unless told otherwise
 COUNT_LEVELS = 8  # EvoPress's num_levels: levels on each side of the reference
 MAX_LEVEL_SPARSITY = 0.99  # count levels above this are left out
 

@@ -61,6 +61,7 @@ from lmmlab.files import atomic_folder
 from lmmlab.kv.budget import check_settings
 from lmmlab.models import Loaded, saved_names
 from lmmlab.models.checkpoint import BITMASK, BITMASK_24, BITMASK_WEIGHTS, bitmask_stub
+from lmmlab.models.sparse_linear import refuse_compressed
 from lmmlab.plan import CompressionPlan
 
 FORMATS = ("dense", "bitmask", "nonzeros")  # weight byte counts (`weight_format_bytes`)
@@ -244,6 +245,7 @@ def export(loaded: Loaded, plan: CompressionPlan, out: str | Path, *, fmt: str =
 
     out = Path(out)
     check_format(fmt)
+    refuse_compressed(loaded, "export")
     check_out(out)
     check_plan(loaded, plan)
     if getattr(loaded.model.config, "quantization_config", None) is not None:

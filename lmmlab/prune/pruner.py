@@ -16,6 +16,7 @@ import torch
 from lmmlab.files import cache_dir
 from lmmlab.progress import bar
 from lmmlab.models import VISION, Loaded
+from lmmlab.models.sparse_linear import compress_linears, decompress_linears, refuse_compressed
 from lmmlab.plan import CompressionPlan, pattern_sparsity
 from lmmlab.prune import allocate
 from lmmlab.prune.allocate import ALLOCATIONS
@@ -50,7 +51,9 @@ class Pruner:
 
     @classmethod
     def calibrated(cls, loaded: Loaded, batches: list[dict]) -> "Pruner":
-        """Calibrate once on `batches` (a task's `calibration_batches`); the vision side too when they hold images."""
+        """Calibrate once on `batches` (a task's `calibration_batches`); the vision side too when they hold images.
+        A model whose linears are held compressed is refused (one-line ValueError): its masks are baked in."""
+        refuse_compressed(loaded)
         vision = loaded.is_multimodal and any("pixel_values" in b for b in batches)
         return cls(loaded, batches, calibrate(loaded, batches, vision=vision), DenseWeights(loaded))
 
@@ -67,10 +70,12 @@ class Pruner:
         database's grid); magnitude, Wanda and RIA re-mask
         from the cached one-pass statistics, or, with `sequential` (Wanda and RIA only), recalibrate layer by layer
         as their reference code does (`prune.apply_sequential`). A plan whose weights are the ones the model already
-        holds (it differs in KV widths only) costs nothing."""
+        holds (it differs in KV widths only) costs nothing; any other plan on a model held compressed (`compress`)
+        is a one-line ValueError."""
         weights = weight_part(plan, sequential) + (self.calibration(plan.method, sequential),)
         if weights == self.applied:
             return
+        refuse_compressed(self.loaded)
         self.applied = None  # until this plan is fully in place
         stitch = plan.method == "sparsegpt" and self.database is not None and not sequential
         if self.database is not None and not stitch:
@@ -222,8 +227,16 @@ class Pruner:
         bits = [kv_bits] * self.loaded.num_layers if isinstance(kv_bits, int) else list(kv_bits)
         return CompressionPlan(self.allocation(allocation, target, method), bits, method=method, **options)
 
+    def compress(self, dtype: torch.dtype | None = None) -> dict[str, int]:
+        """Hold the pruned linears of the plan applied last compressed in memory (`models.sparse_linear`: bitmask +
+        kept values in `dtype`, default the weights'; decode multiplies straight from them). Until `restore`, `apply`
+        refuses any plan with other weights. Returns `compress_linears`' byte counts."""
+        return compress_linears(self.loaded, dtype=dtype)
+
     def restore(self) -> None:
-        """Put the dense weights back (and tell the database its record of the layers no longer holds)."""
+        """Put the dense weights back (decompressing linears held compressed first), and tell the database its
+        record of the layers no longer holds."""
+        decompress_linears(self.loaded, dtype=next(iter(self.dense.dtype.values()), None))
         self.dense.restore(self.loaded)
         self.applied = None
         if self.database is not None:

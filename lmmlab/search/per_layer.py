@@ -32,8 +32,9 @@ a fresh KV cache per batch and evaluates the task on its validation split (the t
 The objective is the task's primary metric in its direction (accuracy ↑, perplexity ↓), or its loss. The uniform and
 OWL plans (with uniform KV at the budget) are enqueued first, so the best plan found is never worse than either on
 validation. In multi-objective mode the target sparsity and the KV budget are suggested too, and the study optimises
-the primary metric while minimising memory (non-zero weight bytes + KV bytes at `context_tokens`): its best trials
-are the Pareto front.
+the primary metric while minimising memory (non-zero weight bytes + KV bytes at `context_tokens`), or with a
+`cost_model` the decode seconds per token it predicts at `context_tokens` (`search.cost`): its best trials are the
+Pareto front.
 
 Studies live in any Optuna storage (`lmmlab.storage`): `sqlite:///results/studies.db` (the default, one host),
 `postgresql://USER:PASS@HOST:PORT/DB` (a server; `pip install 'lmmlab[postgres]'`) or `journal:///FILE` (Optuna's
@@ -374,6 +375,7 @@ class PerLayerConfig:
     multi_fidelity: bool = False  # score on 1/16, 1/4 of the validation items first; successive halving prunes
     separate_kv: bool = False  # keys and values at their own widths (budget on their combined mean)
     warm_allocations: tuple[str, ...] = WARM_ALLOCATIONS  # allocations enqueued (with uniform) as the first trials
+    cost_model: str | None = None  # multi-objective: a `search.cost` model JSON; minimise its predicted decode s/token
 
     def check(self, task: Task) -> str:
         """One-line ValueErrors for settings no search runs with; returns the study's direction."""
@@ -396,6 +398,9 @@ class PerLayerConfig:
             raise ValueError(f"unknown warm start {bad[0]!r}; allowed: {', '.join(WARM_CHOICES)}")
         check_kv_layout(self.kv_group_size, self.kv_residual)
         check_kv_bits(self.kv_widths, name="kv width")
+        if self.cost_model is not None and not (self.multi_objective and Path(self.cost_model).is_file()):
+            raise ValueError(f"--cost-model {self.cost_model}: needs --multi-objective and a file written by "
+                             "`lmmlab bench e2e --fit-cost`")
         return "minimize" if objective == LOSS else task.direction
 
     def space(self, loaded: Loaded) -> SearchSpace:
@@ -506,9 +511,14 @@ class _Trial:
             self.warned = True
             log.warning("trial %d: %s (KV widths cannot matter)", trial.number, warning)
         memory = memory_bytes(self.loaded, plan, config.context_tokens)
+        if config.cost_model is not None:  # the second objective: predicted decode seconds per token
+            from lmmlab.search.cost import CostModel, plan_features
+
+            memory["decode_s_per_token"] = CostModel.load(config.cost_model).seconds(
+                plan_features(self.loaded, plan, config.context_tokens))
         self.record(trial, plan, metrics, memory, suggested - start, overhead, evaluated - suggested - overhead)
         if config.multi_objective:
-            return metrics.primary, memory["memory_bytes"]
+            return metrics.primary, memory["decode_s_per_token" if config.cost_model else "memory_bytes"]
         return metrics.loss if (config.objective or self.task.primary_metric) == LOSS else metrics.primary
 
     def cheap_steps(self, trial: optuna.Trial, plan: CompressionPlan, make_cache, since: float) -> None:
