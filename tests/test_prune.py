@@ -203,7 +203,7 @@ def test_layer_reconstruction_error_is_ordered_sparsegpt_wanda_magnitude(default
             copy = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
             copy.weight.data.copy_(W)
             solver = SparseGPT(copy)
-            solver.XtX = gram.double()
+            solver.H = 2 * gram / stats.tokens
             solver.nsamples = stats.tokens
             solver.prune(0.5, nm)
             errors["sparsegpt"] = reconstruction_error(W, copy.weight.detach(), gram)
@@ -433,45 +433,49 @@ def test_sparsegpt_gives_the_same_weights_with_one_and_two_threads(smollm2):
         assert int((results[0][key] == 0).sum()) == int(results[0][key].numel() * 0.7)
 
 
-def test_sparsegpt_masks_equal_the_running_mean_solver_mask_for_mask(smollm2):
-    """The Hessian is now summed in float64 and scaled once (one pass over H per batch) where it used to be kept
-    as a running mean (three passes). The two differ in the last bits of a few float64 entries, which may move a float32
-    factor by an ulp; on SmolLM2's first two layers (real calibration inputs) every mask, at 50 % and 70 % and 2:4, is
-    the same either way."""
+def test_sequential_sparsegpt_equals_the_reference_solver_weight_for_weight(smollm2):
+    """The faster SparseGPT (three element-wise steps per column, shared Hessians, stacked parts, factors on a worker
+    thread) against the reference recipe — each linear with its own Hessian, solved by `old_prune` (the algorithm
+    before any of these changes), layer by layer on the already-pruned layers' outputs — on SmolLM2's first two
+    layers at 70 % and 2:4: every weight, hence every mask, is bit-identical."""
+    from test_database import old_prune
+
     from lmmlab.prune.sequential import layer_by_layer
-    from lmmlab.prune.sparsegpt import SparseGPT
-
-    class RunningMean:  # the accumulation before the change, kept here as the reference
-        def __init__(self, d: int):
-            self.H, self.n = torch.zeros(d, d, dtype=torch.float64), 0
-
-        def add(self, x: torch.Tensor) -> None:
-            x, n = x.float(), x.shape[0]
-            self.H *= self.n / (self.n + n)
-            self.n += n
-            self.H += (x.T @ x).to(torch.float64) * (2 / self.n)
+    from lmmlab.prune.sparsegpt import SparseGPT, apply_sparsegpt, one_thread
 
     layers = smollm2.layers
-    batches = get_task("text").calibration_batches(smollm2, n=8, seed=0)
-    solvers = {}
+    batches = get_task("text").calibration_batches(smollm2, n=4, seed=0)
+    dense = {key: lin.weight.detach().clone() for key, lin in smollm2.prunable().items()}
 
-    def observe(i):
-        for name, lin in smollm2.linears(i).items():
-            solvers[(i, name)] = (lin, SparseGPT(lin), RunningMean(lin.weight.shape[1]))
-        return {name: (lambda x, s=solvers[(i, name)]: (s[1].add_batch(x), s[2].add(x))) for name in
-                smollm2.linears(i)}
+    def restore():
+        with torch.no_grad():
+            for key, lin in smollm2.prunable().items():
+                lin.weight.copy_(dense[key])
 
     try:
         smollm2.layers = layers[:2]
-        layer_by_layer(smollm2, batches, observe, lambda i: None)
+        for sparsity, pattern in ((0.7, "unstructured"), (0.5, "2:4")):
+            plan = CompressionPlan.uniform(2, sparsity, method="sparsegpt", pattern=pattern)
+            apply_sparsegpt(smollm2, plan, batches)
+            fast = {key: lin.weight.detach().clone() for key, lin in smollm2.prunable().items()}
+            restore()
+            solvers = {}
+
+            def observe(i):
+                solvers.update({name: SparseGPT(lin) for name, lin in smollm2.linears(i).items()})
+                return {name: solvers[name].add_batch for name in smollm2.linears(i)}
+
+            def prune(i):
+                with one_thread():  # old_prune factors in place; one thread, as SparseGPT.inverse_hessian does
+                    for name, lin in smollm2.linears(i).items():
+                        old_prune(lin, solvers[name].hessian(), sparsity, plan.nm)
+
+            layer_by_layer(smollm2, batches, observe, prune)
+            reference = {key: lin.weight.detach().clone() for key, lin in smollm2.prunable().items()}
+            restore()
+            assert fast.keys() == reference.keys() and len(fast) == 14
+            for key in fast:
+                assert torch.equal(fast[key], reference[key]), (sparsity, pattern, key)
     finally:
         smollm2.layers = layers
-    assert len(solvers) == 14
-    for key, (lin, new, old) in solvers.items():
-        reference = SparseGPT(lin)
-        reference.XtX, reference.nsamples = old.H, 2  # hessian() = old.H exactly
-        assert torch.allclose(new.hessian(), old.H, rtol=1e-12, atol=0), key
-        for sparsity, nm in ((0.5, None), (0.7, None), (0.5, (2, 4))):
-            _, mask = SparseGPT.solve(lin.weight.data, *new.inverse_hessian(), sparsity, nm)
-            _, mask_old = SparseGPT.solve(lin.weight.data, *reference.inverse_hessian(), sparsity, nm)
-            assert torch.equal(mask, mask_old), (key, sparsity, nm)
+        restore()

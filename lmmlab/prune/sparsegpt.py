@@ -46,21 +46,26 @@ class SparseGPT:
     def __init__(self, linear: torch.nn.Linear):
         self.linear = linear
         self.columns = linear.weight.shape[1]
-        self.XtX = torch.zeros(self.columns, self.columns, dtype=torch.float64,
-                               device=linear.weight.device)  # [d_in, d_in]: Σ_t x_t x_tᵀ
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float64,
+                             device=linear.weight.device)  # [d_in, d_in]
         self.nsamples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """x: [tokens, d_in] inputs of the linear, added to XᵀX: each batch's product taken in float32 (a
-        fixed-shape GEMM, the same whatever the thread count) and summed in float64 — one pass over H per batch; the
-        mean H = (2 / n) XᵀX is formed once (`hessian`)."""
+        """x: [tokens, d_in] inputs of the linear. Keeps H = (2 / n) Σ_t x_t x_tᵀ as a running mean in float64; each
+        batch's product is taken in float32 (a fixed-shape GEMM, the same whatever the thread count) and added in
+        float64. (Summing XᵀX and scaling once would save two passes over H per batch, but moves a few float64 entries
+        by an ulp, and sequential SparseGPT amplifies that over the layers: 70 % uniform on SmolLM2 went from 60.67 to
+        59.93 validation PPL. The running mean keeps every solve bit-identical to the reference recipe.)"""
         x = x.float()
-        self.nsamples += x.shape[0]
-        self.XtX += x.T @ x
+        n = x.shape[0]
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        G = (x.T @ x).to(torch.float64)  # [d_in, d_in]
+        self.H += G.mul_(2 / self.nsamples)
 
     def hessian(self) -> torch.Tensor:
-        """H = (2 / n) Σ_t x_t x_tᵀ [d_in, d_in], float64 (a new tensor)."""
-        return self.XtX * (2 / max(self.nsamples, 1))
+        """H [d_in, d_in], float64 (a copy)."""
+        return self.H.clone()
 
     @torch.no_grad()
     def inverse_hessian(self, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +175,7 @@ class SparseGPT:
         self.linear.weight.data.copy_(W)
 
     def free(self) -> None:
-        self.XtX = None
+        self.H = None
 
 
 class LayerHessians:
