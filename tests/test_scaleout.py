@@ -65,15 +65,15 @@ def check_two_workers(storage: str, study_name: str, n_trials: int, tmp_path) ->
     return figures
 
 
-def test_two_workers_share_one_postgres_study(postgres_server, tmp_path):
+def test_two_workers_share_one_postgres_study(default, postgres_server, tmp_path):
     check_two_workers(postgres_server.database("two"), "two", 10, tmp_path)
 
 
-def test_two_workers_share_one_journal_file(tmp_path):
+def test_two_workers_share_one_journal_file(default, tmp_path):
     check_two_workers(f"journal:///{tmp_path / 'studies.log'}", "journal", 8, tmp_path)
 
 
-def test_a_killed_worker_loses_no_trial(postgres_server, tmp_path):
+def test_a_killed_worker_loses_no_trial(default, postgres_server, tmp_path):
     """Worker a is killed (SIGKILL) mid-trial; worker b fails a's trial once its heartbeats stop, runs it again and
     finishes the study with exactly n_trials."""
     storage, n_trials = postgres_server.database("kill"), 10
