@@ -15,20 +15,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from debian import Unavailable, apt_install, free_port
 from typing import Iterator
 
 START_TIMEOUT_S = 60
-
-
-class Unavailable(RuntimeError):
-    """Chromium (or the websocket client) is not installed and could not be installed."""
 
 
 def find_chromium() -> str | None:
@@ -37,25 +34,7 @@ def find_chromium() -> str | None:
 
 def install() -> str:
     """Debian's `chromium`, installed when missing; the path of its binary."""
-    if (path := find_chromium()) is not None:
-        return path
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise Unavailable("Chromium is not installed and cannot be installed here (needs root and apt-get): "
-                          "apt-get install chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise Unavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    if (path := find_chromium()) is None:
-        raise Unavailable("apt-get installed chromium, but no `chromium` is on PATH")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return apt_install('chromium', find_chromium, 'Chromium (`chromium` on PATH)')
 
 
 def get_json(url: str, method: str = "GET", timeout: float = 5):

@@ -67,7 +67,8 @@ def postgres_server():
     stopped at the end of the session. Unavailable: a failure under CI=true, else a skip that says why."""
     import os
 
-    from postgres_server import PostgresServer, Unavailable
+    from debian import Unavailable
+    from postgres_server import PostgresServer
 
     try:
         server = PostgresServer().start()

@@ -11,16 +11,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
+from debian import apt_install, free_port
+
 START_TIMEOUT_S = 60
-
-
-class Unavailable(RuntimeError):
-    """PostgreSQL is not installed and could not be installed."""
 
 
 def _version(bin_dir: str) -> tuple[int, ...]:
@@ -38,25 +35,7 @@ def find_bin_dir() -> str | None:
 
 def install() -> str:
     """Debian's `postgresql` package, installed when missing; its bin folder."""
-    if (bin_dir := find_bin_dir()) is not None:
-        return bin_dir
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise Unavailable("PostgreSQL (initdb, pg_ctl) is not installed and cannot be installed here (needs root "
-                          "and apt-get): apt-get install postgresql")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise Unavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    if (bin_dir := find_bin_dir()) is None:
-        raise Unavailable("apt-get installed postgresql, but no initdb/pg_ctl was found in /usr/lib/postgresql")
-    return bin_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return apt_install('postgresql', find_bin_dir, 'PostgreSQL (initdb, pg_ctl)')
 
 
 class PostgresServer:
