@@ -434,8 +434,8 @@ def test_sparsegpt_gives_the_same_weights_with_one_and_two_threads(smollm2):
 
 
 def test_sequential_sparsegpt_equals_the_reference_solver_weight_for_weight(smollm2):
-    """The faster SparseGPT (three element-wise steps per column, shared Hessians, stacked parts, factors on a worker
-    thread) against the reference recipe — each linear with its own Hessian, solved by `old_prune` (the algorithm
+    """The rewritten SparseGPT (three element-wise steps per column, shared Hessians, stacked parts) against the
+    reference recipe — each linear with its own Hessian, solved by `old_prune` (the algorithm
     before any of these changes), layer by layer on the already-pruned layers' outputs — on SmolLM2's first two
     layers at 70 % and 2:4: every weight, hence every mask, is bit-identical."""
     from test_database import old_prune

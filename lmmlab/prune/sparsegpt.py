@@ -6,7 +6,6 @@ up another); `apply_sparsegpt` runs them layer by layer (`prune.sequential.layer
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -210,17 +209,13 @@ class LayerHessians:
         self._seen.append((x, solver))
 
     def groups(self, percdamp: float = 0.01) -> Iterator[tuple[list[str], tuple[torch.Tensor, torch.Tensor]]]:
-        """Yields (the linears sharing one Hessian, its (Hinv, dead)), each Hessian factored once; the Hessians are
-        freed at the end. The factors are taken in order on a worker thread, so the next group's is under way
-        while the caller solves this one; each runs on one torch thread (`one_thread`), so the overlap changes no
-        result."""
+        """Yields (the linears sharing one Hessian, its (Hinv, dead)), each Hessian factored once, when its turn
+        comes; the Hessians are freed at the end."""
         shared: dict[int, tuple[SparseGPT, list[str]]] = {}
         for name, solver in self.solver.items():
             shared.setdefault(id(solver), (solver, []))[1].append(name)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            futures = [(names, pool.submit(solver.inverse_hessian, percdamp)) for solver, names in shared.values()]
-            for names, future in futures:
-                yield names, future.result()
+        for solver, names in shared.values():
+            yield names, solver.inverse_hessian(percdamp)
         for solver, _ in shared.values():
             solver.free()
 
