@@ -6,10 +6,7 @@ import pytest
 
 from lmmlab.cli import main
 from lmmlab.kv.budget import kv_nbytes
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "lmmlab", *args], capture_output=True, text=True)
+from cli_runner import run_cli as run
 
 
 def test_every_command_has_help(capsys):
@@ -46,6 +43,16 @@ def test_user_mistakes_give_one_line_and_exit_code_2_and_write_nothing(args, mes
     out = run(*args, "--json", str(path))
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr
+    assert not path.exists()
+
+
+def test_python_dash_m_lmmlab_gives_the_same_one_line_and_exit_code_2(tmp_path):
+    """The real `python -m lmmlab` (the other tests run the CLI in-process): its exit code and whole stderr."""
+    path = tmp_path / "m.json"
+    out = subprocess.run([sys.executable, "-m", "lmmlab", "eval", "--model", "no-such-model", "--json", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "unknown model 'no-such-model'" in out.stderr
     assert not path.exists()
 
 

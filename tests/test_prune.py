@@ -479,3 +479,36 @@ def test_sequential_sparsegpt_equals_the_reference_solver_weight_for_weight(smol
     finally:
         smollm2.layers = layers
         restore()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_a_solve_put_back_from_the_cache_equals_the_solve_bit_for_bit(tiny_llama_dir, method):
+    """A sequential plan applied again after another plan is put back from the pruner's solve cache — the same
+    weights, bit for bit, as solving it — and not solved again; a cache too small for a solve keeps nothing."""
+    from lmmlab.models import load_model
+    from lmmlab.prune.pruner import Pruner
+    from lmmlab.prune.solves import SolveCache
+
+    loaded = load_model(tiny_llama_dir, device="cpu")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, loaded.tokenizer.vocab_size, (2, 24), generator=g)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    pruner = Pruner.calibrated(loaded, batches)
+    solved = []
+    solve = pruner.solve
+    pruner.solve = lambda plan: (solved.append(plan.sparsity), solve(plan))  # count the solves; each still runs
+    a, b = CompressionPlan([0.5, 0.6, 0.7], method=method), CompressionPlan([0.7, 0.6, 0.5], method=method)
+    pruner.apply(a, sequential=True)
+    first = {k: lin.weight.clone() for k, lin in loaded.prunable().items()}
+    pruner.apply(b, sequential=True)
+    assert any(not torch.equal(first[k], lin.weight) for k, lin in loaded.prunable().items())
+    pruner.apply(a, sequential=True)
+    assert all(torch.equal(first[k], lin.weight) for k, lin in loaded.prunable().items())
+    assert solved == [a.sparsity, b.sparsity] and len(pruner.solves.kept) == 2
+
+    pruner.solves = SolveCache(max_bytes=pruner.solves.nbytes // 4)  # smaller than one solve
+    pruner.apply(b, sequential=True)
+    pruner.apply(a, sequential=True)
+    assert solved[2:] == [b.sparsity, a.sparsity] and not pruner.solves.kept
+    assert all(torch.equal(first[k], lin.weight) for k, lin in loaded.prunable().items())
+    pruner.restore()

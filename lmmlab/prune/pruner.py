@@ -24,6 +24,7 @@ from lmmlab.prune.calibrate import Stats, calibrate
 from lmmlab.prune.database import (MANIFEST, LayerDatabase, batches_fingerprint, build_database, check_levels,
                                    open_database, plan_ratios, shared_levels, weights_fingerprint)
 from lmmlab.prune.scores import DenseWeights, apply_plan, apply_sequential
+from lmmlab.prune.solves import SolveCache
 from lmmlab.prune.sparsegpt import apply_sparsegpt
 from lmmlab.tasks import Task
 
@@ -48,6 +49,7 @@ class Pruner:
     task: Task | None = None  # the task calibrated on: ATP's slope is searched on its validation split
     database: LayerDatabase | None = None  # SparseGPT solved at a grid of levels: sparsegpt plans stitch from it
     found: dict = field(default_factory=dict)  # allocations that cost a search or SVDs, by (name, target)
+    solves: SolveCache = field(default_factory=SolveCache)  # sequential solves kept for re-use (tuning, then test)
 
     @classmethod
     def calibrated(cls, loaded: Loaded, batches: list[dict]) -> "Pruner":
@@ -82,14 +84,21 @@ class Pruner:
             self.database.forget()  # the model's layers will no longer be what the database last wrote
         if stitch:
             self.database.apply(self.loaded, plan, dense=self.dense)
-        elif plan.method == "sparsegpt":
-            self.dense.restore(self.loaded)
-            apply_sparsegpt(self.loaded, plan, self.batches)
-        elif sequential and plan.method in SEQUENTIAL_METHODS:
-            apply_sequential(self.loaded, plan, self.dense, self.batches, self.stats)
+        elif plan.method == "sparsegpt" or (sequential and plan.method in SEQUENTIAL_METHODS):
+            if not self.solves.get(weights, self.loaded):  # solved before (a tuned baseline scored again): put back
+                self.solve(plan)
+                self.solves.put(weights, self.loaded)
         else:
             apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
         self.applied = weights
+
+    def solve(self, plan: CompressionPlan) -> None:
+        """Solve `plan` layer by layer from the dense weights: SparseGPT, or Wanda / RIA recalibrated."""
+        if plan.method == "sparsegpt":
+            self.dense.restore(self.loaded)
+            apply_sparsegpt(self.loaded, plan, self.batches)
+        else:
+            apply_sequential(self.loaded, plan, self.dense, self.batches, self.stats)
 
     def attach_database(self, *, levels, reference: CompressionPlan | None = None, path: str | Path | None = None,
                         progress: bool | None = None) -> LayerDatabase:
