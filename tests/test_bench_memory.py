@@ -1,10 +1,9 @@
 """`lmmlab bench memory` at a tiny width: what it measures and how it extrapolates (its targets live in the JSON)."""
 import json
-import subprocess
-import sys
 
 import pytest
 
+from cli_runner import run_cli
 from lmmlab.lab.bench_memory import MODEL_SHAPES, bench_memory, extrapolate
 
 
@@ -43,8 +42,7 @@ def test_memory_bench_measures_every_phase_and_extrapolates_the_model_exactly(tm
 ])
 def test_bad_memory_bench_input_is_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, "-m", "lmmlab", "bench", "memory", *args, "--json", str(out)],
-                          capture_output=True, text=True)
+    proc = run_cli("bench", "memory", *args, "--json", str(out))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"lmmlab bench: error: {message}"] or message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -53,8 +51,7 @@ def test_bad_memory_bench_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 def test_memory_bench_json_from_the_cli(tmp_path):
     out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, "-m", "lmmlab", "bench", "memory", "--shape", "tiny", "--layers", "2",
-                           "--json", str(out)], capture_output=True, text=True)
+    proc = run_cli("bench", "memory", "--shape", "tiny", "--layers", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert {"peak_over_model", "host_over_model", "remask_s_per_layer", "phases"} <= set(result)

@@ -241,13 +241,13 @@ def test_bench_kv_prints_ratios_and_speeds(default, tmp_path, capsys):
     assert "--decode-contexts must be positive" in capsys.readouterr().err
 
 
-def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path):
+def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path, monkeypatch):
     import pandas as pd
 
-    out = subprocess.run([sys.executable, "-m", "lmmlab", "demo", "--model", "lmmlab-default",
-                          "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--sparsities", "0.7", "--kv-budgets", "4",
-                          "--n-trials", "3", "--n", "64", "--n-eval", "32", "--kv-group-size", "8",
-                          "--kv-residual", "8"], capture_output=True, text=True, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # the demo writes under ./results
+    out = run("demo", "--model", "lmmlab-default", "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--sparsities", "0.7",
+              "--kv-budgets", "4", "--n-trials", "3", "--n", "64", "--n-eval", "32", "--kv-group-size", "8",
+              "--kv-residual", "8")
     assert out.returncode == 0, out.stderr
     for line in ("dense model on the test split", "pruning (calibrated as published)", "KV cache at uniform widths",
                  "the staged search's joint plan vs the baselines", "demo finished"):
