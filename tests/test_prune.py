@@ -1,3 +1,4 @@
+import dataclasses
 import pytest
 import torch
 
@@ -511,4 +512,35 @@ def test_a_solve_put_back_from_the_cache_equals_the_solve_bit_for_bit(tiny_llama
     pruner.apply(a, sequential=True)
     assert solved[2:] == [b.sparsity, a.sparsity] and not pruner.solves.kept
     assert all(torch.equal(first[k], lin.weight) for k, lin in loaded.prunable().items())
+    pruner.restore()
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "ria"])
+def test_remasking_only_the_moved_linears_equals_a_full_remask(tiny_llama_dir, method):
+    """A plan of the same method after another re-masks only the linears whose ratio moved; the model then holds
+    exactly what pruning the dense model to that plan gives, and a plan of another method re-masks everything."""
+    from lmmlab.models import load_model
+    from lmmlab.prune.pruner import Pruner
+
+    loaded = load_model(tiny_llama_dir, device="cpu")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, loaded.tokenizer.vocab_size, (2, 24), generator=g)
+    pruner = Pruner.calibrated(loaded, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    first = CompressionPlan([0.5, 0.6, 0.7], method=method)
+    second = dataclasses.replace(first, module_sparsity=[{"down_proj": 0.3}, {}, {"q_proj": 0.0}])
+    expected = {}
+    for plan in (second, first):
+        pruner.restore()
+        pruner.apply(plan)
+        expected[plan is first] = {k: lin.weight.clone() for k, lin in loaded.prunable().items()}
+    differ = {k for k in expected[True] if not torch.equal(expected[True][k], expected[False][k])}
+    assert differ == {(0, "down_proj"), (2, "q_proj")}
+    pruner.apply(second)  # after `first`: re-masks layer 0's down_proj and layer 2's q_proj only
+    assert all(torch.equal(expected[False][k], lin.weight) for k, lin in loaded.prunable().items())
+    pruner.apply(first)
+    assert all(torch.equal(expected[True][k], lin.weight) for k, lin in loaded.prunable().items())
+    other = "magnitude" if method != "magnitude" else "wanda"
+    pruner.apply(dataclasses.replace(first, method=other))
+    pruner.apply(second)
+    assert all(torch.equal(expected[False][k], lin.weight) for k, lin in loaded.prunable().items())
     pruner.restore()

@@ -23,7 +23,7 @@ from lmmlab.prune.allocate import ALLOCATIONS
 from lmmlab.prune.calibrate import Stats, calibrate
 from lmmlab.prune.database import (MANIFEST, LayerDatabase, batches_fingerprint, build_database, check_levels,
                                    open_database, plan_ratios, shared_levels, weights_fingerprint)
-from lmmlab.prune.scores import DenseWeights, apply_plan, apply_sequential
+from lmmlab.prune.scores import DenseWeights, apply_plan, apply_sequential, linear_ratios
 from lmmlab.prune.solves import SolveCache
 from lmmlab.prune.sparsegpt import apply_sparsegpt
 from lmmlab.tasks import Task
@@ -49,6 +49,7 @@ class Pruner:
     task: Task | None = None  # the task calibrated on: ATP's slope is searched on its validation split
     database: LayerDatabase | None = None  # SparseGPT solved at a grid of levels: sparsegpt plans stitch from it
     found: dict = field(default_factory=dict)  # allocations that cost a search or SVDs, by (name, target)
+    masked: tuple | None = None  # (method, pattern, per-linear ratios) of the re-masked plan the model holds now
     solves: SolveCache = field(default_factory=SolveCache)  # sequential solves kept for re-use (tuning, then test)
 
     @classmethod
@@ -78,7 +79,9 @@ class Pruner:
         if weights == self.applied:
             return
         refuse_compressed(self.loaded)
-        self.applied = None  # until this plan is fully in place
+        same = self.applied is not None and self.masked is not None and self.masked[:2] == (plan.method, plan.pattern)
+        held = self.masked[2] if same else None  # the linears of the plan held now: those left unchanged are kept
+        self.applied, self.masked = None, None  # until this plan is fully in place
         stitch = plan.method == "sparsegpt" and self.database is not None and not sequential
         if self.database is not None and not stitch:
             self.database.forget()  # the model's layers will no longer be what the database last wrote
@@ -89,7 +92,8 @@ class Pruner:
                 self.solve(plan)
                 self.solves.put(weights, self.loaded)
         else:
-            apply_plan(self.loaded, plan, self.dense, self.stats)  # scores of the dense weights, whatever ran before
+            apply_plan(self.loaded, plan, self.dense, self.stats, held=held)  # scores of the dense weights
+            self.masked = (plan.method, plan.pattern, linear_ratios(self.loaded, plan))
         self.applied = weights
 
     def solve(self, plan: CompressionPlan) -> None:
@@ -247,7 +251,7 @@ class Pruner:
         record of the layers no longer holds."""
         decompress_linears(self.loaded, dtype=next(iter(self.dense.dtype.values()), None))
         self.dense.restore(self.loaded)
-        self.applied = None
+        self.applied, self.masked = None, None
         if self.database is not None:
             self.database.forget()
 

@@ -243,21 +243,31 @@ def prune_into(weight: torch.Tensor, W: torch.Tensor, method: str, sparsity: flo
 
 
 @torch.no_grad()
-def apply_plan(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights, stats: Stats | None = None
-               ) -> dict[Key, float]:
+def linear_ratios(loaded: Loaded, plan: CompressionPlan) -> dict[Key, float]:
+    """The sparsity `plan` gives each prunable linear (decoder layers; the vision side when it asks for a ratio)."""
+    ratios = {key: plan.ratio(*key) for key in loaded.prunable()}
+    if plan.vision_sparsity:
+        ratios.update({key: plan.vision_sparsity for key in loaded.prunable(vision=True) if key[0] == VISION})
+    return ratios
+
+
+def apply_plan(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights, stats: Stats | None = None, *,
+               held: dict[Key, float] | None = None) -> dict[Key, float]:
     """Prune the model to `plan` from its dense weights, one linear at a time: read the dense W, score it, mask the
     lowest-scoring weights at its layer's ratio, write W ⊙ mask into the model (`prune_into`). Nothing is cached
     between plans but the calibration statistics; beyond the model, memory holds one block of one linear's scores.
     The scores are recomputed each time: an element-wise product, cheap beside the selection any ratio needs.
 
-    Returns the achieved sparsity of every pruned linear.
+    `held`: the per-linear ratios (`linear_ratios`) of a plan of the same method, pattern and statistics that the
+    model holds now. A linear's mask depends only on its dense W, its statistics and its ratio, so the linears whose
+    ratio is unchanged are left as they are (an evolution's mutant re-masks the few linears it moved).
+
+    Returns the achieved sparsity of every pruned linear it re-masked.
     """
     plan.check_layers(loaded.num_layers)
     if plan.method not in SCORE_METHODS:
         raise ValueError(f"{plan.method!r} does not re-mask from scores; score-based methods: {', '.join(SCORE_METHODS)}")
-    ratios = {key: plan.ratio(*key) for key in loaded.prunable()}
-    if plan.vision_sparsity:
-        ratios.update({key: plan.vision_sparsity for key in loaded.prunable(vision=True) if key[0] == VISION})
+    ratios = linear_ratios(loaded, plan)
     if plan.method != "magnitude":
         missing = [key for key, s in ratios.items() if s and (stats is None or key not in stats.sq_norm)]
         if missing:
@@ -269,6 +279,8 @@ def apply_plan(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights, stats
     for key in dense.keys:
         weight = linears[key].weight
         sparsity = ratios.get(key, 0.0)
+        if held is not None and held.get(key, 0.0) == sparsity:
+            continue
         x_norm = stats.norm(key) if sparsity and plan.method != "magnitude" else None
         removed = prune_into(weight, dense[key].to(weight.device), plan.method, sparsity, plan.nm, x_norm)
         if sparsity:
