@@ -14,7 +14,8 @@ import pytest
 
 from lmmlab.cli import main
 from lmmlab.search.per_layer import SearchSpace, open_study, run_until, trials_ahead, worker_seed
-from lmmlab.search.storage import HeartbeatJournalStorage, check_storage, resolve_url, storage_for
+from lmmlab.search.storage import (HeartbeatJournalStorage, HeartbeatRDBStorage, check_storage, resolve_url,
+                                   storage_for)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
@@ -149,11 +150,14 @@ def test_a_trial_counts_the_finished_running_and_queued_trials_before_it(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_a_journal_trial_whose_heartbeat_stopped_is_failed_and_run_again(tmp_path):
-    """Optuna 5's JournalStorage has no heartbeats; lmmlab's records them so a killed worker's trial is retried."""
-    url = f"journal:///{tmp_path / 'j.log'}"
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_run_again(tmp_path, kind):
+    """Optuna 5's JournalStorage has no heartbeats: lmmlab's records them. Optuna's RDBStorage never takes a trial
+    without a heartbeat row for stale: lmmlab's does once its start is older than the grace period. Either way a
+    killed worker's trial is retried instead of waited on for ever."""
+    url = f"journal:///{tmp_path / 'j.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'j.db'}"
     storage = storage_for(url, heartbeat=1)
-    assert isinstance(storage, HeartbeatJournalStorage)
+    assert isinstance(storage, HeartbeatJournalStorage if kind == "journal" else HeartbeatRDBStorage)
     study = optuna.create_study(study_name="j", storage=storage)
     dead = study.ask()  # a worker that asked, suggested, then died: no heartbeats follow
     x = dead.suggest_float("x", 0, 1)

@@ -15,7 +15,8 @@ without its driver, or a server that cannot be reached or refuses the connection
 Heartbeats: a running trial records a heartbeat every `heartbeat` seconds; a RUNNING trial whose last heartbeat (or
 start) is more than GRACE x `heartbeat` seconds old is taken for a killed worker's, and the next worker to start a
 trial marks it FAIL and enqueues its parameters once more (`RetryHeartbeatStaleTrialCallback(max_retry=1)`). The RDB
-storages do this in Optuna itself (the server's clock); Optuna 5's JournalStorage has no heartbeats, so
+storages do this in Optuna itself (the server's clock), plus, in `HeartbeatRDBStorage`, trials killed before their first
+heartbeat (Optuna skips those); Optuna 5's JournalStorage has no heartbeats, so
 `HeartbeatJournalStorage` keeps them as a trial system attribute (the host's clock: a journal file is one host's).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import time
 import warnings
+from datetime import datetime, timedelta
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ import optuna
 import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # Optuna's own interface for storages with heartbeats
+from optuna.storages._rdb import models as rdb_models  # the heartbeat table, which Optuna reads only privately
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -160,6 +163,23 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.heartbeat_stale_trial_callback
 
 
+class HeartbeatRDBStorage(RDBStorage):
+    """Optuna's RDBStorage, whose stale trials also include those killed before their first heartbeat: Optuna skips a
+    RUNNING trial with no heartbeat row, so a worker killed in a trial's first moments would leave it RUNNING for
+    ever (and every worker waiting on it). Such a trial is stale when its start (the worker's clock, as Optuna
+    writes `datetime_start`) is more than `grace_period` s ago."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        beating = rdb_models.TrialHeartbeatModel
+        with self.engine.connect() as connection:
+            beaten = set(connection.execute(sqlalchemy.select(beating.trial_id)).scalars())
+        cutoff = datetime.now() - timedelta(seconds=self.grace_period)
+        return stale + [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                        if t._trial_id not in beaten and t._trial_id not in stale and t.datetime_start is not None
+                        and t.datetime_start < cutoff]
+
+
 def check_heartbeat(heartbeat: int) -> None:
     if not isinstance(heartbeat, int) or heartbeat < 1:
         raise ValueError(f"heartbeat must be a whole number of seconds >= 1; got {heartbeat!r}")
@@ -182,6 +202,6 @@ def storage_for(url: str, *, heartbeat: int = HEARTBEAT_S) -> optuna.storages.Ba
             Path(url.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
         try:
             with _creating_tables(url):
-                return RDBStorage(url, engine_kwargs=_engine_kwargs(url), **beats)
+                return HeartbeatRDBStorage(url, engine_kwargs=_engine_kwargs(url), **beats)
         except sqlalchemy.exc.SQLAlchemyError as err:
             raise ValueError(f"cannot open the study storage {safe_url(url)}: {_one_line(err)}") from None
