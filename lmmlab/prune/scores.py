@@ -242,7 +242,6 @@ def prune_into(weight: torch.Tensor, W: torch.Tensor, method: str, sparsity: flo
     return removed
 
 
-@torch.no_grad()
 def linear_ratios(loaded: Loaded, plan: CompressionPlan) -> dict[Key, float]:
     """The sparsity `plan` gives each prunable linear (decoder layers; the vision side when it asks for a ratio)."""
     ratios = {key: plan.ratio(*key) for key in loaded.prunable()}
@@ -251,6 +250,7 @@ def linear_ratios(loaded: Loaded, plan: CompressionPlan) -> dict[Key, float]:
     return ratios
 
 
+@torch.no_grad()
 def apply_plan(loaded: Loaded, plan: CompressionPlan, dense: DenseWeights, stats: Stats | None = None, *,
                held: dict[Key, float] | None = None) -> dict[Key, float]:
     """Prune the model to `plan` from its dense weights, one linear at a time: read the dense W, score it, mask the

@@ -170,14 +170,17 @@ class HeartbeatRDBStorage(RDBStorage):
     writes `datetime_start`) is more than `grace_period` s ago."""
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        beating = rdb_models.TrialHeartbeatModel
-        with self.engine.connect() as connection:
-            beaten = set(connection.execute(sqlalchemy.select(beating.trial_id)).scalars())
+        stale = super()._get_stale_trial_ids(study_id)  # trials whose last heartbeat is too old
         cutoff = datetime.now() - timedelta(seconds=self.grace_period)
-        return stale + [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                        if t._trial_id not in beaten and t._trial_id not in stale and t.datetime_start is not None
-                        and t.datetime_start < cutoff]
+        started = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.datetime_start < cutoff]
+        if not started:
+            return stale
+        beats = rdb_models.TrialHeartbeatModel
+        with self.engine.connect() as connection:
+            beaten = set(connection.execute(sqlalchemy.select(beats.trial_id).where(beats.trial_id.in_(started)))
+                         .scalars())
+        return stale + [trial_id for trial_id in started if trial_id not in beaten]
 
 
 def check_heartbeat(heartbeat: int) -> None:
