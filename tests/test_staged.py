@@ -409,16 +409,20 @@ def test_the_headline_ranks_the_search_against_every_baseline_with_paired_tests(
     names = [(r["kv_budget_bits"], r["method"], r["allocation"], r["kv_plan"]) for r in rows]
     assert names == [(16.0, "sparsegpt", "search", ""), (16.0, "wanda", "uniform", "uniform"),
                      (16.0, "sparsegpt", "atp", "uniform"), (3.0, "sparsegpt", "search", ""),
-                     (3.0, "sparsegpt", "two-stage", ""), (3.0, "wanda", "uniform", "uniform"),
+                     (3.0, "sparsegpt", "search-kv16", ""), (3.0, "sparsegpt", "two-stage", ""), (3.0, "wanda", "uniform", "uniform"),
                      (3.0, "wanda", "uniform", "kvtuner"), (3.0, "sparsegpt", "atp", "uniform"),
                      (3.0, "sparsegpt", "atp", "kvtuner")]
+    same = rows[4]  # the KV-limited search's own weights with a 16-bit cache
     for r in rows:
-        assert abs(r["achieved_sparsity"] - 0.6) < 0.0005 and r["mean_kv_bits"] <= r["kv_budget_bits"] + 1e-9
+        assert abs(r["achieved_sparsity"] - 0.6) < 0.0005
+        assert r["mean_kv_bits"] <= r["kv_budget_bits"] + 1e-9 or (r is same and r["mean_kv_bits"] == 16)
         assert len(r["per_item"]) == 4 and r["ci_low"] <= r["primary"] <= r["ci_high"]
+    assert all(same[k] == rows[3][k] for k in ("achieved_sparsity", "weight_bytes", "weight_bytes_nonzeros"))
     tests = headline_tests(rows, task.direction)
-    family = [t for t in tests if t["kv_budget_bits"] == 3.0 and t["baseline"] != "sparsegpt-two-stage"]
+    outside = ("sparsegpt-two-stage", "sparsegpt-search-kv16")
+    family = [t for t in tests if t["kv_budget_bits"] == 3.0 and t["baseline"] not in outside]
     assert len(family) == 4 and all(t["p_holm"] >= t["p_value"] for t in family)
-    assert [t["baseline"] for t in tests if t["baseline"] == "sparsegpt-two-stage"]
+    assert sorted(t["baseline"] for t in tests if t["baseline"] in outside) == sorted(outside)
     paths = write_headline(rows, task.direction, tmp_path / "tables" / "tiny_headline.csv")
     assert all(p.is_file() for p in paths)
     assert not list((tmp_path / "cache").glob("databases/*"))  # the level databases were removed after the target
@@ -438,9 +442,14 @@ def test_the_headline_command_writes_its_tables_and_the_stitching_gaps(tiny_llam
             "--dense-gap-at", "0.6", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(out)]
     assert main(argv) == 0
     table = pd.read_csv(out)
-    assert len(table) == 2 + 1 + 4 + 1  # KV 16: search + 2 baselines; KV 3: search + 2 × (uniform, kvtuner)
+    assert len(table) == 3 + 2 + 4  # KV 16: search + 2 baselines; KV 3: search, its weights at 16 bits, 2 × 2 KV plans
     gaps = pd.read_csv(tmp_path / "tables" / "tiny_stitching_gap.csv")
     assert set(gaps.database.str.split(" ").str[0]) == {"first", "re-based", "dense"}
     assert {"tiny_headline_items.csv", "tiny_headline_paired.csv"} <= {p.name for p in out.parent.iterdir()}
     assert not out.with_name("tiny_headline.partial.json").exists()
     assert "Holm" in capsys.readouterr().out
+    from lmmlab.lab.report import headline_table
+
+    header, _, kv3, kv16 = headline_table(out).splitlines()  # a row per cell; KV 3 with its 16-bit-cache comparison
+    assert kv16.count("|") == kv3.count("|") == header.count("|")
+    assert kv16.split("|")[-2].strip() == "" and "%" in kv3.split("|")[-2] and "better than" in kv3

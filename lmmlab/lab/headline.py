@@ -10,8 +10,10 @@ Cells: target sparsity × KV budget (mean nominal bits per layer, keys and value
               16 bits, with KVTuner-style pairs (`kvpairs.kvtuner_plan` on the measured sensitivities)
   two-stage   (at `two_stage_at`, below 16 bits) the ablation the joint search answers to: weights searched first at 16
               bits, then the KV pairs on those weights, at equal evaluations (`staged.two_stage_search`)
+  search-kv16 (below 16 bits) the search's own weights with a 16-bit cache: what its KV widths cost
 Every row removes the same weights (achieved sparsity within `compare.SPARSITY_TOLERANCE`; checked). The paired
-table holds the search against every baseline of its cell (Holm over them) and against the two-stage plan.
+table holds the search against every baseline of its cell (Holm over them), and apart from that family against the
+two-stage plan and against its own weights with a 16-bit cache.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ BASELINES = tuple((m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "o
 KV_BASELINES = ("uniform", "kvtuner")
 SEARCH = "search"  # the searched plan's allocation label
 TWO_STAGE = "two-stage"
+SAME_WEIGHTS_16 = "search-kv16"  # the searched weights with a 16-bit cache (KV-limited cells)
+NOT_BASELINES = (SEARCH, TWO_STAGE, SAME_WEIGHTS_16)
 
 
 def parse_baseline(text: str) -> tuple[str, str]:
@@ -68,6 +72,11 @@ def uniform_pairs(budget: float, num_layers: int) -> list[kvpairs.Pair]:
 def with_pairs(plan: CompressionPlan, pairs: Sequence[kvpairs.Pair], config: SearchConfig) -> CompressionPlan:
     return replace(plan, kv_bits=[k for k, _ in pairs], value_bits=[v for _, v in pairs],
                    kv_group_size=config.kv_group_size, kv_residual=config.kv_residual)
+
+
+def without_kv(plan: CompressionPlan) -> CompressionPlan:
+    """`plan`'s weights with every key and value at 16 bits."""
+    return replace(plan, kv_bits=[16] * plan.num_layers, value_bits=[])
 
 
 def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 0.6, 0.7),
@@ -111,7 +120,7 @@ def headline(loaded: Loaded, task: Task, *, sparsities: Sequence[float] = (0.5, 
         cells.close()
         pruner.restore()
     return annotate(rows, direction=task.direction, group_by=("target_sparsity", "kv_budget_bits"),
-                    is_baseline=lambda r: r["allocation"] not in (SEARCH, TWO_STAGE), label=label)
+                    is_baseline=lambda r: r["allocation"] not in NOT_BASELINES, label=label)
 
 
 def search_plans(loaded: Loaded, task: Task, pruner: Pruner, cell: SearchConfig, name: str, storage: str,
@@ -127,6 +136,9 @@ def search_plans(loaded: Loaded, task: Task, pruner: Pruner, cell: SearchConfig,
               "database_seconds": round(sum(v for k, v in result.timings.items() if k.startswith("database")), 1),
               "fitness_tokens": cell.evaluations()}
     plans = [(cell.kv_budget, SEARCH, "search", result.best_plan, result.realize, result.database, timing)]
+    if cell.kv_budget < 16:
+        plans.append((cell.kv_budget, SAME_WEIGHTS_16, "search", without_kv(result.best_plan), result.realize,
+                      result.database, {}))
     if two_stage:
         first, second = two_stage_search(loaded, task, cell, pruner=pruner, storage=storage,
                                          study_name=f"{name}-two-stage", progress=progress)
@@ -176,7 +188,7 @@ def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: floa
         scored[k] = {**row(plan, allocation, target, loaded, metrics, task, "test", seed,
                            sequential=realize == "sequential",
                            calibration={"sequential": "sequential", "stitched": "stitched"}.get(realize, realize)),
-                     "kv_budget_bits": float(budget), "kv_plan": kind if allocation not in (SEARCH, TWO_STAGE) else "",
+                     "kv_budget_bits": float(budget), "kv_plan": kind if allocation not in NOT_BASELINES else "",
                      "realize": realize, "eval_seconds": round(time.perf_counter() - start, 1), **extra}
         log.info("s=%.2f kv<=%g %s: %s %.4f", target, budget, label(scored[k]), task.primary_metric, metrics.primary)
     by_budget: dict[float, list[dict]] = {}
@@ -188,13 +200,14 @@ def evaluate_cell_plans(loaded: Loaded, task: Task, pruner: Pruner, target: floa
 
 
 def headline_tests(rows: Sequence[dict], direction: str) -> list[dict]:
-    """The search against every baseline of its cell (Holm over them: `compare.paired_table`) and against the
-    two-stage plan (its own test, outside the family)."""
+    """The search against every baseline of its cell (Holm over them: `compare.paired_table`), and against the
+    two-stage plan and its own weights with a 16-bit cache (each its own test, outside the family)."""
     from lmmlab.lab.compare import paired_table
 
-    tests = paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] != TWO_STAGE)
-    for t in paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] == TWO_STAGE):
-        tests.append({**t, "p_holm": t["p_value"], "better_holm": t["better"]})
+    tests = paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] not in NOT_BASELINES)
+    for other in (TWO_STAGE, SAME_WEIGHTS_16):
+        for t in paired_table(rows, direction, reference=SEARCH, family=lambda r: r["allocation"] == other):
+            tests.append({**t, "p_holm": t["p_value"], "better_holm": t["better"]})
     return tests
 
 

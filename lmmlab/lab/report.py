@@ -56,27 +56,38 @@ def fmt(x: float) -> str:
 
 def headline_table(csv: Path) -> str:
     """The headline as a Markdown table: a row per (sparsity, KV budget), the search's perplexity with its interval
-    and Holm-adjusted verdict against every baseline, then the strongest baseline and each baseline family's best."""
+    and Holm-adjusted verdict against every baseline, the strongest baseline and the search's difference to it, each
+    baseline family's best, the two-stage plan, and (below 16 bits) what the search's KV widths cost against its own
+    weights with a 16-bit cache."""
+    from lmmlab.lab.headline import NOT_BASELINES, SAME_WEIGHTS_16, TWO_STAGE
+
     rows = pd.read_csv(csv)
     paired = pd.read_csv(csv.with_name(csv.stem + "_paired.csv"))
-    lines = ["| sparsity | KV ≤ | staged search [95 % CI] | vs every baseline (Holm) | best baseline | best Wanda "
-             "| two-stage |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| sparsity | KV ≤ | staged search [95 % CI] | vs every baseline (Holm) | best baseline | search vs best "
+             "| best Wanda | two-stage | same weights, 16-bit KV |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (target, budget), cell in rows.groupby(["target_sparsity", "kv_budget_bits"], sort=True):
         search = cell[cell.allocation == "search"].iloc[0]
-        base = cell[~cell.allocation.isin(["search", "two-stage"])]
+        base = cell[~cell.allocation.isin(NOT_BASELINES)]
         best = base.loc[base.primary.idxmin()]
         wanda = base[base.method == "wanda"].primary.min()
-        tests = paired[(paired.target_sparsity == target) & (paired.kv_budget_bits == budget)
-                       & (paired.baseline != "sparsegpt-two-stage")]
-        wins = int((tests.better_holm == "search").sum())
-        verdict = f"better than {wins} of {len(tests)} (max p_holm {tests.p_holm.max():.3g})"
-        two = cell[cell.allocation == "two-stage"]
+        outside = {f"{m}-{a}" for m in rows.method.unique() for a in NOT_BASELINES}
+        tests = paired[(paired.target_sparsity == target) & (paired.kv_budget_bits == budget)]
+        family = tests[~tests.baseline.isin(outside)]
+        wins = int((family.better_holm == "search").sum())
+        verdict = f"better than {wins} of {len(family)} (max p_holm {family.p_holm.max():.3g})"
+        two = cell[cell.allocation == TWO_STAGE]
         two_stage = fmt(two.primary.iloc[0]) if len(two) else ""
+        same = cell[cell.allocation == SAME_WEIGHTS_16]
+        kv_cost = ""
+        if len(same):
+            p = tests[tests.baseline.str.endswith(SAME_WEIGHTS_16)].p_value
+            kv_cost = (f"{fmt(same.primary.iloc[0])} ({100 * (search.primary / same.primary.iloc[0] - 1):+.1f} %"
+                       + (f", p {p.iloc[0]:.2g})" if len(p) else ")"))
         name = f"{best.method}-{best.allocation}" + ("" if best.get("kv_plan", "uniform") in ("uniform", "") or
                                                       pd.isna(best.get("kv_plan")) else f"-{best.kv_plan}")
         lines.append(f"| {target:g} | {budget:g} | **{fmt(search.primary)}** [{fmt(search.ci_low)}, "
-                     f"{fmt(search.ci_high)}] | {verdict} | {fmt(best.primary)} ({name}) | {fmt(wanda)} | "
-                     f"{two_stage} |")
+                     f"{fmt(search.ci_high)}] | {verdict} | {fmt(best.primary)} ({name}) | "
+                     f"{100 * (search.primary / best.primary - 1):+.1f} % | {fmt(wanda)} | {two_stage} | {kv_cost} |")
     return "\n".join(lines)
 
 
