@@ -60,8 +60,8 @@ headline: venv
 	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
 	$(VENV)/bin/lmmlab report
 
-test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included
-	$(PY) -m pytest -q
+test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included; the 25 slowest listed
+	$(PY) -m pytest -q --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -m "$(FAST)"
