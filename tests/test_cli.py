@@ -268,7 +268,9 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path, mon
     assert len(items) == 64 and set(items.stack().unique()) <= {0.0, 1.0}  # each question's correctness, per plan
     assert items.mean().round(6).tolist() == versus.primary.round(6).tolist()
     tests = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare_paired.csv")
-    assert len(tests) == 3 and set(tests.better) <= {"search", "baseline", "tie"}
+    # the three baselines (Holm), then the search's own weights with a 16-bit cache (its own test, outside the family)
+    assert len(tests) == 4 and set(tests.better) <= {"search", "baseline", "tie"}
+    assert tests.baseline.str.contains("search-kv16").tolist() == [False, False, False, True]
     assert (tests.ci_low <= tests.mean_diff).all() and (tests.mean_diff <= tests.ci_high).all()
     for name in ("prune", "kv"):
         assert (tmp_path / "results" / "figures" / f"demo-lmmlab-default-shapes_{name}.png").stat().st_size > 5000
