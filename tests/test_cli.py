@@ -6,6 +6,7 @@ import pytest
 
 from lmmlab.cli import main
 from lmmlab.kv.budget import kv_nbytes
+from lmmlab.lab.headline import SAME_WEIGHTS_16
 from cli_runner import run_cli as run
 
 
@@ -270,7 +271,7 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path, mon
     tests = pd.read_csv(tables / "demo-lmmlab-default-shapes_compare_paired.csv")
     # the three baselines (Holm), then the search's own weights with a 16-bit cache (its own test, outside the family)
     assert len(tests) == 4 and set(tests.better) <= {"search", "baseline", "tie"}
-    assert tests.baseline.str.contains("search-kv16").tolist() == [False, False, False, True]
+    assert tests.baseline.str.contains(SAME_WEIGHTS_16).tolist() == [False, False, False, True]
     assert (tests.ci_low <= tests.mean_diff).all() and (tests.mean_diff <= tests.ci_high).all()
     for name in ("prune", "kv"):
         assert (tmp_path / "results" / "figures" / f"demo-lmmlab-default-shapes_{name}.png").stat().st_size > 5000

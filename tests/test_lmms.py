@@ -96,8 +96,9 @@ def test_lmms_eval_scores_the_fixtures_as_lmmlabs_tasks_do(dense_run, data):
       pope accuracy / precision / recall / F1 = lmmlab's while every answer is exactly "yes" or "no": lmms-eval
         compares the lowered answer with the label, lmmlab reads it as LLaVA's eval_pope does ("Yes, there is"
         is yes). The toy trains to other weights on another CPU and may add a word ("no left"): bare answers are then
-        compared item by item, the aggregates only when every answer is bare. pope_yes_ratio is lmms-eval's share of "yes" *labels* (its aggregation counts ground truth), while
-        lmmlab's yes_ratio is the share of "yes" answers, as LLaVA's eval_pope prints it."""
+        compared item by item, the aggregates only when every answer is bare. pope_yes_ratio is lmms-eval's share of
+        "yes" *labels* (its aggregation counts ground truth), while lmmlab's yes_ratio is the share of "yes" answers,
+        as LLaVA's eval_pope prints it."""
     _, table = dense_run
     ours, theirs, _, _ = table["textvqa_val"]
     assert theirs["exact_match,none"] == pytest.approx(ours["vqa_accuracy"], abs=1e-12)
@@ -114,8 +115,8 @@ def test_lmms_eval_scores_the_fixtures_as_lmmlabs_tasks_do(dense_run, data):
     bare = [p in ("yes", "no") for p in predictions]
     assert sum(bare) >= len(bare) // 2, predictions  # the toy answers POPE's questions with yes or no, mostly
     task, docs = get_task("pope", data=data["pope"]), fx.records("pope", N)
-    for doc, item, p in zip(docs, items, predictions):
-        if p in ("yes", "no"):
+    for doc, item, p, is_bare in zip(docs, items, predictions, bare):
+        if is_bare:
             assert pope_process_results(doc, [p])["pope_accuracy"]["score"] == task.score(p, item) == float(
                 p == item.answers[0])
     if all(bare):
