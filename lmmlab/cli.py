@@ -403,7 +403,8 @@ def cmd_headline(args) -> None:
         loaded, task, pruner_of(args, loaded, task), args.out or TABLES / f"{model_label(loaded)}_headline.csv",
         config=config, sparsities=args.sparsities, kv_budgets=args.kv_budgets, dense_gap_at=args.dense_gap_at,
         storage=args.storage, study_prefix=args.study_prefix, baselines=baselines, kv_baselines=args.kv_baselines,
-        two_stage_at=args.two_stage_at, n=args.n, keep_databases=args.keep_databases, progress=show_progress(args))
+        two_stage_at=args.two_stage_at, n=args.n, keep_databases=args.keep_databases,
+        keep_other_cells=not args.drop_other_cells, progress=show_progress(args))
     print(f"test {task.primary_metric} ({task.direction}):")
     print_table([{**r, "plan": label(r)} for r in rows], ["kv_budget_bits", "target_sparsity", "plan",
                                                           "achieved_sparsity", "mean_kv_bits", "primary", "ci_low",
@@ -690,6 +691,9 @@ def add_headline_parser(sub) -> None:
     p.add_argument("--n", type=int, default=None, help="test items (default: the task's)")
     p.add_argument("--keep-databases", action="store_true", help="keep the level databases (GBs) after each target")
     p.add_argument("--out", type=Path, default=None, help="the table (default: results/tables/<model>_headline.csv)")
+    p.add_argument("--drop-other-cells", action="store_true",
+                   help="write only this run's cells (by default the cells of an earlier table at --out that this "
+                        "run does not redo stay in it, and the redone ones are replaced)")
     p.set_defaults(func=cmd_headline)
 
 

@@ -425,6 +425,15 @@ def test_the_headline_ranks_the_search_against_every_baseline_with_paired_tests(
     assert sorted(t["baseline"] for t in tests if t["baseline"] in outside) == sorted(outside)
     paths = write_headline(rows, task.direction, tmp_path / "tables" / "tiny_headline.csv")
     assert all(p.is_file() for p in paths)
+    whole = [p.read_text() for p in paths]
+    kv3 = [r for r in rows if r["kv_budget_bits"] == 3.0]
+    write_headline(kv3, task.direction, paths[0])  # a run of one cell replaces that cell and keeps the other
+    assert [p.read_text() for p in paths] == whole
+    write_headline(kv3, task.direction, paths[0], keep_other_cells=False)
+    import pandas as pd
+
+    assert set(pd.read_csv(paths[0]).kv_budget_bits) == set(pd.read_csv(paths[2]).kv_budget_bits) == {3.0}
+    assert len(pd.read_csv(paths[0])) == len(kv3) and all(c.endswith("-kv3") for c in pd.read_csv(paths[1]).columns)
     assert not list((tmp_path / "cache").glob("databases/*"))  # the level databases were removed after the target
 
 

@@ -211,21 +211,56 @@ def headline_tests(rows: Sequence[dict], direction: str) -> list[dict]:
     return tests
 
 
-def write_headline(rows: Sequence[dict], direction: str, out: str | Path) -> list[Path]:
-    """The table, its per-item values and its paired tests: `out`, `<out>_items.csv`, `<out>_paired.csv`."""
+def write_headline(rows: Sequence[dict], direction: str, out: str | Path, *,
+                   keep_other_cells: bool = True) -> list[Path]:
+    """The table, its per-item values and its paired tests: `out`, `<out>_items.csv`, `<out>_paired.csv`.
+    `keep_other_cells`: the cells (target × KV budget) of earlier files there that `rows` do not redo stay, before the
+    new ones; a cell `rows` hold replaces its earlier rows (each cell's tests are their own Holm family)."""
     import pandas as pd
 
-    from lmmlab.files import write_table, write_text_atomic
+    from lmmlab.files import write_text_atomic
 
     out = Path(out)
-    items = pd.DataFrame({f"{label(r)}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}": r["per_item"]
+    paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
+    cells = {(float(r["target_sparsity"]), float(r["kv_budget_bits"])) for r in rows}
+    table = pd.DataFrame(list(rows)).drop(columns=["per_item"], errors="ignore")
+    items = pd.DataFrame({f"{label(r)}{cell_suffix(r['target_sparsity'], r['kv_budget_bits'])}": r["per_item"]
                           for r in rows})
     tests = pd.DataFrame(headline_tests(rows, direction))
-    write_table(out, rows)
-    paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
-    write_text_atomic(paths[1], items.to_csv(index=False))
-    write_text_atomic(paths[2], tests.to_csv(index=False))
+    if keep_other_cells:
+        table, tests = (pd.concat([earlier_rows(path, cells), new]) for path, new in ((paths[0], table),
+                                                                                       (paths[2], tests)))
+        items = pd.concat([earlier_items(paths[1], cells), items], axis=1)
+    for path, frame in zip(paths, (table, items, tests)):
+        write_text_atomic(path, frame.to_csv(index=False))
     return paths
+
+
+def cell_suffix(target: float, budget: float) -> str:
+    """How a cell ends the column names of `<out>_items.csv`."""
+    return f"-s{target:g}-kv{budget:g}"
+
+
+def earlier_rows(path: Path, cells: set[tuple[float, float]]):
+    """The rows of an earlier table (or paired tests, or gaps) at `path` whose cell is not in `cells`."""
+    import pandas as pd
+
+    if not path.is_file():
+        return pd.DataFrame()
+    old = pd.read_csv(path)
+    redone = [(float(t), float(b)) in cells for t, b in zip(old["target_sparsity"], old["kv_budget_bits"])]
+    return old[[not r for r in redone]]
+
+
+def earlier_items(path: Path, cells: set[tuple[float, float]]):
+    """The columns of an earlier `<out>_items.csv` whose cell is not in `cells`."""
+    import pandas as pd
+
+    if not path.is_file():
+        return pd.DataFrame()
+    old = pd.read_csv(path)
+    suffixes = tuple(cell_suffix(t, b) for t, b in cells)
+    return old[[c for c in old.columns if not c.endswith(suffixes)]]
 
 
 def stitching_gaps(study_rows: Sequence[dict]) -> list[dict]:
@@ -295,20 +330,30 @@ def cell_gaps(loaded: Loaded, task: Task, pruner: Pruner, config: SearchConfig, 
 def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: SearchConfig = SearchConfig(),
         sparsities: Sequence[float] = (0.5, 0.6, 0.7), kv_budgets: Sequence[float] = (16, 3),
         dense_gap_at: Sequence[float] = (0.7,), storage: str = "sqlite:///results/studies.db",
-        study_prefix: str = "headline", progress: bool = False, **options) -> tuple[list[dict], list[Path]]:
+        study_prefix: str = "headline", keep_other_cells: bool = True, progress: bool = False,
+        **options) -> tuple[list[dict], list[Path]]:
     """`lmmlab headline`: the rows (`headline`, resumable through a checkpoint beside `out`), written with their
-    items and paired tests (`write_headline`), and the stitching gaps (`<model>_stitching_gap.csv`)."""
-    from lmmlab.files import write_table
+    items and paired tests (`write_headline`), and the stitching gaps (`<model>_stitching_gap.csv`); with
+    `keep_other_cells`, the cells of earlier files that this run does not redo stay in them."""
+    import pandas as pd
+
+    from lmmlab.files import write_text_atomic
 
     out = Path(out)
     checkpoint = out.with_name(out.stem + ".partial.json")
     rows = headline(loaded, task, sparsities=sparsities, kv_budgets=kv_budgets, config=config, storage=storage,
                     study_prefix=study_prefix, pruner=pruner, checkpoint=checkpoint, progress=progress, **options)
-    paths = write_headline(rows, task.direction, out)
-    gaps = cell_gaps(loaded, task, pruner, config, sparsities=sparsities, kv_budgets=kv_budgets, storage=storage,
-                     study_prefix=study_prefix, dense_gap_at=dense_gap_at, n_eval=config.n_eval, progress=progress)
-    if gaps:
-        paths.append(out.with_name(out.stem.replace("_headline", "") + "_stitching_gap.csv"))
-        write_table(paths[-1], gaps)
+    paths = write_headline(rows, task.direction, out, keep_other_cells=keep_other_cells)
+    gaps = pd.DataFrame(cell_gaps(loaded, task, pruner, config, sparsities=sparsities, kv_budgets=kv_budgets,
+                                  storage=storage, study_prefix=study_prefix, dense_gap_at=dense_gap_at,
+                                  n_eval=config.n_eval, progress=progress))
+    paths.append(out.with_name(out.stem.replace("_headline", "") + "_stitching_gap.csv"))
+    if keep_other_cells:
+        cells = {(float(t), float(b)) for t in sparsities for b in kv_budgets}
+        gaps = pd.concat([earlier_rows(paths[-1], cells), gaps])
+    if len(gaps):
+        write_text_atomic(paths[-1], gaps.to_csv(index=False))
+    else:
+        paths.pop()
     checkpoint.unlink(missing_ok=True)
     return rows, paths
