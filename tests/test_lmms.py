@@ -126,7 +126,7 @@ def test_lmms_eval_scores_the_fixtures_as_lmmlabs_tasks_do(dense_run, data):
         assert ours["yes_ratio"] == pytest.approx(statistics.fmean(p == "yes" for p in predictions))
 
 
-def test_the_two_scorers_differ_only_where_the_docstring_above_says(data):
+def test_the_two_scorers_differ_only_where_the_docstring_above_says(lmms_eval, data):
     """The toy answers no ScienceQA question with a letter (both score 0.00), so the scorers are compared on written
     answers: lmms-eval's own process_results against lmmlab's task.score on every fixture item. ScienceQA: alike for
     a bare letter (any case) and "B." / "B. text"; "(B) text" and "The answer is B." count only for lmmlab. POPE:

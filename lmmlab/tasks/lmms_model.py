@@ -28,9 +28,10 @@ from tqdm import tqdm
 try:
     from lmms_eval.api.model import lmms
     from lmms_eval.api.registry import register_model
-except ModuleNotFoundError as err:  # the optional lmms-eval install is missing
-    raise ModuleNotFoundError(f"lmmlab's lmms-eval adapter needs lmms-eval (missing module {err.name!r}): run `make lmms`",
-                              name=err.name) from None
+except ModuleNotFoundError as err:  # the optional lmms-eval install is missing (named as a package, not a submodule)
+    missing = (err.name or "lmms_eval").split(".")[0]
+    raise ModuleNotFoundError(f"lmmlab's lmms-eval adapter needs lmms-eval (missing module {missing!r}): run `make lmms`",
+                              name=missing) from None
 
 from lmmlab.tasks.base import (CacheFactory, buckets, check_unpadded, greedy_answers, new_cache, prefill_then_read,
                                token_lengths)
