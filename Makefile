@@ -60,8 +60,10 @@ headline: venv
 	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
 	$(VENV)/bin/lmmlab report
 
+# `make test`: one pytest-xdist worker per core (tests/conftest.py: threads per worker, the toy trained first).
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included; the 25 slowest listed
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -m "$(FAST)"

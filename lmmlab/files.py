@@ -1,7 +1,8 @@
 """Files: atomic writes (a temporary file in the same folder, then a rename, so a killed run never leaves half a result),
-the results folder, and lmmlab's cache folder."""
+the results folder, lmmlab's cache folder and a lock for what is built into it once."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +18,20 @@ def cache_dir() -> Path:
     """Where lmmlab keeps what it builds once (embedded models, compiled kernels, layer databases): $LMMLAB_CACHE, else
     ~/.cache/lmmlab."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmmlab")
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on the file `path` (created if missing) for the block: processes that build the same thing
+    into the cache (the toy's training, SmolLM2's conversion) take turns, and the second finds it built."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -7,17 +7,27 @@ Tiers (markers, set here from what a test uses, so no test has to remember them)
   notebooks  runs the notebooks with papermill
   browser    drives headless Chromium
   cuda       needs a CUDA device
-`make test-fast` runs the unit tier (none of these); `make test` (CI) runs everything."""
+`make test-fast` runs the unit tier (none of these); `make test` (CI) runs everything.
+
+Parallel runs (pytest-xdist, `make test`: one worker per core, `--dist worksteal`): each worker computes on
+cores / workers threads, and so do the commands it starts (OMP_NUM_THREADS). The first test that needs the trained toy
+runs first, so one worker trains it while the others go on with the tests that do not, which run before the rest of
+the toy's; a worker that needs the toy meanwhile waits on the cache's lock (`models.ensure_default`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
 from lmmlab import models
 
-torch.set_num_threads(2)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 2) // WORKERS))  # 2 threads alone, as on the 2-core machines measured
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the subprocesses' torch (CLI runs, notebook kernels, servers)
 
 TINY = dataclasses.replace(models.DefaultRecipe(), vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=48,
                            text_layers=2, text_heads=4, text_intermediate=64, steps=3, batch_size=4,
@@ -91,7 +101,14 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+def needs_toy(item) -> bool:
+    return "default" in set(getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_modifyitems(config, items):
+    toy = [item for item in items if needs_toy(item)]
+    if WORKERS > 1 and toy:  # the toy's first test (its training), the tests without the toy, then the toy's others
+        items[:] = toy[:1] + [item for item in items if not needs_toy(item)] + toy[1:]
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & SLOW_FIXTURES or item.module.__name__ in ("test_smollm2", "test_models"):

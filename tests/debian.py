@@ -6,7 +6,11 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Callable
+
+from lmmlab.files import locked
 
 
 class Unavailable(RuntimeError):
@@ -22,10 +26,13 @@ def apt_install(package: str, find: Callable[[], str | None], what: str) -> str:
         raise Unavailable(f"{what} is not installed and cannot be installed here (needs root and apt-get): "
                           f"apt-get install {package}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise Unavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    with locked(Path(tempfile.gettempdir()) / "lmmlab-apt.lock"):  # test workers in parallel install one at a time
+        if (found := find()) is not None:
+            return found
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise Unavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     if (found := find()) is None:
         raise Unavailable(f"apt-get installed {package}, but {what} was still not found")
     return found

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmmlab.files import cache_dir
+from lmmlab.files import cache_dir, locked
 from lmmlab.models.adapter import save_atomic
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,13 @@ def ensure_converted(progress: bool = True) -> Path:
     path, gguf = converted_path(), gguf_path()
     if marker_is_current(cached_marker(path), gguf):
         return path
-    log.info("converting %s to %s (once, ~30 s)", gguf, path)
-    start = time.perf_counter()
-    model, tok = load_gguf(gguf, progress=progress)
-    marker = {**source_marker(gguf), "conversion_s": round(time.perf_counter() - start, 1)}
-    save_atomic(model, tok, path, extra={MARKER_FILE: marker})
-    log.info("converted %s in %.1f s", NAME, time.perf_counter() - start)
+    with locked(path.with_name(path.name + ".lock")):  # another process may be converting it: wait, then look again
+        if marker_is_current(cached_marker(path), gguf):
+            return path
+        log.info("converting %s to %s (once, ~30 s)", gguf, path)
+        start = time.perf_counter()
+        model, tok = load_gguf(gguf, progress=progress)
+        marker = {**source_marker(gguf), "conversion_s": round(time.perf_counter() - start, 1)}
+        save_atomic(model, tok, path, extra={MARKER_FILE: marker})
+        log.info("converted %s in %.1f s", NAME, time.perf_counter() - start)
     return path

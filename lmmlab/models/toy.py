@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmmlab.models.adapter import DEFAULT_MODEL, save_atomic
-from lmmlab.files import cache_dir
+from lmmlab.files import cache_dir, locked
 from lmmlab.tasks import shapes as data
 
 log = logging.getLogger(__name__)
@@ -280,9 +280,12 @@ def recipe_is_current(recipe: dict | None) -> bool:
 def ensure_default(progress: bool = True) -> Path:
     """Path of the cached default model, training it first if the cache is empty or holds an older recipe."""
     path = default_model_path()
-    if not recipe_is_current(cached_recipe(path)):
-        log.info("no up-to-date default model at %s: training it (a few minutes, once)", path)
-        train_default(out=path, progress=progress)
+    if recipe_is_current(cached_recipe(path)):
+        return path
+    with locked(path.with_name(path.name + ".lock")):  # another process may be training it: wait, then look again
+        if not recipe_is_current(cached_recipe(path)):
+            log.info("no up-to-date default model at %s: training it (a few minutes, once)", path)
+            train_default(out=path, progress=progress)
     return path
 
 
