@@ -3,6 +3,8 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# `make test` / `test-fast`: one pytest-xdist worker per core (tests/conftest.py: threads per worker, the toy first).
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 FAST  := not slow and not postgres and not notebooks and not browser and not cuda
 
 .PHONY: venv lmms lab lab-port lab-deps demo demo-full headline test test-fast figures report train-default
@@ -60,13 +62,11 @@ headline: venv
 	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
 	$(VENV)/bin/lmmlab report
 
-# `make test`: one pytest-xdist worker per core (tests/conftest.py: threads per worker, the toy trained first).
-WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included; the 25 slowest listed
 	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal --durations=25
 
 test-fast: venv
-	$(PY) -m pytest -q -m "$(FAST)"
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal -m "$(FAST)"
 
 report: venv
 	$(VENV)/bin/lmmlab report
