@@ -10,9 +10,10 @@ Tiers (markers, set here from what a test uses, so no test has to remember them)
 `make test-fast` runs the unit tier (none of these); `make test` (CI) runs everything.
 
 Parallel runs (pytest-xdist, `make test`: one worker per core, `--dist worksteal`): each worker computes on
-cores / workers threads, and so do the commands it starts (OMP_NUM_THREADS). The first test that needs the trained toy
-runs first, so one worker trains it while the others go on with the tests that do not, which run before the rest of
-the toy's; a worker that needs the toy meanwhile waits on the cache's lock (`models.ensure_default`)."""
+cores / workers threads, and so do the commands it starts (OMP_NUM_THREADS). The toy's tests come first: xdist gives
+each worker a contiguous share, so the first worker starts by training the toy while the others' shares hold tests
+without it (as long as the toy's tests are fewer than a share); a worker that needs the toy before it is trained waits
+on the cache's lock (`models.ensure_default`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -107,8 +108,8 @@ def needs_toy(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     toy = [item for item in items if needs_toy(item)]
-    if WORKERS > 1 and toy:  # the toy's first test (its training), the tests without the toy, then the toy's others
-        items[:] = toy[:1] + [item for item in items if not needs_toy(item)] + toy[1:]
+    if WORKERS > 1 and toy:  # the toy's tests first, then the others: xdist gives each worker a contiguous share, so
+        items[:] = toy + [item for item in items if not needs_toy(item)]  # the first trains it, the rest go on
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & SLOW_FIXTURES or item.module.__name__ in ("test_smollm2", "test_models"):

@@ -135,7 +135,9 @@ def test_ablate_prune_writes_a_tidy_csv(default, tmp_path):
         assert (group[group.verdict == "tie"].p_value >= 0.05).all()
     dense_bytes = table[table.allocation == "dense"].weight_bytes.item()
     assert (pruned.weight_bytes < dense_bytes).all()
-    assert (table[table.target_sparsity == 0.8].accuracy < table[table.allocation == "dense"].accuracy.item()).all()
+    # 80 % costs every plan loss (the toy's accuracy on 64 items may stay at the dense model's: it trains to other
+    # weights on another CPU or thread count)
+    assert (table[table.target_sparsity == 0.8].loss > table[table.allocation == "dense"].loss.item()).all()
 
 
 def test_ablate_calibration_pairs_sequential_with_one_pass_on_the_same_items(default, tmp_path, capsys):
