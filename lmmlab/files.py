@@ -2,7 +2,6 @@
 the results folder, lmmlab's cache folder and a lock for what is built into it once."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -23,7 +22,10 @@ def cache_dir() -> Path:
 @contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """An exclusive lock on the file `path` (created if missing) for the block: processes that build the same thing
-    into the cache (the toy's training, SmolLM2's conversion) take turns, and the second finds it built."""
+    into the cache (the toy's training, SmolLM2's conversion) take turns, and the second finds it built. POSIX
+    (fcntl), imported here so that the rest of lmmlab imports without it."""
+    import fcntl
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
