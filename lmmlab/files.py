@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 CACHE_ENV = "LMMLAB_CACHE"
 
@@ -34,6 +34,19 @@ def locked(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(path: str | Path, *, is_current: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """`path`, built by `build(path)` unless `is_current(path)` already holds. The check is made again under a lock
+    beside `path`, so processes that build the same thing (test workers, scale-out workers on one host) take turns and
+    the second finds it built."""
+    path = Path(path)
+    if is_current(path):
+        return path
+    with locked(path.with_name(path.name + ".lock")):  # another process may be building it: wait, then look again
+        if not is_current(path):
+            build(path)
+    return path
 
 
 @contextmanager
@@ -88,9 +101,9 @@ def results_root(start: str | Path | None = None) -> Path:
 
 
 def write_table(path: str | Path, rows) -> None:
-    """Results rows (dicts) as a CSV, atomically, without their per-item values (`per_item`: a list per row, which
-    `*_items.csv` files carry where a table needs them)."""
+    """A table as a CSV, atomically: a DataFrame, or results rows (dicts) without their per-item values (`per_item`: a
+    list per row, which `*_items.csv` files carry where a table needs them)."""
     import pandas as pd
 
-    table = pd.DataFrame(list(rows))
+    table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     write_text_atomic(path, table.drop(columns=["per_item"], errors="ignore").to_csv(index=False))

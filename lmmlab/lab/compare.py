@@ -207,13 +207,13 @@ def write_comparison(rows: Sequence[dict], direction: str, out: str | Path) -> l
     `<out>_paired.csv`."""
     import pandas as pd
 
-    from lmmlab.files import write_table, write_text_atomic
+    from lmmlab.files import write_table
 
     out = Path(out)
     items = pd.DataFrame({f"{r['method']}-{r['allocation']}-s{r['target_sparsity']:g}-kv{r['kv_budget_bits']:g}":
                           r["per_item"] for r in rows})
     paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
     write_table(out, rows)
-    write_text_atomic(paths[1], items.to_csv(index=False))
-    write_text_atomic(paths[2], pd.DataFrame(paired_table(rows, direction)).to_csv(index=False))
+    write_table(paths[1], items)
+    write_table(paths[2], pd.DataFrame(paired_table(rows, direction)))
     return paths

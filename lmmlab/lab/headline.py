@@ -218,7 +218,7 @@ def write_headline(rows: Sequence[dict], direction: str, out: str | Path, *,
     new ones; a cell `rows` hold replaces its earlier rows (each cell's tests are their own Holm family)."""
     import pandas as pd
 
-    from lmmlab.files import write_text_atomic
+    from lmmlab.files import write_table
 
     out = Path(out)
     paths = [out, out.with_name(out.stem + "_items.csv"), out.with_name(out.stem + "_paired.csv")]
@@ -232,7 +232,7 @@ def write_headline(rows: Sequence[dict], direction: str, out: str | Path, *,
                                                                                        (paths[2], tests)))
         items = pd.concat([earlier_items(paths[1], cells), items], axis=1)
     for path, frame in zip(paths, (table, items, tests)):
-        write_text_atomic(path, frame.to_csv(index=False))
+        write_table(path, frame)
     return paths
 
 
@@ -337,7 +337,7 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: 
     `keep_other_cells`, the cells of earlier files that this run does not redo stay in them."""
     import pandas as pd
 
-    from lmmlab.files import write_text_atomic
+    from lmmlab.files import write_table
 
     out = Path(out)
     checkpoint = out.with_name(out.stem + ".partial.json")
@@ -352,7 +352,7 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: 
         cells = {(float(t), float(b)) for t in sparsities for b in kv_budgets}
         gaps = pd.concat([earlier_rows(paths[-1], cells), gaps])
     if len(gaps):
-        write_text_atomic(paths[-1], gaps.to_csv(index=False))
+        write_table(paths[-1], gaps)
     else:
         paths.pop()
     checkpoint.unlink(missing_ok=True)

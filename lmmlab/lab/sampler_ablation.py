@@ -175,13 +175,13 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, out: str | Path, *, config: 
         storage: str | None = None, **options):
     """`lmmlab ablate-samplers`: the ablation (`sampler_ablation`), its table at `out` and its figure (best KL so far
     against evaluations and seconds) under the results' figures. Returns (table, paths)."""
-    from lmmlab.files import write_text_atomic
+    from lmmlab.files import write_table
     from lmmlab.lab import plots
 
     out = Path(out)
     table = sampler_ablation(loaded, task, config=config, pruner=pruner,
                              storage=storage or f"sqlite:///{out.with_suffix('.db')}", **options)
-    write_text_atomic(out, table.to_csv(index=False))
+    write_table(out, table)
     figure = plots.save(plots.sampler_ablation_figure(summarise(table), "minimize", objective="KL fitness"),
                         out.stem, out.parent.parent / "figures")
     return table, [out, figure]

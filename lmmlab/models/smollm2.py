@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmmlab.files import cache_dir, locked
+from lmmlab.files import build_once, cache_dir
 from lmmlab.models.adapter import save_atomic
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,15 @@ def load_gguf(gguf: Path, progress: bool = True):
 def ensure_converted(progress: bool = True) -> Path:
     """Path of the converted SmolLM2-135M-Instruct folder, converting the wheel's GGUF first if the cache is empty or
     was made from another file, transformers version or CONVERSION_VERSION (the marker in the folder says which)."""
-    path, gguf = converted_path(), gguf_path()
-    if marker_is_current(cached_marker(path), gguf):
-        return path
-    with locked(path.with_name(path.name + ".lock")):  # another process may be converting it: wait, then look again
-        if marker_is_current(cached_marker(path), gguf):
-            return path
+    gguf = gguf_path()
+
+    def convert(path: Path) -> None:
         log.info("converting %s to %s (once, ~30 s)", gguf, path)
         start = time.perf_counter()
         model, tok = load_gguf(gguf, progress=progress)
         marker = {**source_marker(gguf), "conversion_s": round(time.perf_counter() - start, 1)}
         save_atomic(model, tok, path, extra={MARKER_FILE: marker})
         log.info("converted %s in %.1f s", NAME, time.perf_counter() - start)
-    return path
+
+    return build_once(converted_path(), is_current=lambda path: marker_is_current(cached_marker(path), gguf),
+                      build=convert)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmmlab.models.adapter import DEFAULT_MODEL, save_atomic
-from lmmlab.files import cache_dir, locked
+from lmmlab.files import build_once, cache_dir
 from lmmlab.tasks import shapes as data
 
 log = logging.getLogger(__name__)
@@ -279,13 +279,11 @@ def recipe_is_current(recipe: dict | None) -> bool:
 
 def ensure_default(progress: bool = True) -> Path:
     """Path of the cached default model, training it first if the cache is empty or holds an older recipe."""
-    path = default_model_path()
-    if recipe_is_current(cached_recipe(path)):
-        return path
-    with locked(path.with_name(path.name + ".lock")):  # another process may be training it: wait, then look again
-        if not recipe_is_current(cached_recipe(path)):
-            log.info("no up-to-date default model at %s: training it (a few minutes, once)", path)
-            train_default(out=path, progress=progress)
-    return path
+
+    def train(path: Path) -> None:
+        log.info("no up-to-date default model at %s: training it (a few minutes, once)", path)
+        train_default(out=path, progress=progress)
+
+    return build_once(default_model_path(), is_current=lambda path: recipe_is_current(cached_recipe(path)), build=train)
 
 

@@ -645,10 +645,10 @@ def trials_table(study: optuna.Study):
 
 def write_results(result: SearchResult, out_dir: str | Path) -> list[Path]:
     """The study's trials and best plan: `<study>_trials.csv` and `<study>_best_plan.json` in `out_dir`."""
-    from lmmlab.files import write_text_atomic
+    from lmmlab.files import write_table
 
     name = result.study.study_name
     paths = [Path(out_dir) / f"{name}_trials.csv", Path(out_dir) / f"{name}_best_plan.json"]
-    write_text_atomic(paths[0], trials_table(result.study).to_csv(index=False))
+    write_table(paths[0], trials_table(result.study))
     result.best_plan.save(paths[1])
     return paths

@@ -609,13 +609,13 @@ def write_results(result: StagedResult, out_dir: str | Path, studies: Sequence[o
     `<study>_trials.csv`, `<study>_final.csv`, `<study>_best_plan.json` in `out_dir`."""
     import pandas as pd
 
-    from lmmlab.files import write_table, write_text_atomic
+    from lmmlab.files import write_table
 
     out_dir = Path(out_dir)
     name = result.study.study_name
     table = pd.concat([staged_trials_table(study) for study in (studies or [result.study])], ignore_index=True)
     paths = [out_dir / f"{name}_trials.csv", out_dir / f"{name}_final.csv", out_dir / f"{name}_best_plan.json"]
-    write_text_atomic(paths[0], table.to_csv(index=False))
+    write_table(paths[0], table)
     write_table(paths[1], [{k: v for k, v in c.items() if k != "plan"} for c in result.candidates])
     result.best_plan.save(paths[2])
     return paths
