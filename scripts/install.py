@@ -21,16 +21,17 @@ SHARED = ("index-url", "extra-index-url", "find-links", "constraint")
 
 
 def pip_config(python: str) -> dict[str, list[str]]:
-    """The values pip's configuration gives each of SHARED, environment variables after files (pip's own order)."""
+    """The values pip's configuration gives each of SHARED for `pip install`: a PIP_* variable over an [install]
+    section over [global], as pip ranks them."""
     out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    files: dict[str, list[str]] = {}
-    env: dict[str, list[str]] = {}
+    ranked: dict[str, tuple[int, list[str]]] = {}
     for line in out.splitlines():
         key, _, value = line.partition("=")
-        name = key.rsplit(".", 1)[-1]
-        if name in SHARED:
-            (env if key.startswith(":env:") else files)[name] = shlex.split(value.strip().strip("'\""))
-    return {**files, **env}
+        section, _, name = key.rpartition(".")
+        rank = {":env:": 2, "install": 1, "global": 0}.get(section, -1)
+        if name in SHARED and rank >= 0 and rank >= ranked.get(name, (-1, []))[0]:
+            ranked[name] = (rank, shlex.split(value.strip().strip("'\"")))
+    return {name: values for name, (_, values) in ranked.items()}
 
 
 def uv_for(python: str) -> Path | None:
