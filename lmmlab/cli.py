@@ -142,6 +142,12 @@ def cmd_train_default(args) -> None:
     from lmmlab import models
 
     start = time.perf_counter()
+    if args.if_stale:
+        if args.out is not None:
+            raise ValueError("--if-stale looks at the cache ($LMMLAB_CACHE); it takes no --out")
+        path = models.ensure_default()
+        print(f"default model up to date at {path} ({time.perf_counter() - start:.0f} s)")
+        return
     path = models.train_default(out=args.out)
     print(f"default model trained in {time.perf_counter() - start:.0f} s and saved to {path}")
 
@@ -784,6 +790,9 @@ def add_model_parsers(sub) -> None:
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")
     p.add_argument("--out", type=Path, default=None, help="folder to save to (default: the cache, $LMMLAB_CACHE)")
+    p.add_argument("--if-stale", action="store_true",
+                   help="train only if the cache holds no model of today's recipe (waits for another process "
+                        "training it)")
     p.set_defaults(func=cmd_train_default)
 
     p = sub.add_parser("eval", help="a task's metrics, loss, latency and memory of a model on a split")

@@ -313,3 +313,12 @@ def test_task_mistakes_give_one_line_exit_2_and_write_nothing(args, message, bad
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
     assert not path.exists()
+
+
+def test_train_default_if_stale_finds_the_cached_toy_and_refuses_an_out_folder(default, tmp_path):
+    """What `make test` runs first: with today's toy in the cache it trains nothing; --out is not what it looks at."""
+    out = run("train-default", "--if-stale")
+    assert out.returncode == 0 and "up to date" in out.stdout
+    out = run("train-default", "--if-stale", "--out", tmp_path / "toy")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--if-stale" in out.stderr
+    assert not (tmp_path / "toy").exists()
