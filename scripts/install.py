@@ -6,7 +6,7 @@ fresh venv (the dev install: 17 s against 146 s on 2 cores). Used by the Makefil
 uv does not read pip's configuration, so the indexes, find-links and constraints pip would use (`pip config list`:
 pip.conf files and PIP_* variables) are handed to it, and every index is searched for the best version as pip does
 (`--index-strategy unsafe-best-match`). Its cache lies under $PIP_CACHE_DIR when that is set (so an empty pip cache
-means an empty uv cache too), else in uv's default place. Where uv cannot be installed, pip does the work.
+means an empty uv cache too), else in uv's default place. Where uv cannot be installed, or fails, pip does the work.
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def main(argv: list[str]) -> int:
     options = ["--index-strategy", "unsafe-best-match"]
     for name, values in pip_config(python).items():
         options += [item for value in values for item in (f"--{name}", value)]
-    return subprocess.run([str(uv), "pip", "install", "--python", python, *options, *args], env=env).returncode
+    if subprocess.run([str(uv), "pip", "install", "--python", python, *options, *args], env=env).returncode == 0:
+        return 0
+    print("scripts/install.py: uv failed (above), so pip tries", file=sys.stderr)  # e.g. an index only pip can reach
+    return subprocess.run([python, "-m", "pip", "install", *args]).returncode
 
 
 if __name__ == "__main__":
