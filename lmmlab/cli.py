@@ -790,9 +790,7 @@ def add_model_parsers(sub) -> None:
 
     p = sub.add_parser("train-default", help="(re)build the embedded default model and save it to the cache")
     p.add_argument("--out", type=Path, default=None, help="folder to save to (default: the cache, $LMMLAB_CACHE)")
-    p.add_argument("--if-stale", action="store_true",
-                   help="train only if the cache holds no model of today's recipe (waits for another process "
-                        "training it)")
+    p.add_argument("--if-stale", action="store_true", help="train only if the cache holds no model of today's recipe")
     p.set_defaults(func=cmd_train_default)
 
     p = sub.add_parser("eval", help="a task's metrics, loss, latency and memory of a model on a split")
