@@ -3,7 +3,7 @@ README stays short, every linked page exists, and no issue number or session his
 import re
 from pathlib import Path
 
-from lmmlab.lab.report import BEGIN, END, readme_headline, report
+from lmmlab.lab.report import BEGIN, END, fmt, readme_headline, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,6 +12,11 @@ def test_the_readme_headline_table_is_the_committed_csv():
     text = (ROOT / "README.md").read_text()
     shown = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert shown == readme_headline(ROOT / "results").strip(), "run `lmmlab report` after `lmmlab headline`"
+
+
+def test_numbers_keep_three_significant_digits_and_their_trailing_zero():
+    assert [fmt(x) for x in (23.0, 22.9996, 62.805, 178.29, 1234.5, 0.8125)] == [
+        "23.0", "23.0", "62.8", "178", "1,234", "0.812"]
 
 
 def test_the_readme_is_short_and_its_links_exist():

@@ -48,10 +48,10 @@ def last_commit(path: Path) -> str:
 
 
 def fmt(x: float) -> str:
-    """A perplexity or accuracy as the README shows it: 3 significant digits, thousands separated."""
-    if x >= 1000:
+    """A perplexity or accuracy as the README shows it: 3 significant digits (23.0, not 23), thousands separated."""
+    if x >= 100:
         return f"{x:,.0f}"
-    return f"{x:.3g}" if x >= 10 else f"{x:.3f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.3f}"
 
 
 def headline_table(csv: Path) -> str:
