@@ -2,7 +2,8 @@
 classes, a PostgreSQL server — and the test tiers.
 
 Tiers (markers, set here from what a test uses, so no test has to remember them):
-  slow       uses the trained toy (`default`) or SmolLM2 (`smollm2`), or runs a command in a subprocess on them
+  slow       uses the trained toy (`default`) or SmolLM2 (`smollm2`), or starts fresh Python processes or the C
+             compiler (marked where it does: seconds of start-up each)
   postgres   starts a real PostgreSQL server on loopback
   notebooks  runs the notebooks with papermill
   browser    drives headless Chromium

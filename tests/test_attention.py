@@ -149,6 +149,7 @@ def test_prefill_and_plain_tensors_keep_the_sdpa_path():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow  # runs the C compiler: seconds, kept out of `make test-fast`
 def test_the_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
     lib = native.kernels()
     if lib is None:

@@ -51,6 +51,7 @@ def test_bytes_per_token_and_resident_bytes_fall_with_sparsity_and_kv_width(rows
         assert by[(plan, 2)]["bytes_per_token"] < by[(plan, 16)]["bytes_per_token"]
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_a_layout_measured_in_a_fresh_process():
     measured = e2e.run_layout("tiny", 2, "70%", (32,), (16,), "float32", 1, 3, 4, 1)
     assert measured["compressed_linears"] == 2 * 7 and measured["depth"] == 2

@@ -17,6 +17,7 @@ def test_extrapolation_is_the_line_through_the_two_depths():
     assert extrapolate(5.0, 5.0, 1, 2, 40) == 5.0
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_memory_bench_measures_every_phase_and_extrapolates_the_model_exactly(tmp_path):
     shape = MODEL_SHAPES["tiny"]
     r = bench_memory("tiny", layers=4, n_calibration=4, n_eval=2, repeat=1, workdir=tmp_path)
@@ -49,6 +50,7 @@ def test_bad_memory_bench_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_memory_bench_json_from_the_cli(tmp_path):
     out = tmp_path / "memory.json"
     proc = run_cli("bench", "memory", "--shape", "tiny", "--layers", "2", "--json", str(out))

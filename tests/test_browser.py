@@ -14,9 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-import nbformat
 import optuna
-import papermill
 import pytest
 
 import browser_server as bs
@@ -60,13 +58,15 @@ def page(chromium):
 def explorer(tiny_llava_dir, tmp_path_factory):
     """notebooks/05_explorer.ipynb executed by papermill at smoke sizes on a tiny LLaVA, in a folder of its own
     (JupyterLab's root), with a Jupyter home of its own that trusts it (so JupyterLab renders its widgets)."""
+    import nbformat  # here, not at the top: ~6 s of import (jsonschema's URI grammar) on every worker's collection
+    import papermill
+    from nbformat.sign import NotebookNotary
+
     root = tmp_path_factory.mktemp("lab")
     home = tmp_path_factory.mktemp("jupyter-home")
     papermill.execute_notebook(str(ROOT / "notebooks" / NOTEBOOK), str(root / NOTEBOOK), progress_bar=False,
                                parameters={"smoke": True, "model": str(tiny_llava_dir), "task": "shapes",
                                            "results_dir": str(root / "results")}, cwd=str(ROOT))
-    from nbformat.sign import NotebookNotary
-
     notebook = nbformat.read(root / NOTEBOOK, as_version=4)
     (home / "data").mkdir()
     NotebookNotary(data_dir=str(home / "data")).sign(notebook)

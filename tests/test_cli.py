@@ -47,6 +47,7 @@ def test_user_mistakes_give_one_line_and_exit_code_2_and_write_nothing(args, mes
     assert not path.exists()
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_python_dash_m_lmmlab_gives_the_same_one_line_and_exit_code_2(tmp_path):
     """The real `python -m lmmlab` (the other tests run the CLI in-process): its exit code and whole stderr."""
     path = tmp_path / "m.json"
