@@ -1,5 +1,6 @@
 """`pip install` into a virtual environment, done by uv where uv can be had: the same packages, faster on a fresh
-venv (`make venv lmms lab-deps` with empty caches on 2 cores: about 85 s against about 145 s by pip). Used by the Makefile's set-up targets.
+venv (`make venv lmms lab-deps` with empty caches on 2 cores: about 85 s against about 145 s by pip). Used by the
+Makefile's set-up targets.
 
     python scripts/install.py VENV_PYTHON [-q] [--no-deps] [-e] REQUIREMENT ...
 
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
     if env.get("PIP_CACHE_DIR") and not env.get("UV_CACHE_DIR"):
         env["UV_CACHE_DIR"] = str(Path(env["PIP_CACHE_DIR"]) / "uv")
     # Bytecode compiled at install time, as pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc files
-    # compiles torch, transformers, pandas ... again in every process (the test suite on a cold cache: 639 s against 470 s).
+    # compiles torch, transformers, pandas ... again in every process (the test suite on a cold cache: 639 s against
+    # 470 s).
     options = ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
     for name, values in pip_config(python).items():
         options += [item for value in values for item in (f"--{name}", value)]

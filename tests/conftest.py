@@ -1,9 +1,10 @@
 """Shared fixtures — the real default model (trained once per machine, cached), SmolLM2, tiny models of the same
 classes, a PostgreSQL server — and the test tiers.
 
-Tiers (markers, set here from what a test uses, so no test has to remember them):
+Tiers (markers, set here from what a test uses, so no test has to remember them; only the few tests that start
+fresh Python processes or the C compiler carry `@pytest.mark.slow` themselves, as no fixture shows it):
   slow       uses the trained toy (`default`) or SmolLM2 (`smollm2`), or starts fresh Python processes or the C
-             compiler (marked where it does: seconds of start-up each)
+             compiler (seconds of start-up each)
   postgres   starts a real PostgreSQL server on loopback
   notebooks  runs the notebooks with papermill
   browser    drives headless Chromium
