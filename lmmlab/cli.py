@@ -130,10 +130,12 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     task = task_of(args)
     loaded = model_of(args, task)
-    report = demo.run(loaded, task, pruner_of(args, loaded, task), demo.DemoConfig(
+    config = demo.DemoConfig(
         sparsities=tuple(args.sparsities), kv_budgets=tuple(args.kv_budgets), n=args.n, n_eval=args.n_eval,
-        kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, search=staged_config(args, method="wanda")),
-        storage=args.storage, tag=args.tag, results=RESULTS, progress=show_progress(args))
+        kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, search=staged_config(args, method="wanda"))
+    config = replace(config, n_calibration=args.n_calibration) if args.n_calibration is not None else config
+    report = demo.run(loaded, task, pruner_of(args, loaded, task, n=config.n_calibration), config,
+                      storage=args.storage, tag=args.tag, results=RESULTS, progress=show_progress(args))
     print(report.text)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
@@ -855,6 +857,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--kv-budgets", type=float, nargs="+", default=[3])
     p.add_argument("--tag", default=None, help="prefix of the tables and figures (default: demo-<model>-<task>)")
     p.add_argument("--n", type=int, default=8, help="test items")
+    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: 16)")
     add_storage_args(p)
     p.set_defaults(func=cmd_demo, storage="sqlite:///results/demo.db")
 

@@ -253,8 +253,8 @@ def test_demo_tells_the_whole_story_and_writes_its_tables(default, tmp_path, mon
               "--kv-budgets", "4", "--n-trials", "3", "--n", "64", "--n-eval", "32", "--kv-group-size", "8",
               "--kv-residual", "8")
     assert out.returncode == 0, out.stderr
-    for line in ("dense model on the test split", "pruning (calibrated as published)", "KV cache at uniform widths",
-                 "the staged search's joint plan vs the baselines", "demo finished"):
+    for line in ("dense model on the test split", "pruning (calibrated as published, on 16 calibration items)",
+                 "KV cache at uniform widths", "the staged search's joint plan vs the baselines", "demo finished"):
         assert line in out.stdout
     tables = tmp_path / "results" / "tables"
     prune = pd.read_csv(tables / "demo-lmmlab-default-shapes_prune.csv")

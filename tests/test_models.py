@@ -57,6 +57,30 @@ def test_training_is_deterministic_and_lowers_the_loss(tmp_path):
     assert evaluate(a, samples).loss < before.loss
 
 
+def test_quick_training_batches_equal_the_processors_bit_for_bit():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from lmmlab.models.toy import QuickBatches, pixel_table
+
+    processor = models.build_processor()
+    quick = QuickBatches(processor)
+    assert quick.table is not None, "the task's images are at the processor's own size: one table serves"
+    for split_name, seed in (("train", 1), ("test", 2)):
+        batch = data.split(split_name, 40, seed=seed)
+        for answers in (False, True):
+            fast, reference = quick.collate(batch, answers), dict(data.collate(processor, batch, answers))
+            assert fast.keys() == reference.keys() and all(torch.equal(fast[k], reference[k]) for k in fast)
+    assert quick.table is not None, "it never fell back to the processor"
+    # a processor that resizes is not pointwise: no table
+    assert pixel_table(CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 48, "width": 48})) is None
+    # a table that disagrees with the processor is caught on the first batch, which comes from the processor
+    wrong = QuickBatches(processor)
+    wrong.table = wrong.table + 1.0
+    batch = data.split("validation", 8)
+    pixels = wrong.pixels([s.image() for s in batch])
+    assert wrong.table is None and torch.equal(pixels, data.collate(processor, batch)["pixel_values"])
+
+
 def test_load_model_finds_layers_of_a_tiny_llava(tiny_llava_dir):
     loaded = models.load_model(tiny_llava_dir, device="cpu")
     assert loaded.is_multimodal and loaded.num_layers == TINY.text_layers

@@ -239,10 +239,11 @@ def test_loss_objective_minimises_the_validation_loss(default, pruner, tmp_path)
 def test_bench_search_reports_overhead_and_throughput(default):
     from lmmlab.lab.bench import bench_search
 
-    result = bench_search(default, SHAPES, n_trials=3, multi_fidelity_trials=6)
+    result = bench_search(default, SHAPES, n_trials=3, multi_fidelity_trials=6, n_eval=128)
     for key in ("trial_overhead_s", "trial_eval_s", "trial_sample_s", "trials_per_min", "minutes_per_100_trials",
                 "trials_per_min_multifidelity", "multifidelity_wall_s"):
         assert result[key] > 0
+    assert result["n_eval"] == 128
     assert result["multifidelity_trials"] == 6 and 0 <= result["multifidelity_pruned"] <= 6 - 2  # warm starts run
     low, high = result["best_objective_ci"]
     assert low <= result["best_objective"] <= high and 0 <= result["paired_p"] <= 1

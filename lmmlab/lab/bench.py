@@ -304,9 +304,9 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
 
 
 def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: int = 8, kv_residual: int = 8, *,
-                 database=None, multi_fidelity_trials: int | None = None) -> dict:
-    """Per-trial cost of the per-layer search on the task's validation split, in throw-away sqlite studies: a plain
-    study of `n_trials`, then a multi-fidelity one (up to `multi_fidelity_trials`, default 4 × n_trials) compared at
+                 database=None, multi_fidelity_trials: int | None = None, n_eval: int | None = None) -> dict:
+    """Per-trial cost of the per-layer search on the task's validation split (its first `n_eval` items; None: the
+    task's default count), in throw-away sqlite studies: a plain study of `n_trials`, then a multi-fidelity one (up to `multi_fidelity_trials`, default 4 × n_trials) compared at
     the plain study's wall time; with a layer `database`, a third study searches SparseGPT levels and reports its
     per-trial overhead.
 
@@ -319,7 +319,7 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
 
     from lmmlab.lab.stats import paired_p
 
-    runs = _SearchRuns(loaded, task, kv_group_size, kv_residual)
+    runs = _SearchRuns(loaded, task, kv_group_size, kv_residual, n_eval)
     with tempfile.TemporaryDirectory() as tmp:
         plain, wall = runs.study(tmp, "plain", n_trials)
         table = runs.table(plain)
@@ -332,7 +332,7 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
     overhead, eval_s = float(table.overhead_s.median()), float(table.eval_s.median())  # medians over the trials
     low, high = a["interval"]
     return {"model": loaded.name, "task": task.describe(), "device": str(loaded.device),
-            "threads": torch.get_num_threads(), "n_trials": n_trials,
+            "threads": torch.get_num_threads(), "n_trials": n_trials, "n_eval": n_eval,
             "trial_overhead_s": overhead, "trial_eval_s": eval_s, "overhead_over_eval": overhead / eval_s,
             "trial_sample_s": float(table.sample_s.median()), "timing": "median over trials",
             "trial_wall_s": wall / n_trials, "trials_per_min": 60 * n_trials / wall,
@@ -349,14 +349,14 @@ def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: 
 class _SearchRuns:
     """`bench_search`'s studies on one model and task: run one, find its best trial by a wall time, re-score it."""
 
-    def __init__(self, loaded: Loaded, task: Task, kv_group_size: int, kv_residual: int):
+    def __init__(self, loaded: Loaded, task: Task, kv_group_size: int, kv_residual: int, n_eval: int | None):
         from lmmlab.prune.pruner import Pruner
         from lmmlab.search.per_layer import PerLayerConfig
 
         self.loaded, self.task = loaded, task
         self.pruner = Pruner.for_task(loaded, task)
         self.base = PerLayerConfig(target_sparsity=0.6, kv_budget_bits=4, kv_group_size=kv_group_size,
-                                   kv_residual=kv_residual)
+                                   kv_residual=kv_residual, n_eval=n_eval)
 
     def study(self, tmp: str, name: str, trials: int, **extra):
         from lmmlab.search.per_layer import search
@@ -387,7 +387,8 @@ class _SearchRuns:
 
         plan = CompressionPlan(**trial.user_attrs["plan"])
         self.pruner.apply(plan)
-        m = self.task.evaluate(self.loaded, split="validation", make_cache=KVCacheFactory(plan, self.loaded))
+        m = self.task.evaluate(self.loaded, split="validation", n=self.base.n_eval,
+                               make_cache=KVCacheFactory(plan, self.loaded))
         return {"primary": m.primary, "per_item": m.per_item, "metric": m.per_item_metric,
                 "interval": row_interval(m.per_item, m.per_item_metric)}
 

@@ -9,8 +9,11 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -113,11 +116,73 @@ def build_default(recipe: DefaultRecipe = DefaultRecipe(), processor=None):
     return model, processor
 
 
-def training_batch(processor, stream, batch_size: int):
+class QuickBatches:
+    """The processor's batches of the shapes task for the toy's own training, made faster and bit for bit the same.
+
+    The task's images are RGB at the processor's own size, so CLIP's pipeline (a same-size resize, a full crop,
+    rescale, normalise) maps each byte of each channel to one float: a [3, 256] table read off the processor itself
+    replaces it. The prompt's image token is expanded as the processor expands it, then tokenised. The first batch of
+    each kind is checked against the processor, and on any difference the processor serves every batch."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.table = pixel_table(processor.image_processor)  # [3, 256] float32; None: the processor is not pointwise
+        self.checked = {"pixels": False, "batch": False}
+
+    def pixels(self, images) -> torch.Tensor:
+        """[B, 3, H, W] pixel values of PIL images, as `processor.image_processor(images)` gives them."""
+        slow = lambda: self.processor.image_processor(images, return_tensors="pt")["pixel_values"]  # noqa: E731
+        if self.table is None:
+            return slow()
+        rgb = np.stack([np.asarray(im if im.mode == "RGB" else im.convert("RGB")) for im in images])  # [B, H, W, 3]
+        fast = torch.from_numpy(np.stack([self.table[c][rgb[..., c]] for c in range(3)], 1))  # [B, 3, H, W]
+        return fast if self.agrees("pixels", {"pixel_values": fast}, lambda: {"pixel_values": slow()}) else slow()
+
+    def collate(self, batch: Sequence[data.Sample], with_answers: bool = False) -> dict:
+        """`data.collate(processor, batch, with_answers)`: input ids, attention mask, pixel values."""
+        slow = lambda: dict(data.collate(self.processor, batch, with_answers))  # noqa: E731
+        if self.table is None:
+            return slow()
+        pixels = self.pixels([s.image() for s in batch])
+        expanded = self.processor.replace_image_token({"pixel_values": pixels}, 0)
+        text = [t.replace(self.processor.image_token, expanded) for t in data.texts(self.processor, batch, with_answers)]
+        fast = {**self.processor.tokenizer(text, padding=True, return_tensors="pt"), "pixel_values": pixels}
+        return fast if self.agrees("batch", fast, slow) else slow()
+
+    def agrees(self, kind: str, fast: dict, slow) -> bool:
+        """On the first call of a kind: compare with the processor's output, and give up the table if they differ."""
+        if not self.checked[kind]:
+            reference = slow()
+            same = fast.keys() == reference.keys() and all(torch.equal(fast[k], reference[k]) for k in fast)
+            if not same:
+                log.warning("the quick batches differ from the processor's: using the processor")
+                self.table = None
+            self.checked[kind] = True
+        return self.table is not None
+
+
+def pixel_table(image_processor) -> np.ndarray | None:
+    """[3, 256] the float the image processor gives each byte of each channel of an image at its own crop size, read
+    off one probe image holding every byte; None if the processor's output is not pointwise in it."""
+    h, w = image_processor.crop_size["height"], image_processor.crop_size["width"]
+    codes = np.stack([(np.arange(h * w) * k + c) % 256 for c, k in enumerate((1, 7, 11))], -1)  # [h*w, 3] every byte
+    probe = Image.fromarray(codes.reshape(h, w, 3).astype(np.uint8), "RGB")
+    out = image_processor([probe], return_tensors="pt")["pixel_values"]
+    if h * w < 256 or tuple(out.shape) != (1, 3, h, w):
+        return None
+    out = out[0].flatten(1)  # [3, h*w]
+    table = torch.zeros(3, 256, dtype=out.dtype)
+    for c in range(3):
+        table[c, torch.from_numpy(codes[:, c])] = out[c]
+    pointwise = all(torch.equal(table[c, torch.from_numpy(codes[:, c])], out[c]) for c in range(3))
+    return table.numpy() if pointwise else None
+
+
+def training_batch(quick: QuickBatches, stream, batch_size: int):
     """Inputs and labels for one step of question answering: loss on the answer word and its end token only."""
-    tok = processor.tokenizer
+    tok = quick.processor.tokenizer
     batch = [next(stream) for _ in range(batch_size)]
-    inputs = data.collate(processor, batch, with_answers=True)
+    inputs = quick.collate(batch, with_answers=True)
     ids = inputs["input_ids"]
     assistant = tok.convert_tokens_to_ids("ASSISTANT:")
     is_answer = torch.zeros_like(ids, dtype=torch.bool)
@@ -126,10 +191,10 @@ def training_batch(processor, stream, batch_size: int):
     return inputs, torch.where(is_answer, ids, torch.full_like(ids, -100))
 
 
-def scene_batch(processor, stream, batch_size: int) -> tuple[list[tuple[data.Shape, ...]], torch.Tensor]:
-    """Scenes for the vision stages and their pixel values, through the processor's image half."""
+def scene_batch(quick: QuickBatches, stream, batch_size: int) -> tuple[list[tuple[data.Shape, ...]], torch.Tensor]:
+    """Scenes for the vision stages and their pixel values, as the processor's image half gives them."""
     scenes = [next(stream).scene for _ in range(batch_size)]
-    return scenes, processor.image_processor([data.render(sc) for sc in scenes], return_tensors="pt")["pixel_values"]
+    return scenes, quick.pixels([data.render(sc) for sc in scenes])
 
 
 def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -160,10 +225,10 @@ def pretrain_vision(model, processor, recipe: DefaultRecipe, progress: bool = Tr
     heads = nn.ModuleList(nn.Linear(recipe.vision_hidden, n) for n in sizes)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    stream = data.samples("train", seed=recipe.seed + 1)
+    stream, quick = data.samples("train", seed=recipe.seed + 1), QuickBatches(processor)
     accuracy = 0.0
     for step in tqdm(range(recipe.vision_steps), desc="pretrain vision", disable=not progress):
-        scenes, pixels = scene_batch(processor, stream, recipe.vision_batch_size)
+        scenes, pixels = scene_batch(quick, stream, recipe.vision_batch_size)
         labels = torch.stack([patch_labels(sc) for sc in scenes])  # [B, 9, 3]
         features = patch_features(model, pixels)
         logits = [head(features) for head in heads]
@@ -190,20 +255,23 @@ def align_projector(model, processor, recipe: DefaultRecipe, progress: bool = Tr
     finds a repeated word in text, which it learns far faster than matching arbitrary image features.
     Returns the final mean squared error relative to the targets' mean square.
     """
-    embed = model.get_input_embeddings().weight.detach()
+    embed = model.get_input_embeddings().weight.detach()  # not trained in this stage
     tok = processor.tokenizer
     projector = model.model.multi_modal_projector
     opt = torch.optim.AdamW(projector.parameters(), lr=recipe.lr)
-    stream = data.samples("train", seed=recipe.seed + 2)
+    stream, quick = data.samples("train", seed=recipe.seed + 2), QuickBatches(processor)
+    target_of: dict[tuple[str, ...], torch.Tensor] = {}  # a cell's words -> the sum of their embeddings
     relative_error = 1.0
     for step in tqdm(range(recipe.align_steps), desc="align projector", disable=not progress):
-        scenes, pixels = scene_batch(processor, stream, recipe.vision_batch_size)
+        scenes, pixels = scene_batch(quick, stream, recipe.vision_batch_size)
         targets = torch.zeros(len(scenes), data.GRID * data.GRID, embed.shape[1])
         for b, scene in enumerate(scenes):
             by_cell = {s.row * data.GRID + s.col: s for s in scene}
             for cell in range(data.GRID * data.GRID):
-                ids = tok.convert_tokens_to_ids(attribute_words(by_cell.get(cell)))
-                targets[b, cell] = embed[ids].sum(0)
+                words = tuple(attribute_words(by_cell.get(cell)))
+                if words not in target_of:
+                    target_of[words] = embed[tok.convert_tokens_to_ids(list(words))].sum(0)
+                targets[b, cell] = target_of[words]
         with torch.no_grad():
             features = patch_features(model, pixels)
         loss = nn.functional.mse_loss(projector(features), targets)
@@ -241,11 +309,11 @@ def train_default(recipe: DefaultRecipe = DefaultRecipe(), out: Path | None = No
         return 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    stream = data.samples("train", seed=recipe.seed)
+    stream, quick = data.samples("train", seed=recipe.seed), QuickBatches(processor)
     start = time.perf_counter()
     bar = tqdm(range(recipe.steps), desc="train default", disable=not progress)
     for step in bar:
-        inputs, labels = training_batch(processor, stream, recipe.batch_size)
+        inputs, labels = training_batch(quick, stream, recipe.batch_size)
         logits = model(**inputs).logits
         loss = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
