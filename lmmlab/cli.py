@@ -851,7 +851,8 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="one model and task: dense, pruning, KV widths, the staged search vs baselines")
     add_model_task_args(p, "smollm2-135m")
     add_staged_args(p)
-    p.set_defaults(n_trials=8, generations=[2], offspring=4, selection="2:256,1:512", fitness_rows=4,
+    # the search of lab.demo.DemoConfig (not imported here: it pulls pandas into every command's start)
+    p.set_defaults(n_trials=6, generations=[2], offspring=4, selection="2:256,1:512", fitness_rows=4,
                    fitness_tokens=512, bases=["uniform", "owl"], n_eval=8, kv_budget=3.0)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5])
     p.add_argument("--kv-budgets", type=float, nargs="+", default=[3])

@@ -306,9 +306,9 @@ def bench_kv(loaded: Loaded, context: int = 1024, decode_steps: int = 32, *, dec
 def bench_search(loaded: Loaded, task: Task, n_trials: int = 20, kv_group_size: int = 8, kv_residual: int = 8, *,
                  database=None, multi_fidelity_trials: int | None = None, n_eval: int | None = None) -> dict:
     """Per-trial cost of the per-layer search on the task's validation split (its first `n_eval` items; None: the
-    task's default count), in throw-away sqlite studies: a plain study of `n_trials`, then a multi-fidelity one (up to `multi_fidelity_trials`, default 4 × n_trials) compared at
-    the plain study's wall time; with a layer `database`, a third study searches SparseGPT levels and reports its
-    per-trial overhead.
+    task's default count), in throw-away sqlite studies: a plain study of `n_trials`, then a multi-fidelity one (up
+    to `multi_fidelity_trials`, default 4 × n_trials) compared at the plain study's wall time; with a layer
+    `database`, a third study searches SparseGPT levels and reports its per-trial overhead.
 
     Goals: trial_overhead_s <= 0.05 × trial_eval_s (also with the database); trials_per_min_multifidelity >= 3 ×
     trials_per_min at a best objective within the plain study's best plan's 95 % interval (both best plans

@@ -41,7 +41,7 @@ class DemoConfig:
     kv_widths: tuple[int, ...] = (16, 4, 3, 2)  # the KV rows (dense weights)
     baselines: tuple[tuple[str, str], ...] = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"))
     search: SearchConfig = field(default_factory=lambda: SearchConfig(
-        method="wanda", bases=("uniform", "owl"), tpe_trials=8, generations=(2,), offspring=4,
+        method="wanda", bases=("uniform", "owl"), tpe_trials=6, generations=(2,), offspring=4,
         selection=((2, 256), (1, 512)), fitness_rows=4, fitness_tokens=512))
 
 

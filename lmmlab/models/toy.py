@@ -145,7 +145,8 @@ class QuickBatches:
             return slow()
         pixels = self.pixels([s.image() for s in batch])
         expanded = self.processor.replace_image_token({"pixel_values": pixels}, 0)
-        text = [t.replace(self.processor.image_token, expanded) for t in data.texts(self.processor, batch, with_answers)]
+        prompts = data.texts(self.processor, batch, with_answers)
+        text = [t.replace(self.processor.image_token, expanded) for t in prompts]
         fast = {**self.processor.tokenizer(text, padding=True, return_tensors="pt"), "pixel_values": pixels}
         return fast if self.agrees("batch", fast, slow) else slow()
 
