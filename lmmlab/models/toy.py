@@ -136,7 +136,7 @@ class QuickBatches:
             return slow()
         rgb = np.stack([np.asarray(im if im.mode == "RGB" else im.convert("RGB")) for im in images])  # [B, H, W, 3]
         fast = torch.from_numpy(np.stack([self.table[c][rgb[..., c]] for c in range(3)], 1))  # [B, 3, H, W]
-        return fast if self.agrees("pixels", {"pixel_values": fast}, lambda: {"pixel_values": slow()}) else slow()
+        return self.checked_once("pixels", {"pixel_values": fast}, lambda: {"pixel_values": slow()})["pixel_values"]
 
     def collate(self, batch: Sequence[data.Sample], with_answers: bool = False) -> dict:
         """`data.collate(processor, batch, with_answers)`: input ids, attention mask, pixel values."""
@@ -148,35 +148,39 @@ class QuickBatches:
         prompts = data.texts(self.processor, batch, with_answers)
         text = [t.replace(self.processor.image_token, expanded) for t in prompts]
         fast = {**self.processor.tokenizer(text, padding=True, return_tensors="pt"), "pixel_values": pixels}
-        return fast if self.agrees("batch", fast, slow) else slow()
+        return self.checked_once("batch", fast, slow)
 
-    def agrees(self, kind: str, fast: dict, slow) -> bool:
-        """On the first call of a kind: compare with the processor's output, and give up the table if they differ."""
-        if not self.checked[kind]:
-            reference = slow()
-            same = fast.keys() == reference.keys() and all(torch.equal(fast[k], reference[k]) for k in fast)
-            if not same:
-                log.warning("the quick batches differ from the processor's: using the processor")
-                self.table = None
-            self.checked[kind] = True
-        return self.table is not None
+    def checked_once(self, kind: str, fast: dict, slow) -> dict:
+        """`fast`, compared on the first call of a kind with the processor's `slow()`: if they differ, the table is
+        given up and the processor's batch is returned."""
+        if self.checked[kind]:
+            return fast
+        self.checked[kind] = True
+        reference = slow()
+        if fast.keys() == reference.keys() and all(torch.equal(fast[k], reference[k]) for k in fast):
+            return fast
+        log.warning("the quick batches differ from the processor's: using the processor")
+        self.table = None
+        return reference
 
 
 def pixel_table(image_processor) -> np.ndarray | None:
     """[3, 256] the float the image processor gives each byte of each channel of an image at its own crop size, read
     off one probe image holding every byte; None if the processor's output is not pointwise in it."""
     h, w = image_processor.crop_size["height"], image_processor.crop_size["width"]
+    if h * w < 256:  # the probe cannot hold every byte
+        return None
     codes = np.stack([(np.arange(h * w) * k + c) % 256 for c, k in enumerate((1, 7, 11))], -1)  # [h*w, 3] every byte
     probe = Image.fromarray(codes.reshape(h, w, 3).astype(np.uint8), "RGB")
-    out = image_processor([probe], return_tensors="pt")["pixel_values"]
-    if h * w < 256 or tuple(out.shape) != (1, 3, h, w):
+    out = image_processor([probe], return_tensors="np")["pixel_values"]
+    if tuple(out.shape) != (1, 3, h, w):
         return None
-    out = out[0].flatten(1)  # [3, h*w]
-    table = torch.zeros(3, 256, dtype=out.dtype)
+    out = out[0].reshape(3, h * w)
+    table = np.zeros((3, 256), dtype=out.dtype)
     for c in range(3):
-        table[c, torch.from_numpy(codes[:, c])] = out[c]
-    pointwise = all(torch.equal(table[c, torch.from_numpy(codes[:, c])], out[c]) for c in range(3))
-    return table.numpy() if pointwise else None
+        table[c, codes[:, c]] = out[c]
+    pointwise = all(np.array_equal(table[c, codes[:, c]], out[c]) for c in range(3))
+    return table if pointwise else None
 
 
 def training_batch(quick: QuickBatches, stream, batch_size: int):
