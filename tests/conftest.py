@@ -104,6 +104,32 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+def pytest_sessionstart(session):
+    """xdist's controller (which runs no test) compiles the C kernels into the cache while its workers start and
+    collect, one thread per kernel: the workers find them built (or wait on the build's lock) instead of each
+    compiling both at once on a fresh cache."""
+    config = session.config
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None) or config.option.collectonly:
+        return  # a worker, or a run without workers
+    import threading
+
+    from lmmlab.kv import native
+    from lmmlab.models import sparse_kernels
+
+    builds = [threading.Thread(target=f, daemon=True) for f in (native.kernels, sparse_kernels.library)]
+    for thread in builds:
+        thread.start()
+    config.stash[KERNEL_BUILDS] = builds
+
+
+KERNEL_BUILDS = pytest.StashKey[list]()
+
+
+def pytest_sessionfinish(session):
+    for thread in session.config.stash.get(KERNEL_BUILDS, []):
+        thread.join()  # a build still running when the run ends (a run of a few tests) finishes, not half-written
+
+
 def needs_toy(item) -> bool:
     return "default" in set(getattr(item, "fixturenames", ()))
 

@@ -161,6 +161,7 @@ def run_stock(jobs: dict, cwd) -> dict:
     return report
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_dense_export_loads_in_stock_transformers_and_bitmask_is_refused(request, tmp_path):
     """The dense export at 50 % unstructured and 2:4, of a Llama and a LLaVA, loads with stock transformers in an
     interpreter that never imports lmmlab and gives the pruned model's logits exactly; the bitmask export makes every

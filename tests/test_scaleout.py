@@ -169,16 +169,14 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_run_again(tmp_p
     assert trials[1].params == {"x": x} and trials[1].system_attrs["failed_trial"] == 0
 
 
-def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path):
+def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path, capsys):
     from postgres_server import free_port
 
     port = free_port()  # nothing listens there
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "lmmlab", "search", "--storage",
-                           f"postgresql://postgres@127.0.0.1:{port}/db", "--n-trials", "2", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    assert main(["search", "--storage", f"postgresql://postgres@127.0.0.1:{port}/db", "--n-trials", "2",
+                 "--out-dir", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"cannot connect to the postgresql database at 127.0.0.1:{port}" in lines[0]
     assert "refused" in lines[0].lower()  # the reason, as the client library gives it
     assert not out.exists()

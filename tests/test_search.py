@@ -187,6 +187,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_dashboard_serves_the_study_database_on_loopback(tmp_path):
     storage = f"sqlite:///{tmp_path / 'd.db'}"
     optuna.create_study(storage=storage, study_name="d").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

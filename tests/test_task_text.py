@@ -256,6 +256,7 @@ def test_defaults_fit_any_window_length():
     assert (short.prefill, short.chunk) == (4, 4)
 
 
+@pytest.mark.slow  # starts fresh Python processes: seconds of start-up each, kept out of `make test-fast`
 def test_hub_data_fails_clearly_when_datasets_or_the_hub_is_missing():
     """Offline (HF_HUB_OFFLINE=1, in a fresh process so the hub reads it): one line naming the data and the way out."""
     code = ("from lmmlab.tasks import get_task\n"

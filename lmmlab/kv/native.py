@@ -4,7 +4,8 @@ compiler and loaded with ctypes.
 The library is compiled for the CPU it runs on (`-march=native`) and linked against OpenMP, which resolves to the
 OpenMP runtime torch has already loaded, so the kernels and torch share one thread pool. It lands in
 $LMMLAB_CACHE/kernels under a name that hashes the source, the flags, the compiler and the CPU, written atomically
-(a killed build leaves nothing that looks complete). No compiler, or a failed build, gives `None` and the caller
+(a killed build leaves nothing that looks complete), under a lock: processes that need it at once (test workers, search
+workers) build it once, the others wait for it. No compiler, or a failed build, gives `None` and the caller
 falls back to torch (`lmmlab.attention`), with one warning naming the reason. `load_library` builds and loads any
 other C file the same way (the sparse linears' kernels, `lmmlab/models/csrc/sparse_matvec.c`, use it).
 """
@@ -20,7 +21,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from lmmlab.files import atomic_file, cache_dir
+from lmmlab.files import atomic_file, build_once, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ def load_library(source: Path, what: str) -> ctypes.CDLL | None:
         log.warning("no C compiler found (set CC): %s runs in torch, slower", what)
         return None
     try:
-        path = library_path(compiler, source)
-        if not path.exists():
+        def make(path: Path) -> None:
             log.info("building the %s kernels: %s", what, path)
             build(compiler, path, source)
+
+        path = build_once(library_path(compiler, source), is_current=Path.exists, build=make)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("%s kernels unavailable (%s): running in torch, slower", what, err)
