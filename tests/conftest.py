@@ -104,6 +104,9 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+KERNEL_BUILDS = pytest.StashKey[list]()  # the controller's kernel-build threads, joined when the run ends
+
+
 def pytest_sessionstart(session):
     """xdist's controller (which runs no test) compiles the C kernels into the cache while its workers start and
     collect, one thread per kernel: the workers find them built (or wait on the build's lock) instead of each
@@ -120,9 +123,6 @@ def pytest_sessionstart(session):
     for thread in builds:
         thread.start()
     config.stash[KERNEL_BUILDS] = builds
-
-
-KERNEL_BUILDS = pytest.StashKey[list]()
 
 
 def pytest_sessionfinish(session):
