@@ -70,6 +70,14 @@ def staged_config(args, **overrides):
     return config
 
 
+def demo_config(args):
+    """The demo's config from the command line (`lab.demo.DemoConfig`; the parser's defaults are its defaults)."""
+    from lmmlab.lab.demo import DemoConfig
+
+    return DemoConfig(sparsities=tuple(args.sparsities), kv_budgets=tuple(args.kv_budgets), n=args.n,
+                      n_calibration=args.n_calibration, search=staged_config(args))
+
+
 def per_layer_config(args, **overrides):
     """The per-layer search's config from the command line (`search.per_layer.PerLayerConfig`)."""
     from lmmlab.search.per_layer import PerLayerConfig
@@ -130,10 +138,7 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     task = task_of(args)
     loaded = model_of(args, task)
-    config = demo.DemoConfig(
-        sparsities=tuple(args.sparsities), kv_budgets=tuple(args.kv_budgets), n=args.n, n_eval=args.n_eval,
-        kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, search=staged_config(args, method="wanda"))
-    config = replace(config, n_calibration=args.n_calibration) if args.n_calibration is not None else config
+    config = demo_config(args)
     report = demo.run(loaded, task, pruner_of(args, loaded, task, n=config.n_calibration), config,
                       storage=args.storage, tag=args.tag, results=RESULTS, progress=show_progress(args))
     print(report.text)
@@ -595,38 +600,45 @@ def add_staged_args(p: argparse.ArgumentParser) -> None:
     from lmmlab.search.staged import BASES, GRANULARITIES, INPUTS, STAGES, SearchConfig
 
     d = SearchConfig()
-    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
-                   help="parameter-weighted mean sparsity, in [0, 1)")
-    p.add_argument("--kv-budget", type=float, default=d.kv_budget,
-                   help="mean KV bits per layer at most this, keys and values apart")
+    p.add_argument("--target-sparsity", type=float, help="parameter-weighted mean sparsity, in [0, 1)")
+    p.add_argument("--kv-budget", type=float, help="mean KV bits per layer at most this, keys and values apart")
     p.add_argument("--method", default=None, choices=METHODS,
                    help="staged: sparsegpt (default; stitched from level databases); per-layer: wanda (default)")
     p.add_argument("--n-trials", type=int, default=None,
                    help=f"trials the study should hold: staged, first-stage trials (default {d.tpe_trials}); "
                         "per-layer: 100")
-    p.add_argument("--sampler", default=d.sampler, help=f"the (first stage's) sampler: {', '.join(SAMPLERS)}")
-    p.add_argument("--stages", default=",".join(d.stages), help=f"stages to run, in order: {', '.join(STAGES)}")
-    p.add_argument("--granularity", default=d.granularity, help=f"evolution genes: {', '.join(GRANULARITIES)}")
-    p.add_argument("--bases", nargs="+", default=list(d.bases),
-                   help=f"first-stage base allocations and warm starts, from {', '.join(BASES)}")
+    p.add_argument("--sampler", help=f"the (first stage's) sampler: {', '.join(SAMPLERS)}")
+    p.add_argument("--stages", help=f"stages to run, in order: {', '.join(STAGES)}")
+    p.add_argument("--granularity", help=f"evolution genes: {', '.join(GRANULARITIES)}")
+    p.add_argument("--bases", nargs="+", help=f"first-stage base allocations and warm starts, from {', '.join(BASES)}")
     p.add_argument("--kv-pairs", default=None,
                    help="K >= V pairs a layer may take, e.g. KV8,K8V4,KV4,K4V2,KV2 (default: those, KV16 at budget 16)")
-    p.add_argument("--kv-clusters", type=int, default=d.kv_clusters, help="layer clusters by KV sensitivity")
-    p.add_argument("--generations", type=int, nargs="+", default=list(d.generations),
+    p.add_argument("--kv-clusters", type=int, help="layer clusters by KV sensitivity")
+    p.add_argument("--generations", type=int, nargs="+",
                    help="evolution generations per round (one round per number; each re-bases its database)")
-    p.add_argument("--offspring", type=int, default=d.offspring, help="evolution mutants per generation")
-    p.add_argument("--selection", default=",".join(f"{s}:{t}" for s, t in d.selection),
-                   help="multi-step selection, survivors:tokens per step")
-    p.add_argument("--count-levels", type=int, default=d.count_levels,
+    p.add_argument("--offspring", type=int, help="evolution mutants per generation")
+    p.add_argument("--selection", help="multi-step selection, survivors:tokens per step")
+    p.add_argument("--count-levels", type=int,
                    help="evolution databases: count levels on each side of the reference plan (EvoPress: 8)")
-    p.add_argument("--first-inputs", default=d.database_inputs, choices=list(INPUTS),
+    p.add_argument("--first-inputs", choices=list(INPUTS),
                    help="the first stage's database: solved on the dense model's inputs, or on the best base's")
-    p.add_argument("--fitness-rows", type=int, default=d.fitness_rows, help="search windows (calibration split)")
-    p.add_argument("--fitness-tokens", type=int, default=d.fitness_tokens, help="tokens per first-stage trial")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="dense next-token probabilities kept per position")
+    p.add_argument("--fitness-rows", type=int, help="search windows (calibration split)")
+    p.add_argument("--fitness-tokens", type=int, help="tokens per first-stage trial")
+    p.add_argument("--top-k", type=int, help="dense next-token probabilities kept per position")
     p.add_argument("--n-eval", type=int, default=None, help="validation items per trial or final candidate")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(**staged_defaults(d))
     add_kv_layout_args(p)
+
+
+def staged_defaults(config) -> dict:
+    """The defaults of `add_staged_args`'s options, from a `SearchConfig` (argparse dest -> value)."""
+    return dict(target_sparsity=config.target_sparsity, kv_budget=config.kv_budget, sampler=config.sampler,
+                stages=",".join(config.stages), granularity=config.granularity, bases=list(config.bases),
+                kv_clusters=config.kv_clusters, generations=list(config.generations), offspring=config.offspring,
+                selection=",".join(f"{s}:{t}" for s, t in config.selection), count_levels=config.count_levels,
+                first_inputs=config.database_inputs, fitness_rows=config.fitness_rows,
+                fitness_tokens=config.fitness_tokens, top_k=config.top_k, seed=config.seed)
 
 
 def add_per_layer_args(p: argparse.ArgumentParser) -> None:
@@ -848,19 +860,22 @@ def add_model_parsers(sub) -> None:
 
 
 def add_demo_parser(sub) -> None:
+    from lmmlab.lab.demo import STORAGE, DemoConfig
+
+    d = DemoConfig()
     p = sub.add_parser("demo", help="one model and task: dense, pruning, KV widths, the staged search vs baselines")
     add_model_task_args(p, "smollm2-135m")
     add_staged_args(p)
-    # the search of lab.demo.DemoConfig (not imported here: it pulls pandas into every command's start)
-    p.set_defaults(n_trials=6, generations=[2], offspring=4, selection="2:256,1:512", fitness_rows=4,
-                   fitness_tokens=512, bases=["uniform", "owl"], n_eval=8, kv_budget=3.0)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5])
-    p.add_argument("--kv-budgets", type=float, nargs="+", default=[3])
+    p.set_defaults(**staged_defaults(d.search), method=d.search.method, n_trials=d.search.tpe_trials,
+                   n_eval=d.search.n_eval)
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(d.sparsities))
+    p.add_argument("--kv-budgets", type=float, nargs="+", default=list(d.kv_budgets))
     p.add_argument("--tag", default=None, help="prefix of the tables and figures (default: demo-<model>-<task>)")
-    p.add_argument("--n", type=int, default=8, help="test items")
-    p.add_argument("--n-calibration", type=int, default=None, help="calibration items (default: 16)")
+    p.add_argument("--n", type=int, default=d.n, help="test items")
+    p.add_argument("--n-calibration", type=int, default=d.n_calibration,
+                   help="calibration items (default %(default)s)")
     add_storage_args(p)
-    p.set_defaults(func=cmd_demo, storage="sqlite:///results/demo.db")
+    p.set_defaults(func=cmd_demo, storage=STORAGE)
 
 
 def add_other_parsers(sub) -> None:

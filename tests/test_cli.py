@@ -22,6 +22,21 @@ def test_every_command_has_help(capsys):
         assert f"usage: lmmlab {command}" in capsys.readouterr().out
 
 
+def test_the_search_and_demo_commands_default_to_the_library_configs():
+    from dataclasses import replace
+
+    from lmmlab.cli import build_parser, demo_config, staged_config
+    from lmmlab.lab.demo import STORAGE, DemoConfig
+    from lmmlab.search.staged import SearchConfig
+
+    parser = build_parser()
+    assert staged_config(parser.parse_args(["search"])) == SearchConfig()
+    args = parser.parse_args(["demo"])
+    assert demo_config(args) == DemoConfig() and args.storage == STORAGE
+    given = demo_config(parser.parse_args(["demo", "--offspring", "3", "--n", "5", "--sparsities", "0.6", "0.7"]))
+    assert given == replace(DemoConfig(), n=5, sparsities=(0.6, 0.7), search=replace(DemoConfig().search, offspring=3))
+
+
 def test_eval_prints_a_table_and_writes_json(default, tmp_path, capsys):
     path = tmp_path / "m.json"
     assert main(["eval", "--split", "validation", "--n", "64", "--json", str(path)]) == 0

@@ -136,9 +136,10 @@ def test_refactored_prune_is_bit_identical_to_the_old_algorithm(sparsity, nm, dt
 
 
 @torch.no_grad()
-def sparsegpt_on_dense_inputs(loaded, batches, plan: list[float]) -> dict:
-    """The reference: each layer's Hessians from the dense model's inputs (the layer put back to dense after it is
-    pruned, so the next layer sees dense outputs), `SparseGPT.prune` at the layer's level."""
+def sparsegpt_on_dense_inputs(loaded, batches, ratios: list[dict[str, float]]) -> dict:
+    """The reference: each layer's Hessians from the dense model's inputs (one per linear, no sharing),
+    `SparseGPT.prune` of each linear at its own ratio, the layer put back to dense after it is pruned (so the next
+    layer sees dense outputs)."""
     solvers, result = {}, {}
 
     def observe(i):
@@ -149,8 +150,8 @@ def sparsegpt_on_dense_inputs(loaded, batches, plan: list[float]) -> dict:
     def prune(i):
         for name, solver in solvers.items():
             W0 = solver.linear.weight.detach().clone()
-            if plan[i] > 0:
-                solver.prune(plan[i])
+            if ratios[i][name] > 0:
+                solver.prune(ratios[i][name])
             result[(i, name)] = solver.linear.weight.detach().clone()
             solver.linear.weight.copy_(W0)
 
@@ -158,9 +159,14 @@ def sparsegpt_on_dense_inputs(loaded, batches, plan: list[float]) -> dict:
     return result
 
 
+def per_linear(loaded, plan: list[float]) -> list[dict[str, float]]:
+    """A per-layer plan as per-linear ratios (every linear of a layer at the layer's ratio)."""
+    return [dict.fromkeys(loaded.linears(i), ratio) for i, ratio in enumerate(plan)]
+
+
 def test_a_stitched_plan_equals_sparsegpt_layer_wise_on_dense_inputs(llama, batches, db, dense):
     plans = ([0.6, 0.0, 0.75], [0.3, 0.45, 0.3])
-    references = [sparsegpt_on_dense_inputs(llama, batches, plan) for plan in plans]
+    references = [sparsegpt_on_dense_inputs(llama, batches, per_linear(llama, plan)) for plan in plans]
     assert same_bits(weights(llama), {k: dense[k] for k in references[0]})  # the reference left the model dense
     for plan, reference in zip(plans, references):  # the second stitched over the first
         db.apply(llama, plan, dense=dense)
@@ -470,33 +476,10 @@ def module_plan(llama, ratios):
     return CompressionPlan.per_module(ratios, layer_numel(llama), method="sparsegpt")
 
 
-@torch.no_grad()
-def sparsegpt_per_linear_on_dense_inputs(loaded, batches, ratios) -> dict:
-    """The reference for per-linear levels: each layer's Hessians from the dense model's inputs (one per linear, no
-    sharing), `SparseGPT.prune` of each linear at its own ratio, the layer put back to dense after."""
-    solvers, result = {}, {}
-
-    def observe(i):
-        solvers.clear()
-        solvers.update({name: SparseGPT(lin) for name, lin in loaded.linears(i).items()})
-        return {name: s.add_batch for name, s in solvers.items()}
-
-    def prune(i):
-        for name, solver in solvers.items():
-            W0 = solver.linear.weight.detach().clone()
-            if ratios[i][name] > 0:
-                solver.prune(ratios[i][name])
-            result[(i, name)] = solver.linear.weight.detach().clone()
-            solver.linear.weight.copy_(W0)
-
-    layer_by_layer(loaded, batches, observe, prune)
-    return result
-
-
 def test_a_stitched_per_linear_plan_equals_sparsegpt_on_the_same_inputs(llama, batches, db, dense):
     rng = random.Random(4)
     ratios = [{name: rng.choice((0.0,) + GRID) for name in llama.linears(i)} for i in range(llama.num_layers)]
-    expected = sparsegpt_per_linear_on_dense_inputs(llama, batches, ratios)
+    expected = sparsegpt_on_dense_inputs(llama, batches, ratios)
     db.apply(llama, module_plan(llama, ratios), dense=dense)
     assert same_bits(weights(llama), expected)
     for i, layer in enumerate(ratios):

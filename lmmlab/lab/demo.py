@@ -4,7 +4,7 @@ test split with its interval and paired test. The tables go to results/tables/<t
 results/figures; `lmmlab headline` is the full comparison (every baseline, three sparsities, 64 test windows)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +12,7 @@ import pandas as pd
 
 from lmmlab.progress import bar
 from lmmlab.files import write_json, write_table
-from lmmlab.lab import ablate, plots
+from lmmlab.lab import ablate
 from lmmlab.lab.ablate import label
 from lmmlab.lab.evaluate import format_metrics
 from lmmlab.lab.headline import headline, headline_tests, write_headline
@@ -21,6 +21,8 @@ from lmmlab.models import Loaded
 from lmmlab.prune.pruner import Pruner
 from lmmlab.search.staged import SearchConfig
 from lmmlab.tasks import Task
+
+STORAGE = "sqlite:///results/demo.db"  # the Optuna storage of the demo's studies
 
 
 @dataclass(frozen=True)
@@ -31,18 +33,15 @@ class DemoConfig:
     sparsities: tuple[float, ...] = (0.5,)  # targets of the pruning rows and of the search
     kv_budgets: tuple[float, ...] = (3.0,)  # mean KV bits of the search's cells (keys and values apart)
     n: int | None = 8  # test items of every row (None: the task's default)
-    n_eval: int | None = 8  # validation items for the search's final choice
     n_calibration: int | None = 16  # calibration items of the pruner (None: the task's; SmolLM2's text: 32 windows)
-    kv_group_size: int = 32
-    kv_residual: int = 128
     methods: tuple[str, ...] = ("magnitude", "wanda")  # the pruning rows (sparsegpt: + one sequential solve each)
     allocations: tuple[str, ...] = ("uniform", "owl")
     patterns: tuple[str, ...] = ("2:4",)
     kv_widths: tuple[int, ...] = (16, 4, 3, 2)  # the KV rows (dense weights)
     baselines: tuple[tuple[str, str], ...] = (("magnitude", "uniform"), ("wanda", "uniform"), ("wanda", "owl"))
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(  # its KV layout is the KV rows' too
         method="wanda", bases=("uniform", "owl"), tpe_trials=6, generations=(2,), offspring=4,
-        selection=((2, 256), (1, 512)), fitness_rows=4, fitness_tokens=512))
+        selection=((2, 256), (1, 512)), fitness_rows=4, fitness_tokens=512, n_eval=8))
 
 
 @dataclass
@@ -52,7 +51,7 @@ class DemoReport:
 
 
 def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoConfig(), *,
-        storage: str = "sqlite:///results/demo.db", tag: str | None = None, results: str | Path = "results",
+        storage: str = STORAGE, tag: str | None = None, results: str | Path = "results",
         progress: bool = False) -> DemoReport:
     """Run the demo (see the module docstring) and return its report."""
     tag = tag or f"demo-{model_label(loaded)}-{task.name}"
@@ -77,19 +76,18 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
                 f"{task.primary_metric}:\n" + pruning_table(prune))
     stages.update(1)
 
-    kv = ablate.ablate_kv(loaded, task, widths=config.kv_widths, mixed=False, group_size=config.kv_group_size,
-                          residual_length=config.kv_residual, n=config.n)
+    layout = config.search
+    kv = ablate.ablate_kv(loaded, task, widths=config.kv_widths, mixed=False, group_size=layout.kv_group_size,
+                          residual_length=layout.kv_residual, n=config.n)
     paths.append(tables / f"{tag}_kv.csv")
     write_table(paths[-1], kv)
-    text.append(f"\nKV cache at uniform widths (KIVI layout, groups of {config.kv_group_size}, {config.kv_residual}-"
+    text.append(f"\nKV cache at uniform widths (KIVI layout, groups of {layout.kv_group_size}, {layout.kv_residual}-"
                 f"token window) — test {task.primary_metric}:\n" + columns(kv, ["kv_plan", "mean_kv_bits_effective",
                                                                                "kv_ratio", "primary", "ci_low",
                                                                                "ci_high", "verdict"], task))
     stages.update(1)
 
-    search = replace(config.search, kv_group_size=config.kv_group_size, kv_residual=config.kv_residual,
-                     n_eval=config.n_eval)
-    rows = headline(loaded, task, sparsities=config.sparsities, kv_budgets=config.kv_budgets, config=search,
+    rows = headline(loaded, task, sparsities=config.sparsities, kv_budgets=config.kv_budgets, config=config.search,
                     baselines=config.baselines, kv_baselines=("uniform",), two_stage_at=(), storage=storage,
                     study_prefix=tag, n=config.n, pruner=pruner, progress=progress)
     paths += write_headline(rows, task.direction, tables / f"{tag}_compare.csv")
@@ -104,6 +102,8 @@ def run(loaded: Loaded, task: Task, pruner: Pruner, config: DemoConfig = DemoCon
     text.append("\nsearch vs each baseline on the same items (Holm over the baselines):\n" + columns(
         tests, ["target_sparsity", "kv_budget_bits", "baseline", "mean_diff", "p_value", "p_holm", "better_holm"],
         task))
+    from lmmlab.lab import plots  # matplotlib, here: the CLI reads this module's defaults at every start
+
     paths += [plots.save(plots.ablation_figure(pd.DataFrame(prune), dense.primary), f"{tag}_prune", figures),
               plots.save(plots.kv_figure(pd.DataFrame(kv)), f"{tag}_kv", figures)]
     text.append("\nwrote " + ", ".join(map(str, paths)) + "\nthe full comparison: lmmlab headline (README)")
