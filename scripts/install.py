@@ -56,10 +56,10 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     if env.get("PIP_CACHE_DIR") and not env.get("UV_CACHE_DIR"):
         env["UV_CACHE_DIR"] = str(Path(env["PIP_CACHE_DIR"]) / "uv")
-    # Bytecode compiled at install time, as pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc files
-    # compiles torch, transformers, pandas ... again in every process (the test suite on a cold cache: 639 s against
-    # 470 s).
-    options = ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
+    # No bytecode compiled here (uv's default; pip compiles every module it installs): that was most of a fresh venv's
+    # time, for thousands of modules lmmlab never imports. Python writes the bytecode of what is imported, on first
+    # import: the Makefile keeps PYTHONDONTWRITEBYTECODE out of its commands, and `make venv` imports the CLI once.
+    options = ["--index-strategy", "unsafe-best-match"]
     for name, values in pip_config(python).items():
         options += [item for value in values for item in (f"--{name}", value)]
     if subprocess.run([str(uv), "pip", "install", "--python", python, *options, *args], env=env).returncode == 0:
