@@ -593,15 +593,17 @@ def add_database_args(p: argparse.ArgumentParser) -> None:
                         "(the uniform plan's pruned layers, as sequential SparseGPT)")
 
 
-def add_staged_args(p: argparse.ArgumentParser) -> None:
-    """The staged search's options (`search.staged.SearchConfig`; defaults from there)."""
+def add_staged_args(p: argparse.ArgumentParser, *, targets: bool = True) -> None:
+    """The staged search's options (`search.staged.SearchConfig`; defaults from there). `targets=False`: no
+    --target-sparsity / --kv-budget, for the commands that take lists of them (--sparsities, --kv-budgets)."""
     from lmmlab.plan import METHODS
     from lmmlab.search.samplers import SAMPLERS
     from lmmlab.search.staged import BASES, GRANULARITIES, INPUTS, STAGES, SearchConfig
 
     d = SearchConfig()
-    p.add_argument("--target-sparsity", type=float, help="parameter-weighted mean sparsity, in [0, 1)")
-    p.add_argument("--kv-budget", type=float, help="mean KV bits per layer at most this, keys and values apart")
+    if targets:
+        p.add_argument("--target-sparsity", type=float, help="parameter-weighted mean sparsity, in [0, 1)")
+        p.add_argument("--kv-budget", type=float, help="mean KV bits per layer at most this, keys and values apart")
     p.add_argument("--method", default=None, choices=METHODS,
                    help="staged: sparsegpt (default; stitched from level databases); per-layer: wanda (default)")
     p.add_argument("--n-trials", type=int, default=None,
@@ -696,7 +698,7 @@ def add_headline_parser(sub) -> None:
                                         "AlphaPruning and DLP (KV uniform and KVTuner-style), on test, paired and "
                                         "Holm-adjusted; <model>_headline.csv")
     add_model_task_args(p)
-    add_staged_args(p)
+    add_staged_args(p, targets=False)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--kv-budgets", type=float, nargs="+", default=[16, 3],
                    help="mean nominal KV bits per layer, keys and values apart")
@@ -865,7 +867,7 @@ def add_demo_parser(sub) -> None:
     d = DemoConfig()
     p = sub.add_parser("demo", help="one model and task: dense, pruning, KV widths, the staged search vs baselines")
     add_model_task_args(p, "smollm2-135m")
-    add_staged_args(p)
+    add_staged_args(p, targets=False)
     p.set_defaults(**staged_defaults(d.search), method=d.search.method, n_trials=d.search.tpe_trials,
                    n_eval=d.search.n_eval)
     p.add_argument("--sparsities", type=float, nargs="+", default=list(d.sparsities))

@@ -35,6 +35,10 @@ def test_the_search_and_demo_commands_default_to_the_library_configs():
     assert demo_config(args) == DemoConfig() and args.storage == STORAGE
     given = demo_config(parser.parse_args(["demo", "--offspring", "3", "--n", "5", "--sparsities", "0.6", "0.7"]))
     assert given == replace(DemoConfig(), n=5, sparsities=(0.6, 0.7), search=replace(DemoConfig().search, offspring=3))
+    for command in ("demo", "headline"):  # they take lists of targets; a single target is not an option of theirs
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([command, "--target-sparsity", "0.5"])
+        assert exit_.value.code == 2
 
 
 def test_eval_prints_a_table_and_writes_json(default, tmp_path, capsys):

@@ -9,7 +9,8 @@ from lmmlab.tasks import shapes as data
 from lmmlab.tasks.shapes import answer_loss, evaluate
 from lmmlab.kv.quant import KEY_AXIS, VALUE_AXIS, dequantize, pack, quantize, unpack
 from lmmlab.kv.cache import KiviLayer, KVCache, kv_cache_for, window_warning
-from lmmlab.kv.budget import effective_bits, effective_key_bits, effective_value_bits, kv_nbytes
+from lmmlab.kv.budget import (KIVI_GROUP_SIZE, KIVI_RESIDUAL, effective_bits, effective_key_bits, effective_value_bits,
+                               kv_nbytes)
 from lmmlab.plan import CompressionPlan
 
 WIDTHS = (2, 3, 4, 6, 8)
@@ -387,8 +388,12 @@ def test_bench_ratio_by_context_is_what_filled_caches_hold():
     assert all(list(ratios) == ["2", "3", "4", "6", "8"] for ratios in by_context.values())
     assert kv_ratio_by_context(32, 32, 128) == by_context
     for context in (1000, 1024):
-        filled = kv_ratios(2, 2, 128, context)
-        assert [filled[f"ratio_{b}bit"] for b in (2, 4, 8)] == [by_context[str(context)][str(b)] for b in (2, 4, 8)]
+        ratios = kv_ratios(2, 2, 128, context)
+        for b in (2, 4, 8):
+            cache = _filled([b] * 2, context, heads=2, head_dim=128, group_size=KIVI_GROUP_SIZE,
+                            residual_length=KIVI_RESIDUAL)
+            assert ratios[f"ratio_{b}bit"] == by_context[str(context)][str(b)] == cache.nbytes() / cache.fp16_nbytes()
+        assert ratios["fp16_bytes"] == cache.fp16_nbytes()
     for context, ratios in by_context.items():
         for bits, ratio in ratios.items():
             assert ratio == pytest.approx(effective_bits(int(bits), head_dim=128, context=int(context)) / 16,

@@ -90,22 +90,13 @@ SHAPES = {  # (decoder layers, KV heads, head dim) as in their configs
 }
 
 
-def _filled_cache(bits: int, layers: int, heads: int, head_dim: int, context: int, dtype=torch.float16) -> KVCache:
-    g = torch.Generator().manual_seed(0)
-    cache = KVCache([bits] * layers)
-    for i in range(layers):
-        k, v = (torch.randn(1, heads, context, head_dim, generator=g).to(dtype) for _ in range(2))
-        cache.update(k, v, i)
-    return cache
-
-
 def kv_ratios(layers: int, heads: int, head_dim: int, context: int) -> dict:
-    """Bytes held / bytes of an fp16 DynamicCache, for random fp16 states at the default group size and window."""
-    ratios = {}
-    for bits in (2, 4, 8):
-        cache = _filled_cache(bits, layers, heads, head_dim, context)
-        ratios[f"ratio_{bits}bit"] = cache.nbytes() / cache.fp16_nbytes()
-    ratios["fp16_bytes"] = cache.fp16_nbytes()  # the reference, without filling an fp16 cache just to count it
+    """Bytes held / bytes of an fp16 DynamicCache after `context` tokens of fp16 states, at the default group size and
+    window: `kv_nbytes`, the closed form of what a filled cache's `nbytes()` counts (tests/test_kvcache.py)."""
+    fp16 = kv_nbytes([16] * layers, heads, head_dim, context, dtype_bytes=2)
+    ratios = {f"ratio_{bits}bit": kv_nbytes([bits] * layers, heads, head_dim, context, dtype_bytes=2) / fp16
+              for bits in (2, 4, 8)}
+    ratios["fp16_bytes"] = fp16
     return ratios
 
 

@@ -29,6 +29,7 @@ max(512 MiB, 4x the last-level cache)) ÷ `bytes_per_token`.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -229,12 +230,20 @@ def prefill_seconds(loaded, tokens: int, seed: int = 0) -> float:
     return time.perf_counter() - start
 
 
+@functools.cache
+def process_read_bandwidth_gb_s() -> float:
+    """`bench.read_bandwidth_gb_s` over max(512 MiB, 4 × the last-level cache), measured once per process: each fresh
+    process measures its own; run in one process (`fresh_process=False`), every layout shares the first figure."""
+    from lmmlab.lab.bench import read_bandwidth_gb_s
+    from lmmlab.lab.bench_sparse import llc_bytes
+
+    return read_bandwidth_gb_s(max(512, 4 * llc_bytes() >> 20), repeat=5)
+
+
 def measure_layout(shape: str, depth: int, plan: str, contexts: tuple[int, ...], kv_bits: tuple[int, ...],
                    dtype: str, steps: int, repeats: int, prefill_tokens: int, threads: int) -> dict:
     """Everything measured in one fresh process for one weight layout: build, prune to `plan`, compress, then each
     (context, KV width) in turn (see the module docstring)."""
-    from lmmlab.lab.bench import read_bandwidth_gb_s
-    from lmmlab.lab.bench_sparse import llc_bytes
     from lmmlab.models.sparse_linear import compress_linears
 
     torch.set_num_threads(threads)
@@ -247,7 +256,7 @@ def measure_layout(shape: str, depth: int, plan: str, contexts: tuple[int, ...],
     out = {"depth": depth, "achieved_sparsity": achieved, "compressed_linears": counts["compressed"],
            "linear_bytes": counts["bytes_after"],
            **weight_bytes(loaded), "prefill_s": prefill_seconds(loaded, prefill_tokens), "configs": []}
-    out["bandwidth_gb_s"] = read_bandwidth_gb_s(max(512, 4 * llc_bytes() >> 20), repeat=5)
+    out["bandwidth_gb_s"] = process_read_bandwidth_gb_s()
     for context in contexts:
         for bits in kv_bits:
             gc.collect()
@@ -305,13 +314,10 @@ def measure_speeds(shape: str, depths: tuple[int, ...], plans: tuple[str, ...], 
                    kv_bits: tuple[int, ...], dtype: str, steps: int, repeats: int, threads: int) -> dict[int, dict]:
     """Per depth: decode seconds per token of every plan × context × KV width, the model built once at the largest
     depth and the plans and depths interleaved (`interleaved_seconds`); the read bandwidth measured here."""
-    from lmmlab.lab.bench import read_bandwidth_gb_s
-    from lmmlab.lab.bench_sparse import llc_bytes
-
     torch.set_num_threads(threads)
     loaded = build(shape, max(depths), getattr(torch, dtype))
     modules, achieved = variants(loaded, plans)
-    bandwidth = read_bandwidth_gb_s(max(512, 4 * llc_bytes() >> 20), repeat=5)
+    bandwidth = process_read_bandwidth_gb_s()
     times = interleaved_seconds(loaded, modules, depths, contexts, kv_bits, steps, repeats)
     return {d: {"depth": d, "achieved": achieved, "bandwidth_gb_s": bandwidth, "load_average": os.getloadavg(),
                 "s_per_token": {f"{p}/{c}/{b}": statistics.median(t) / steps for (e, p, c, b), t in times.items()
