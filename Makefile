@@ -66,9 +66,9 @@ headline: venv
 	$(VENV)/bin/lmmlab ablate-samplers --model smollm2-135m --storage sqlite:///results/samplers.db
 	$(VENV)/bin/lmmlab report
 
-# `make test` trains the toy first if it is not cached, on every core, then runs the workers (on two cores: 399 s of
-# training + 470 s of tests, against 851 s when one worker trained it on one thread beside the other's tests). The
-# postgres and browser tiers' Debian packages are installed meanwhile, in the background (tests/install_servers.py).
+# `make test` trains the toy first if it is not cached, on every core, while the postgres and browser tiers' Debian
+# packages are installed in the background (tests/install_servers.py), then runs the workers. Fresh clone, empty
+# caches, packages missing, 2 AVX-512 cores: 566 s in all (venv 27 s, training 262 s, tests 271 s).
 test: venv lmms lab-deps  # CI: every tier, tests/test_lmms.py and tests/test_browser.py included; the 25 slowest listed
 	$(PY) tests/install_servers.py & $(VENV)/bin/lmmlab train-default --if-stale; trained=$$?; wait; exit $$trained
 	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal --durations=25
