@@ -92,12 +92,10 @@ SHAPES = {  # (decoder layers, KV heads, head dim) as in their configs
 
 def kv_ratios(layers: int, heads: int, head_dim: int, context: int) -> dict:
     """Bytes held / bytes of an fp16 DynamicCache after `context` tokens of fp16 states, at the default group size and
-    window: `kv_nbytes`, the closed form of what a filled cache's `nbytes()` counts (tests/test_kvcache.py)."""
-    fp16 = kv_nbytes([16] * layers, heads, head_dim, context, dtype_bytes=2)
-    ratios = {f"ratio_{bits}bit": kv_nbytes([bits] * layers, heads, head_dim, context, dtype_bytes=2) / fp16
-              for bits in (2, 4, 8)}
-    ratios["fp16_bytes"] = fp16
-    return ratios
+    window (`kv_ratio_by_context` at one context), and the fp16 bytes themselves."""
+    by_width = kv_ratio_by_context(layers, heads, head_dim, contexts=(context,), widths=(2, 4, 8))[str(context)]
+    return {**{f"ratio_{b}bit": ratio for b, ratio in by_width.items()},
+            "fp16_bytes": kv_nbytes([16] * layers, heads, head_dim, context, dtype_bytes=2)}
 
 
 KV_CONTEXTS = (1000, 1024, 4096)  # one that is not a multiple of the window, one that is, and a long one
